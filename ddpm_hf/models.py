@@ -1,0 +1,104 @@
+"""The UNet architectures and the noise scheduler a run trains with.
+
+Models and schedulers stay separate, as in diffusers: the UNet only maps (x_t, t) to a prediction;
+the `DDPMScheduler` holds beta_t, alpha_t = 1 - beta_t and abar_t = prod_{s<=t} alpha_s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from diffusers import DDPMScheduler, UNet2DModel
+
+from .errors import UserError
+
+# Ho et al. (2020), Appendix B: four resolutions 32..4, two residual blocks each, self-attention at
+# 16x16, 128 base channels with multipliers (1, 2, 2, 2), GroupNorm, dropout 0.1 on CIFAR-10. In diffusers
+# terms this is the layout of google/ddpm-cifar10-32: 35,746,307 parameters.
+DDPM_CIFAR10_UNET: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    norm_num_groups=32,
+    norm_eps=1e-6,
+    act_fn="silu",
+    attention_head_dim=None,
+    dropout=0.1,
+)
+
+# The same shape of network, shrunk for CPU minutes: three resolutions, one block each,
+# attention at half resolution. 927,139 parameters at 32x32.
+TINY_UNET: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=1,
+    block_out_channels=(32, 48, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=16,
+    attention_head_dim=None,
+    dropout=0.0,
+)
+
+UNET_ARCHITECTURES: dict[str, dict[str, Any]] = {"ddpm-cifar10": DDPM_CIFAR10_UNET, "tiny": TINY_UNET}
+
+
+def unet_arguments(model: str, resolution: int, model_config: str | None = None, dropout: float | None = None) -> dict[str, Any]:
+    """The `UNet2DModel(**arguments)` of an architecture name or a JSON file, checked against `resolution`."""
+    if model_config is not None:
+        if not os.path.isfile(model_config):
+            raise UserError(f"--model_config {model_config}: no such file. Give a JSON file of UNet2DModel arguments.")
+        try:
+            with open(model_config) as f:
+                arguments = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--model_config {model_config} is not valid JSON: {e}.") from None
+        arguments = {k: v for k, v in arguments.items() if not k.startswith("_")}
+    elif model in UNET_ARCHITECTURES:
+        arguments = dict(UNET_ARCHITECTURES[model])
+    else:
+        raise UserError(f"--model {model}: unknown architecture. Choose one of: {', '.join(UNET_ARCHITECTURES)}, or pass --model_config FILE.")
+    arguments["sample_size"] = resolution
+    if dropout is not None:
+        arguments["dropout"] = dropout
+    check_resolution(resolution, len(arguments.get("block_out_channels", (224, 448, 672, 896))))
+    return arguments
+
+
+def check_resolution(resolution: int, num_levels: int) -> None:
+    """A UNet with L levels halves the image L - 1 times, so the side must divide by 2^(L-1)."""
+    factor = 2 ** (num_levels - 1)
+    if resolution % factor != 0:
+        below, above = resolution // factor * factor, (resolution // factor + 1) * factor
+        suggestion = f"{below} or {above}" if below > 0 else f"{above}"
+        raise UserError(f"--resolution {resolution} does not divide by {factor} (the UNet has {num_levels} levels). Use {suggestion}.")
+
+
+def build_unet(model: str, resolution: int, model_config: str | None = None, dropout: float | None = None) -> UNet2DModel:
+    return UNet2DModel(**unet_arguments(model, resolution, model_config, dropout))
+
+
+def build_scheduler(config) -> DDPMScheduler:
+    """The DDPM noise schedule and reverse-step rule of a `TrainingConfig`."""
+    return DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        variance_type=config.variance_type,
+        clip_sample=config.clip_sample,
+        prediction_type=config.prediction_type,
+        timestep_spacing=config.timestep_spacing,
+    )
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
