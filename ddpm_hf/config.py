@@ -175,7 +175,7 @@ def load_yaml_options(path: str) -> dict[str, Any]:
 
 
 def _pre_parse(argv: list[str]) -> tuple[str, Optional[str]]:
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset", default="cifar10")
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -191,6 +191,7 @@ class _ArgumentParser:
         self.parser = HfArgumentParser(
             TrainingConfig,
             prog="train_ddpm.py",
+            allow_abbrev=False,
             description="Train a DDPM (Ho et al. 2020) with Accelerate; the result loads with DDPMPipeline.from_pretrained.",
         )
 
@@ -222,7 +223,9 @@ def parse_training_config(argv: Optional[list[str]] = None) -> TrainingConfig:
 
     parser = _ArgumentParser().parser
     parser.set_defaults(**defaults)
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise UserError(f"unrecognized option(s): {' '.join(unknown)}. Run `train_ddpm.py --help` for the options.")
     validate(config)
     return config
 

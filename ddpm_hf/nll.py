@@ -155,16 +155,21 @@ class DiffusionTerms:
 # ---------------------------------------------------------------------------------------------
 
 
-def kl_timesteps(num_timesteps: int, stride: int, generator: torch.Generator) -> tuple[list[int], float]:
-    """The KL-term indices to evaluate and the weight of each.
+def kl_timesteps(num_timesteps: int, stride: int, generator: torch.Generator | None = None, offset: int | None = None) -> list[tuple[int, float]]:
+    """The KL-term indices to evaluate, each with its weight in the sum over t.
 
-    stride 1: all of 1..T-1, weight 1 (the exact bound). stride k: every k-th index from a random offset,
-    weight k, so each index is in the sum with probability 1/k and the estimate stays unbiased.
+    stride 1: every index 1..T-1 with weight 1, the exact bound. stride k > 1: indices 1..k exactly
+    (for a trained model the bound is concentrated at small t), then every k-th index of k+1..T-1
+    from a random offset, with weight k: each of those is in the sum with probability 1/k, so the
+    estimate stays unbiased while costing about k + T/k network evaluations instead of T.
+    The offset is drawn from `generator` unless given.
     """
     if stride == 1:
-        return list(range(1, num_timesteps)), 1.0
-    offset = int(torch.randint(0, stride, (1,), generator=generator))
-    return list(range(1 + offset, num_timesteps, stride)), float(stride)
+        return [(t, 1.0) for t in range(1, num_timesteps)]
+    exact = [(t, 1.0) for t in range(1, min(stride + 1, num_timesteps))]
+    if offset is None:
+        offset = int(torch.randint(0, stride, (1,), generator=generator))
+    return exact + [(t, float(stride)) for t in range(stride + 1 + offset, num_timesteps, stride)]
 
 
 def bits_per_dim(
@@ -180,8 +185,8 @@ def bits_per_dim(
     """The variational bound (Ho et al. 2020, Eq. 5) of uint8 images N x 3 x H x W, in bits/dim.
 
     Returns the mean and standard error over images, and the mean of each part: `prior` (L_T),
-    `kl` (sum of L_1..L_{T-1}) and `decoder` (L_0). `timestep_stride` > 1 estimates the KL sum from
-    every k-th term (unbiased, k times cheaper); the default 1 is the exact sum over all T terms.
+    `kl` (sum of L_1..L_{T-1}) and `decoder` (L_0). `timestep_stride` k > 1 estimates the KL sum from
+    about k + T/k of its terms (unbiased, see `kl_timesteps`); the default 1 is the exact sum over all T terms.
     """
     from tqdm.auto import tqdm
 
@@ -201,14 +206,13 @@ def bits_per_dim(
     dims = images[0].numel()
     per_image = {"total": [], "prior": [], "kl": [], "decoder": []}
     num_batches = math.ceil(images.shape[0] / batch_size)
-    kl_count = len(kl_timesteps(terms.num_timesteps, timestep_stride, torch.Generator().manual_seed(0))[0])
+    kl_count = len(kl_timesteps(terms.num_timesteps, timestep_stride, offset=0))
     bar = tqdm(total=num_batches * (kl_count + 1), desc="Variational bound", unit="step", disable=not progress)
     try:
         for start in range(0, images.shape[0], batch_size):
             x_0 = images[start : start + batch_size].to(device).double() / 127.5 - 1.0
-            steps, weight = kl_timesteps(terms.num_timesteps, timestep_stride, generator)
             kl = torch.zeros(x_0.shape[0], dtype=torch.float64, device=device)
-            for t in reversed(steps):
+            for t, weight in reversed(kl_timesteps(terms.num_timesteps, timestep_stride, generator)):
                 noise = torch.randn(x_0.shape, generator=generator, dtype=torch.float64).to(device)
                 kl += weight * terms.term(unet, x_0, t, noise)
                 bar.update(1)

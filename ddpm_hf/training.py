@@ -30,6 +30,7 @@ from .errors import UserError
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_FILE = "training_state.json"
 EMA_WEIGHTS_FILE = "ema_unet.safetensors"
+LOSS_HISTORY_FILE = "loss_history.jsonl"  # one {"step", "loss"} line per logging interval, for loss.png
 # Options that may change between a run and its continuation without making it another run.
 _RESUMABLE_CHANGES = {
     "resume_from_checkpoint", "max_train_steps", "overwrite", "config", "logging_steps", "sample_every", "checkpoint_every",
@@ -280,7 +281,7 @@ def _use_feature(choice: str, device: torch.device) -> bool:
 
 def train(config: TrainingConfig) -> TrainingResult:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import UNet2DModel
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -302,11 +303,8 @@ def train(config: TrainingConfig) -> TrainingResult:
     check_output_dir(config, resuming=resume_path is not None)
 
     hub = None
-    if config.push_to_hub and accelerator.is_main_process:
-        from .hub import HubPusher
-
-        hub = HubPusher(config.hub_model_id, config.hub_token, config.hub_private_repo, config.output_dir)
-        hub.check()  # a bad token or repo id fails now, not after hours of training
+    if config.push_to_hub:
+        hub = _check_hub(config, accelerator)  # a bad token or repo id fails now, not after hours of training
 
     # ---- Data: decoded once, batches built on the device ----------------------------------------
     with accelerator.main_process_first():
@@ -320,6 +318,7 @@ def train(config: TrainingConfig) -> TrainingResult:
 
     # ---- Model, noise schedule, objective --------------------------------------------------------
     noise_scheduler = build_scheduler(config)
+    set_seed(config.seed)  # the same initial weights on every process and every run with this seed
     if config.init_from is not None:
         unet = _load_unet(config.init_from)
         check_resolution(config.resolution, len(unet.config.block_out_channels))
@@ -442,6 +441,9 @@ def train(config: TrainingConfig) -> TrainingResult:
                 if skipped_steps:
                     logs["skipped_steps"] = skipped_steps
                 accelerator.log(logs, step=step)
+                if accelerator.is_main_process:
+                    with open(os.path.join(config.output_dir, LOSS_HISTORY_FILE), "a") as f:
+                        f.write(json.dumps({"step": step, "loss": logs["loss"]}) + "\n")
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['img_per_s']:.0f}")
                 running["loss"].zero_()
                 running["grad_norm"].zero_()
@@ -463,13 +465,18 @@ def train(config: TrainingConfig) -> TrainingResult:
                     check_finite()
                     save_final_pipeline()
                 if hub is not None and config.push_every and step % config.push_every == 0:
-                    hub.push_in_background(step)
+                    if not (config.save_every and step % config.save_every == 0):
+                        check_finite()
+                        save_final_pipeline()
+                    hub.push_in_background(step)  # uploads a snapshot; training does not wait
             if stopped_by and not finished:
                 break
     progress.close()
 
     # ---- Save ------------------------------------------------------------------------------------
     check_finite()
+    if accelerator.num_processes > 1:
+        _check_replicas_identical(accelerator, accelerator.unwrap_model(unet))
     if accelerator.is_main_process:
         save_final_pipeline()
         if stopped_by and step < config.max_train_steps:
@@ -483,6 +490,38 @@ def train(config: TrainingConfig) -> TrainingResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainingResult(output_dir=config.output_dir, step=step, stopped_early=step < config.max_train_steps)
+
+
+def _check_hub(config: TrainingConfig, accelerator):
+    """Check the token and create the repo on the main process; every process stops if that fails."""
+    from accelerate.utils import broadcast_object_list
+
+    hub, problem = None, [None]
+    if accelerator.is_main_process:
+        from .hub import HubPusher, describe_hardware
+
+        hub = HubPusher(config.hub_model_id, config.hub_token, config.hub_private_repo, config.output_dir, hardware=describe_hardware(accelerator.num_processes))
+        try:
+            hub.check()
+        except UserError as e:
+            problem = [str(e)]
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list(problem)
+    if problem[0] is not None:
+        raise UserError(problem[0])
+    return hub
+
+
+@torch.no_grad()
+def _check_replicas_identical(accelerator, model) -> None:
+    """DDP keeps one model on every process; a fingerprint per process proves it did."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder_(9973).add_(1)
+    fingerprint = torch.stack([flat.sum(), (flat * weights).sum()]).unsqueeze(0)
+    everyone = accelerator.gather(fingerprint)
+    if not torch.equal(everyone, fingerprint.expand_as(everyone)):
+        raise RuntimeError(f"the processes hold different weights at the end of training: {everyone.tolist()}")
+    accelerator.print(f"Weights are identical on all {accelerator.num_processes} processes.")
 
 
 def _load_unet(name_or_path: str):

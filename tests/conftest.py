@@ -48,3 +48,54 @@ def hub_server(monkeypatch, tmp_path):
         yield server
     finally:
         server.stop()
+
+
+# ---- training helpers ---------------------------------------------------------------------------
+
+REPO_ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+SHARED_CIFAR10 = __import__("os").path.join(REPO_ROOT, "..", "shared", "data", "cifar10")
+
+# A UNet small enough for seconds of CPU training: two levels, no attention.
+MICRO_UNET = dict(
+    in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=[32, 64],
+    down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"], norm_num_groups=8,
+)
+
+
+@pytest.fixture
+def micro_unet_config(tmp_path):
+    """Path of a JSON file describing MICRO_UNET, for --model_config."""
+    import json
+
+    path = tmp_path / "micro_unet.json"
+    path.write_text(json.dumps(MICRO_UNET))
+    return str(path)
+
+
+@pytest.fixture
+def train_in_process():
+    """Run ddpm_hf.training.train on a config built from keyword options, resetting Accelerate's singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from ddpm_hf.config import config_from_dict
+    from ddpm_hf.training import train
+
+    def run(**options):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        return train(config_from_dict(options))
+
+    yield run
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def quick_options(output_dir, model_config, **overrides):
+    """Options of a few-second run on the built-in CIFAR-10 subset at 16x16."""
+    options = dict(
+        preset="quickstart", output_dir=str(output_dir), model_config=model_config, resolution=16, max_train_samples=64,
+        train_batch_size=8, max_train_steps=4, lr_warmup_steps=2, logging_steps=2, sample_every=0, checkpoint_every=0,
+        num_sample_images=4, sample_steps=5,
+    )
+    options.update(overrides)
+    return options

@@ -1,0 +1,591 @@
+"""`ddpm-hf evaluate`, `ddpm-hf fid` and `ddpm-hf fid-stats`: how good a trained pipeline is.
+
+* FID (and optionally KID) of generated samples against reference statistics, with the sampler of
+  your choice: DDPM ancestral sampling (Ho et al. 2020, Alg. 2), DDIM (Song et al. 2021, eta = 0) or
+  DPM-Solver++ (Lu et al. 2022). The feature network and protocol are in ddpm_hf/fid.py.
+* The variational bound in bits/dim (Ho et al. 2020, Table 2), in ddpm_hf/nll.py.
+* A sampler sweep: FID against the number of network evaluations, as a table and a plot.
+
+During training, `FIDEvaluator(reference).fid_of(ema_unet, scheduler, ...)` is what `--eval_every` calls.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import re
+import time
+from collections.abc import Iterator
+
+import torch
+
+from .errors import UserError
+from .fid import (
+    PROTOCOL,
+    PROTOCOL_DESCRIPTION,
+    REFERENCE_ALIASES,
+    FIDStatistics,
+    InceptionFeatures,
+    RunningStatistics,
+    compute_statistics,
+    default_device,
+    fid_from_statistics,
+    kernel_inception_distance,
+    load_dataset_images,
+    resolve_statistics,
+)
+
+SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+KID_FEATURES = 5000  # feature rows kept per set for KID (subsets of 1000, as in Binkowski et al.)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------
+
+
+def make_sampler(scheduler, name: str, timestep_spacing: str | None = None):
+    """A sampler sharing the trained noise schedule (betas, T, prediction type) of `scheduler`.
+
+    ddpm:      ancestral sampling, Ho et al. (2020) Alg. 2 (strided when K < T)
+    ddim:      Song, Meng & Ermon (2021), deterministic (eta = 0)
+    dpmsolver: DPM-Solver++(2M), Lu et al. (2022), multistep, one network evaluation per step
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
+    if name not in classes:
+        raise UserError(f"--scheduler {name}: unknown sampler. Choose one of: {', '.join(SAMPLERS)}.")
+    overrides = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+    return classes[name].from_config(scheduler.config, **overrides)
+
+
+def check_steps(sampler_name: str, steps: int | None, num_train_timesteps: int) -> int:
+    """K, the number of denoising steps: T for ddpm when not given; ddim and dpmsolver need it."""
+    if steps is None:
+        if sampler_name == "ddpm":
+            return num_train_timesteps
+        raise UserError(f"--scheduler {sampler_name} needs --steps K (e.g. 50 for ddim, 20 for dpmsolver).")
+    if not 1 <= steps <= num_train_timesteps:
+        raise UserError(f"--steps {steps} must be between 1 and the model's T = {num_train_timesteps}.")
+    return steps
+
+
+@torch.no_grad()
+def generate_images(
+    unet,
+    sampler,
+    num_images: int,
+    num_inference_steps: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "Sampling",
+) -> Iterator[torch.Tensor]:
+    """Yield batches of generated images, uint8 B x C x H x W on the CPU, quantised as a PNG would be.
+
+    One CPU generator seeded with `seed` draws x_T and every step's noise, so a seed gives the same
+    images on any device (for the same batch size).
+    """
+    from tqdm.auto import tqdm
+
+    if num_images < 1 or batch_size < 1:
+        raise UserError(f"--num_samples ({num_images}) and --batch_size ({batch_size}) must be positive.")
+    parameter = next(unet.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    step_arguments = {"eta": 0.0} if type(sampler).__name__ == "DDIMScheduler" else {}
+    was_training = unet.training
+    unet.eval()
+    try:
+        with tqdm(total=num_images, desc=desc, unit="img", disable=not progress) as bar:
+            for start in range(0, num_images, batch_size):
+                count = min(batch_size, num_images - start)
+                sampler.set_timesteps(num_inference_steps, device=device)  # also resets multistep solvers
+                x = torch.randn((count, unet.config.in_channels, height, width), generator=generator).to(device, dtype)
+                x = x * sampler.init_noise_sigma
+                for t in sampler.timesteps:
+                    model_output = unet(sampler.scale_model_input(x, t), t).sample
+                    x = sampler.step(model_output, t, x, generator=generator, **step_arguments).prev_sample
+                yield ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+                bar.update(count)
+    finally:
+        unet.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# FID of a model
+# ---------------------------------------------------------------------------------------------
+
+
+class FIDEvaluator:
+    """FID of a model's samples against fixed reference statistics.
+
+    reference: uint8 images N x 3 x H x W, a `FIDStatistics`, a `.npz` statistics file, a reference
+    alias (`cifar10-train`) or a dataset. The reference statistics are computed (or loaded) once.
+
+    >>> evaluator = FIDEvaluator(reference_images, device="cuda")
+    >>> fid = evaluator.fid_of(ema_unet, noise_scheduler, num_samples=10_000, num_inference_steps=100)
+    """
+
+    def __init__(
+        self,
+        reference,
+        device: str | torch.device | None = None,
+        batch_size: int = 100,
+        reference_split: str = "train",
+        resolution: int | None = None,
+        keep_features: int = 0,
+        progress: bool = False,
+    ):
+        self.extractor = InceptionFeatures(device)
+        self.device = self.extractor.device
+        self.batch_size = batch_size
+        self.keep_features = keep_features
+        if isinstance(reference, FIDStatistics):
+            self.reference = reference
+        elif isinstance(reference, torch.Tensor):
+            self.reference = compute_statistics(reference, batch_size, keep_features=keep_features, progress=progress, desc="Reference features", extractor=self.extractor)
+        elif isinstance(reference, (str, os.PathLike)):
+            self.reference = resolve_statistics(
+                os.fspath(reference), reference_split, resolution, batch_size, keep_features=keep_features, progress=progress, extractor=self.extractor
+            )
+        else:
+            raise TypeError(f"reference must be uint8 images, FIDStatistics or a path/name, not {type(reference).__name__}")
+
+    def statistics_of(
+        self,
+        unet,
+        scheduler,
+        num_samples: int,
+        num_inference_steps: int | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        sampler: str | None = None,
+        progress: bool = False,
+        timestep_spacing: str | None = None,
+    ) -> FIDStatistics:
+        """Sample `num_samples` images and return their statistics; no image is kept in memory.
+
+        info records the sampler, steps, seed and network evaluations per image (`nfe`).
+        """
+        total_steps = scheduler.config.num_train_timesteps
+        steps = num_inference_steps or total_steps
+        sampler = sampler or ("ddpm" if steps >= total_steps else "ddim")
+        steps = check_steps(sampler, steps, total_steps)
+        sampler_object = make_sampler(scheduler, sampler, timestep_spacing)
+        sampler_object.set_timesteps(steps)
+        nfe = len(sampler_object.timesteps)
+        running = RunningStatistics(self.keep_features)
+        images = generate_images(unet, sampler_object, num_samples, steps, seed, batch_size or self.batch_size, progress, desc=f"{sampler} {steps} steps + Inception")
+        for batch in images:
+            for start in range(0, batch.shape[0], self.batch_size):
+                running.update(self.extractor(batch[start : start + self.batch_size]))
+        info = dict(sampler=sampler, steps=steps, nfe=nfe, seed=seed, timestep_spacing=sampler_object.config.get("timestep_spacing"))
+        return running.result(info)
+
+    def fid_of(
+        self,
+        unet,
+        scheduler,
+        num_samples: int,
+        num_inference_steps: int | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        sampler: str | None = None,
+        progress: bool = False,
+    ) -> float:
+        """FID of `num_samples` images from `unet` (put in eval mode while sampling; its mode is restored).
+
+        Samples with DDPM when num_inference_steps is None or T, else with DDIM, unless `sampler` says.
+        """
+        return fid_from_statistics(self.statistics_of(unet, scheduler, num_samples, num_inference_steps, seed, batch_size, sampler, progress), self.reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading models, writing results
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(model: str, device: str | None = None, revision: str | None = None):
+    """(unet, scheduler) of a saved pipeline: a folder written by `save_pretrained` or a Hub id."""
+    from .sampling import load_pipeline
+
+    pipeline = load_pipeline(model, "ddpm", device, revision)
+    return pipeline.unet.eval(), pipeline.scheduler
+
+
+def default_output_dir(model: str) -> str:
+    """The model's own folder when it is local, else ./eval-<user>--<name>/."""
+    if os.path.isdir(model):
+        return model
+    return f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '-', model.replace('/', '--'))}"
+
+
+def write_eval_json(output_dir: str, section: str, result: dict) -> str:
+    """Put `result` under `section` of OUTPUT/eval.json, keeping the other sections already there."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "eval.json")
+    contents = {}
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                contents = json.load(f)
+        except json.JSONDecodeError:
+            contents = {}
+    contents[section] = result
+    with open(path + ".partial", "w") as f:
+        json.dump(contents, f, indent=2)
+    os.replace(path + ".partial", path)
+    return path
+
+
+def _environment(device) -> dict:
+    import diffusers
+
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor() or "cpu"
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def _reference_description(reference: FIDStatistics, spec: str, split: str) -> dict:
+    alias = REFERENCE_ALIASES.get(spec)
+    return {
+        "spec": spec,
+        "dataset": reference.info.get("also_known_as") or reference.info.get("source") or (alias[0] if alias else spec),
+        "split": reference.info.get("split", alias[1] if alias else split),
+        "num_images": reference.num_images,
+        "resolution": reference.info.get("resolution"),
+        "file": reference.info.get("file"),
+    }
+
+
+def evaluate_fid(
+    model: str,
+    num_samples: int = 50_000,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    batch_size: int | None = None,
+    reference: str = "cifar10-train",
+    reference_split: str = "train",
+    seed: int = 0,
+    kid: bool = False,
+    device: str | None = None,
+    revision: str | None = None,
+    progress: bool = True,
+    timestep_spacing: str | None = None,
+) -> dict:
+    """FID (and KID) of a saved pipeline's samples; the dict that goes into eval.json."""
+    started = time.time()
+    device = torch.device(device) if device is not None else default_device()
+    unet, scheduler = load_model(model, str(device), revision)
+    steps = check_steps(sampler, steps, scheduler.config.num_train_timesteps)
+    batch_size = batch_size or (256 if device.type == "cuda" else 32)
+    evaluator = FIDEvaluator(reference, device, batch_size, reference_split, unet.config.sample_size, keep_features=KID_FEATURES if kid else 0, progress=progress)
+    reference_seconds = time.time() - started
+    return _fid_with(evaluator, unet, scheduler, model, num_samples, sampler, steps, batch_size, reference, reference_split, seed, kid, progress, timestep_spacing, reference_seconds)
+
+
+def _fid_with(evaluator, unet, scheduler, model, num_samples, sampler, steps, batch_size, reference, reference_split, seed, kid, progress, timestep_spacing, reference_seconds=0.0) -> dict:
+    start = time.time()
+    generated = evaluator.statistics_of(unet, scheduler, num_samples, steps, seed, batch_size, sampler, progress, timestep_spacing)
+    seconds = time.time() - start
+    result = {
+        "fid": fid_from_statistics(generated, evaluator.reference),
+        "settings": {
+            "model": model,
+            "sampler": sampler,
+            "steps": steps,
+            "network_evaluations_per_image": generated.info["nfe"],
+            "timestep_spacing": generated.info["timestep_spacing"],
+            "num_samples": num_samples,
+            "batch_size": batch_size,
+            "seed": seed,
+            "reference": _reference_description(evaluator.reference, reference, reference_split),
+            "protocol": PROTOCOL,
+            "protocol_description": PROTOCOL_DESCRIPTION,
+        },
+        "timing": {"reference_seconds": round(reference_seconds, 2), "sampling_and_features_seconds": round(seconds, 2), "images_per_second": round(num_samples / seconds, 2)},
+        "environment": _environment(evaluator.device),
+    }
+    if kid:
+        if evaluator.reference.features is None:
+            raise UserError("--kid needs reference features, but the reference statistics hold none. Recompute them with `ddpm-hf fid-stats --keep_features 5000`, or drop --kid.")
+        mean, std = kernel_inception_distance(generated.features, evaluator.reference.features)
+        result["kid"], result["kid_std"] = mean, std
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_sweep(text: str) -> list[tuple[str, int]]:
+    """'ddpm:1000,ddim:50' -> [('ddpm', 1000), ('ddim', 50)]."""
+    runs = []
+    for item in text.split(","):
+        item = item.strip()
+        match = re.fullmatch(r"([a-z]+):(\d+)", item)
+        if not match or match.group(1) not in SAMPLERS:
+            raise UserError(f"--sweep: {item!r} is not SAMPLER:STEPS with SAMPLER one of {', '.join(SAMPLERS)}; e.g. --sweep \"ddpm:1000,ddim:50,dpmsolver:20\".")
+        runs.append((match.group(1), int(match.group(2))))
+    return runs
+
+
+def evaluate_sweep(
+    model: str,
+    runs: list[tuple[str, int]],
+    num_samples: int = 10_000,
+    batch_size: int | None = None,
+    reference: str = "cifar10-train",
+    reference_split: str = "train",
+    seed: int = 0,
+    device: str | None = None,
+    revision: str | None = None,
+    progress: bool = True,
+    timestep_spacing: str | None = None,
+) -> list[dict]:
+    """One FID per (sampler, steps), all against the same reference statistics and seed."""
+    started = time.time()
+    device = torch.device(device) if device is not None else default_device()
+    unet, scheduler = load_model(model, str(device), revision)
+    for sampler, steps in runs:
+        check_steps(sampler, steps, scheduler.config.num_train_timesteps)
+    batch_size = batch_size or (256 if device.type == "cuda" else 32)
+    evaluator = FIDEvaluator(reference, device, batch_size, reference_split, unet.config.sample_size, progress=progress)
+    reference_seconds = time.time() - started
+    return [
+        _fid_with(evaluator, unet, scheduler, model, num_samples, sampler, steps, batch_size, reference, reference_split, seed, False, progress, timestep_spacing, reference_seconds)
+        for sampler, steps in runs
+    ]
+
+
+def write_sweep(results: list[dict], output_dir: str, title: str) -> dict[str, str]:
+    """sweep.csv, sweep.md (a Markdown table) and sweep.png (FID against network evaluations)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(output_dir, exist_ok=True)
+    rows = [
+        dict(sampler=r["settings"]["sampler"], steps=r["settings"]["steps"], nfe=r["settings"]["network_evaluations_per_image"], fid=r["fid"], seconds=r["timing"]["sampling_and_features_seconds"])
+        for r in results
+    ]
+    paths = {name: os.path.join(output_dir, f"sweep.{name}") for name in ("csv", "md", "png")}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(paths["md"], "w") as f:
+        f.write(sweep_table(rows) + "\n")
+
+    figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
+    for sampler in dict.fromkeys(r["sampler"] for r in rows):
+        points = sorted((r["nfe"], r["fid"]) for r in rows if r["sampler"] == sampler)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=sampler)
+        for nfe, fid in points:
+            axis.annotate(f"{fid:.2f}", (nfe, fid), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axis.set_xscale("log")
+    axis.set_xlabel("network evaluations per image (NFE)")
+    axis.set_ylabel(f"FID ({results[0]['settings']['num_samples']} samples, lower is better)")
+    axis.set_title(title)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(paths["png"])
+    plt.close(figure)
+    return paths
+
+
+def sweep_table(rows: list[dict]) -> str:
+    lines = ["| sampler | steps | NFE | FID | seconds |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} | {r['seconds']:.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bits per dimension
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_nll(
+    model: str,
+    dataset: str = "uoft-cs/cifar10",
+    split: str = "test",
+    num_images: int | None = None,
+    batch_size: int | None = None,
+    timestep_stride: int = 1,
+    seed: int = 0,
+    device: str | None = None,
+    revision: str | None = None,
+    image_column: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """The variational bound in bits/dim of a saved pipeline on a dataset split; the dict for eval.json."""
+    from .nll import bits_per_dim
+
+    start = time.time()
+    device = torch.device(device) if device is not None else default_device()
+    unet, scheduler = load_model(model, str(device), revision)
+    if num_images is not None and num_images < 1:
+        raise UserError(f"--num_images {num_images} must be positive.")
+    images = load_dataset_images(dataset, split, unet.config.sample_size, image_column, num_images, progress)
+    batch_size = batch_size or (250 if device.type == "cuda" else 16)
+    result = bits_per_dim(unet, scheduler, images, batch_size, timestep_stride, seed, progress=progress)
+    result["settings"] = {"model": model, "dataset": dataset, "split": split, "seed": seed, "batch_size": batch_size}
+    result["timing"] = {"seconds": round(time.time() - start, 2)}
+    result["environment"] = _environment(device)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def run_evaluate(args) -> None:
+    output_dir = args.output or default_output_dir(args.model)
+    if args.sweep is not None:
+        runs = parse_sweep(args.sweep)
+        results = evaluate_sweep(
+            args.model, runs, args.num_samples, args.batch_size, args.reference, args.reference_split, args.seed, args.device, args.revision, timestep_spacing=args.timestep_spacing
+        )
+        paths = write_sweep(results, output_dir, f"FID vs sampling cost: {os.path.basename(os.path.normpath(args.model))}")
+        write_eval_json(output_dir, "sweep", {"runs": results})
+        rows = [dict(sampler=r["settings"]["sampler"], steps=r["settings"]["steps"], nfe=r["settings"]["network_evaluations_per_image"], fid=r["fid"], seconds=r["timing"]["sampling_and_features_seconds"]) for r in results]
+        print(sweep_table(rows))
+        print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']} and {os.path.join(output_dir, 'eval.json')}")
+        return
+    if args.metric == "nll":
+        result = evaluate_nll(args.model, args.dataset, args.split, args.num_images, args.batch_size, args.timestep_stride, args.seed, args.device, args.revision, args.image_column)
+        path = write_eval_json(output_dir, "nll", result)
+        exact = "exact bound over all T terms" if result["exact_sum_over_t"] else f"KL sum estimated with --timestep_stride {args.timestep_stride}"
+        print(
+            f"NLL bound: {result['bits_per_dim']:.4f} +- {result['bits_per_dim_stderr']:.4f} bits/dim on {result['num_images']} images of {args.dataset} ({args.split}); "
+            f"prior {result['prior_bits_per_dim']:.4f}, KL terms {result['kl_bits_per_dim']:.4f}, decoder {result['decoder_bits_per_dim']:.4f} ({exact})"
+        )
+        print(f"wrote {path}")
+        return
+    result = evaluate_fid(
+        args.model, args.num_samples, args.scheduler, args.steps, args.batch_size, args.reference, args.reference_split, args.seed, args.kid, args.device, args.revision,
+        timestep_spacing=args.timestep_spacing,
+    )
+    path = write_eval_json(output_dir, "fid", result)
+    settings = result["settings"]
+    kid = f", KID {result['kid']:.5f} +- {result['kid_std']:.5f}" if "kid" in result else ""
+    print(
+        f"FID {result['fid']:.3f}{kid} ({settings['num_samples']} samples, {settings['sampler']} {settings['steps']} steps, "
+        f"vs {settings['reference']['dataset']} {settings['reference']['split']} [{settings['reference']['num_images']} images]; "
+        f"{result['timing']['sampling_and_features_seconds']:.0f} s)"
+    )
+    print(f"wrote {path}")
+
+
+def run_fid(args) -> None:
+    stats = []
+    for source in (args.path_a, args.path_b):
+        stats.append(
+            resolve_statistics(
+                source, args.split, args.resolution, args.batch_size, args.device, args.max_images, args.image_column, keep_features=KID_FEATURES if args.kid else 0, write_cache=False
+            )
+        )
+    line = f"FID: {fid_from_statistics(*stats):.4f}"
+    if args.kid:
+        if stats[0].features is None or stats[1].features is None:
+            raise UserError("--kid needs features of both sets; a statistics file without features (from `ddpm-hf fid-stats --keep_features 0`) has none.")
+        mean, std = kernel_inception_distance(stats[0].features, stats[1].features)
+        line += f"  KID: {mean:.5f} +- {std:.5f}"
+    print(line)
+
+
+def run_fid_stats(args) -> None:
+    from .fid import stats_cache_path
+
+    dataset, split = REFERENCE_ALIASES.get(args.dataset, (args.dataset, args.split))
+    if args.resolution is not None and not args.overwrite:
+        path = stats_cache_path(dataset, split, args.resolution, args.max_images, args.name)
+        if os.path.isfile(path):
+            print(f"already cached: {path} (pass --overwrite to recompute)")
+            if args.output is not None:
+                FIDStatistics.load(path).save(args.output)
+                print(f"wrote {args.output}")
+            return
+    stats = resolve_statistics(
+        dataset, split, args.resolution, args.batch_size, args.device, args.max_images, args.image_column, keep_features=args.keep_features, name=args.name, recompute=True
+    )
+    print(f"statistics of {stats.num_images} images of {dataset} ({split}), protocol {PROTOCOL}")
+    print(f"cached at {stats.info['file']}")
+    if args.output is not None:
+        stats.save(args.output)
+        print(f"wrote {args.output}")
+
+
+def add_cli(subparsers) -> None:
+    # ---- evaluate ----
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="FID/KID of a pipeline's samples, its NLL bound in bits/dim, or a sampler sweep; writes OUTPUT/eval.json.",
+        description="Evaluate a saved pipeline (folder or Hub id). The FID protocol is described in docs/evaluation.md.",
+    )
+    parser.add_argument("--model", required=True, help="Training OUTPUT_DIR (a saved pipeline) or Hub id (user/name).")
+    parser.add_argument("--metric", choices=("fid", "nll"), default="fid", help="fid: sample and compare with --reference; nll: the variational bound on --dataset.")
+    parser.add_argument("--output", default=None, help="Folder for eval.json (default: the model folder, or ./eval-<name>/ for a Hub id).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=None, help="Images per forward pass (default: 256 on GPU, 32 on CPU; 16 for nll on CPU).")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+    parser.add_argument("--revision", default=None, help="Hub revision of --model.")
+    group = parser.add_argument_group("FID")
+    group.add_argument("--num_samples", type=int, default=50_000, help="Generated images (50,000 for numbers comparable with papers).")
+    group.add_argument("--scheduler", choices=SAMPLERS, default="ddpm", help="Sampler: ddpm (ancestral), ddim (eta = 0) or dpmsolver (DPM-Solver++ 2M).")
+    group.add_argument("--steps", type=int, default=None, help="Denoising steps K (default: T for ddpm; required for ddim and dpmsolver).")
+    group.add_argument("--timestep_spacing", choices=("leading", "trailing", "linspace"), default=None, help="Which K of the T timesteps (default: the model's).")
+    group.add_argument(
+        "--reference",
+        default="cifar10-train",
+        help=f"Reference set: {', '.join(REFERENCE_ALIASES)}, a statistics .npz, a dataset (statistics cached) or a folder of images.",
+    )
+    group.add_argument("--reference_split", default="train", help="Split of --reference when it is a dataset.")
+    group.add_argument("--kid", action="store_true", help="Also compute KID (Binkowski et al. 2018) from 5,000 features per set.")
+    group.add_argument("--sweep", default=None, metavar="SAMPLER:STEPS,...", help='Several samplers on one model, e.g. "ddpm:1000,ddim:50,ddim:100,dpmsolver:20": table + plot.')
+    group = parser.add_argument_group("NLL (--metric nll)")
+    group.add_argument("--dataset", default="uoft-cs/cifar10", help="Dataset for the bound (Hub id, parquet folder, ...).")
+    group.add_argument("--split", default="test", help="Split for the bound (the paper: the CIFAR-10 test set).")
+    group.add_argument("--num_images", type=int, default=None, help="First N images of the split (default: all).")
+    group.add_argument("--image_column", default=None)
+    group.add_argument(
+        "--timestep_stride", type=int, default=1, help="1: the exact bound over all T terms. k > 1: an unbiased estimate from about k + T/k terms (faster, noisier)."
+    )
+    parser.set_defaults(func=run_evaluate)
+
+    # ---- fid ----
+    parser = subparsers.add_parser("fid", help="FID between two image sets: folders of images, datasets or statistics .npz files.")
+    parser.add_argument("path_a", metavar="PATH_A", help="Folder of images, dataset (parquet folder, Hub id, builtin:...), reference alias or .npz statistics.")
+    parser.add_argument("path_b", metavar="PATH_B", help="The same kinds as PATH_A.")
+    parser.add_argument("--split", default="train", help="Split of a dataset argument.")
+    parser.add_argument("--resolution", type=int, default=None, help="Resize images to R x R first (default: keep their size).")
+    parser.add_argument("--max_images", type=int, default=None, help="Use only the first N images of each set.")
+    parser.add_argument("--image_column", default=None)
+    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--kid", action="store_true", help="Also print KID.")
+    parser.set_defaults(func=run_fid)
+
+    # ---- fid-stats ----
+    parser = subparsers.add_parser("fid-stats", help="Compute and cache the FID reference statistics of a dataset split.")
+    parser.add_argument("--dataset", required=True, help=f"Hub id, parquet folder, image folder, builtin:..., or {', '.join(REFERENCE_ALIASES)}.")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--resolution", type=int, default=None, help="Decode images at R x R (default: their own size; 32 for CIFAR-10).")
+    parser.add_argument("--max_images", type=int, default=None, help="Only the first N images.")
+    parser.add_argument("--image_column", default=None)
+    parser.add_argument("--name", default=None, help="Cache under this dataset name instead, e.g. uoft-cs/cifar10 for a local copy of it.")
+    parser.add_argument("--keep_features", type=int, default=KID_FEATURES, help="Random feature rows kept in the file for KID (0: none).")
+    parser.add_argument("--output", default=None, help="Also write the statistics to this .npz file.")
+    parser.add_argument("--overwrite", action="store_true", help="Recompute even if cached.")
+    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--device", default=None)
+    parser.set_defaults(func=run_fid_stats)

@@ -1,0 +1,155 @@
+"""Training: it learns, resumes exactly, saves a pipeline stock diffusers loads, and runs on two processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, SHARED_CIFAR10, quick_options
+from safetensors.torch import load_file
+
+from ddpm_hf.errors import UserError
+
+
+def _subprocess_env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    env.pop("HF_TOKEN", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def trained_output(tmp_path_factory):
+    """One short run shared by the tests that only read its output (in a subprocess, as a user would run it)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    (tmp / "unet.json").write_text(json.dumps(__import__("conftest").MICRO_UNET))
+    output_dir = tmp / "out"
+    command = [
+        sys.executable, os.path.join(REPO_ROOT, "train_ddpm.py"), "--preset", "quickstart", "--output_dir", str(output_dir),
+        "--model_config", str(tmp / "unet.json"), "--resolution", "16", "--max_train_samples", "64", "--train_batch_size", "8",
+        "--max_train_steps", "6", "--sample_every", "3", "--sample_steps", "5", "--num_sample_images", "4",
+        "--checkpoint_every", "3", "--logging_steps", "3", "--hub_token", "hf_never_written_anywhere",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def test_output_dir_has_pipeline_samples_config_checkpoints_and_logs(trained_output):
+    names = set(os.listdir(trained_output))
+    assert {"model_index.json", "unet", "scheduler", "training_config.json", "samples", "checkpoints", "logs"} <= names
+    assert sorted(os.listdir(trained_output / "samples")) == ["step_0000003.png", "step_0000006.png"]
+    assert os.path.isfile(trained_output / "unet" / "diffusion_pytorch_model.safetensors")
+    config = json.loads((trained_output / "training_config.json").read_text())
+    assert config["max_train_steps"] == 6 and config["preset"] == "quickstart"
+    state = json.loads((trained_output / "checkpoints" / "checkpoint-0000006" / "training_state.json").read_text())
+    assert state["step"] == 6 and state["lr_scheduler"]["last_epoch"] == 6
+    for root, _, files in os.walk(trained_output):
+        for name in files:
+            assert b"hf_never_written_anywhere" not in open(os.path.join(root, name), "rb").read()
+
+
+@pytest.mark.parametrize("pipeline_class", ["DDPMPipeline", "DDIMPipeline"])
+def test_stock_diffusers_pipelines_load_the_output(trained_output, pipeline_class):
+    import diffusers
+
+    pipeline = getattr(diffusers, pipeline_class).from_pretrained(str(trained_output))
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(batch_size=2, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+
+
+def test_saved_unet_is_the_ema_of_the_trained_weights(trained_output):
+    checkpoint = trained_output / "checkpoints" / "checkpoint-0000006"
+    saved = load_file(str(trained_output / "unet" / "diffusion_pytorch_model.safetensors"))
+    ema = load_file(str(checkpoint / "ema_unet.safetensors"))
+    raw = load_file(str(checkpoint / "model.safetensors"))
+    assert all(torch.equal(saved[k], ema[k]) for k in saved)
+    assert any(not torch.equal(saved[k], raw[k]) for k in saved)
+
+
+def test_sample_cli_writes_a_grid(trained_output, tmp_path):
+    out = tmp_path / "grid.png"
+    command = [sys.executable, "-m", "ddpm_hf.cli", "sample", "--model", str(trained_output), "--num_images", "4", "--steps", "5", "--scheduler", "ddim", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from PIL import Image
+
+    assert Image.open(out).size == (32, 32)  # 2 x 2 grid of 16 x 16
+    bad = subprocess.run([sys.executable, "-m", "ddpm_hf.cli", "sample", "--model", str(tmp_path), "--out", str(out)], capture_output=True, text=True, env=_subprocess_env())
+    assert bad.returncode == 2 and "not a saved pipeline" in bad.stderr
+
+
+def test_resume_continues_exactly(tmp_path, micro_unet_config, train_in_process):
+    options = dict(dropout=0.1, checkpoint_every=3, random_flip=True)
+    train_in_process(**quick_options(tmp_path / "straight", micro_unet_config, max_train_steps=6, **options))
+    train_in_process(**quick_options(tmp_path / "split", micro_unet_config, max_train_steps=3, **options))
+    result = train_in_process(**quick_options(tmp_path / "split", micro_unet_config, max_train_steps=6, resume_from_checkpoint="latest", **options))
+    assert result.step == 6
+    straight = tmp_path / "straight" / "checkpoints" / "checkpoint-0000006"
+    split = tmp_path / "split" / "checkpoints" / "checkpoint-0000006"
+    for name in ("model.safetensors", "ema_unet.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(split / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert json.loads((straight / "training_state.json").read_text()) == json.loads((split / "training_state.json").read_text())
+    # and the weights moved from the first half's
+    first_half = load_file(str(tmp_path / "split" / "checkpoints" / "checkpoint-0000003" / "model.safetensors")) if (tmp_path / "split" / "checkpoints" / "checkpoint-0000003").exists() else None
+    if first_half is not None:
+        assert any(not torch.equal(first_half[k], load_file(str(split / "model.safetensors"))[k]) for k in first_half)
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path, micro_unet_config, train_in_process):
+    weights = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        train_in_process(**quick_options(tmp_path / name, micro_unet_config, seed=seed, max_train_steps=2))
+        weights.append(load_file(str(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors")))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert any(not torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_global_batch_must_divide(tmp_path, micro_unet_config, train_in_process):
+    with pytest.raises(UserError, match="does not divide by 1 processes x 3 accumulation steps"):
+        train_in_process(**quick_options(tmp_path / "x", micro_unet_config, train_batch_size=8, gradient_accumulation_steps=3))
+    assert not (tmp_path / "x").exists()  # nothing written for a bad option
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, micro_unet_config, train_in_process):
+    result = train_in_process(**quick_options(tmp_path / "acc", micro_unet_config, gradient_accumulation_steps=2, max_train_steps=3, checkpoint_every=3))
+    state = json.loads((tmp_path / "acc" / "checkpoints" / "checkpoint-0000003" / "training_state.json").read_text())
+    assert result.step == 3 and state["lr_scheduler"]["last_epoch"] == 3
+
+
+@pytest.mark.parametrize("prediction_type, beta_schedule", [("v_prediction", "squaredcos_cap_v2"), ("sample", "linear")])
+def test_scheduler_variants_train_and_are_saved(tmp_path, micro_unet_config, train_in_process, prediction_type, beta_schedule):
+    train_in_process(**quick_options(tmp_path / "v", micro_unet_config, prediction_type=prediction_type, beta_schedule=beta_schedule, max_train_steps=2))
+    saved = json.loads((tmp_path / "v" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == prediction_type and saved["beta_schedule"] == beta_schedule
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_weights_and_write_one_output(tmp_path, micro_unet_config):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    output_dir = tmp_path / "ddp"
+    command = [
+        torchrun, "--nproc_per_node", "2", os.path.join(REPO_ROOT, "train_ddpm.py"), "--preset", "quickstart", "--output_dir", str(output_dir),
+        "--model_config", micro_unet_config, "--resolution", "16", "--max_train_samples", "64", "--train_batch_size", "8",
+        "--max_train_steps", "4", "--lr_warmup_steps", "2", "--sample_every", "0", "--checkpoint_every", "4", "--logging_steps", "2",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Weights are identical on all 2 processes." in result.stdout
+    assert "2 processes x 1 accumulation x 4" in result.stdout
+    state = json.loads((output_dir / "checkpoints" / "checkpoint-0000004" / "training_state.json").read_text())
+    assert state["lr_scheduler"]["last_epoch"] == 4  # counted in optimizer steps, not x processes
+    assert sorted(os.listdir(output_dir / "checkpoints" / "checkpoint-0000004")) == sorted(
+        ["ema_unet.safetensors", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "training_state.json"]
+    )
+    assert len(os.listdir(output_dir / "logs" / "ddpm")) >= 1 and os.path.isfile(output_dir / "model_index.json")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_CIFAR10), reason="needs ../shared/data/cifar10")
+def test_short_run_on_real_cifar10(tmp_path, micro_unet_config, train_in_process):
+    result = train_in_process(**quick_options(tmp_path / "real", micro_unet_config, dataset=SHARED_CIFAR10, split="test", resolution=32, max_train_samples=256, max_train_steps=2))
+    assert result.step == 2 and os.path.isfile(tmp_path / "real" / "unet" / "diffusion_pytorch_model.safetensors")
