@@ -96,6 +96,9 @@ def create_output_dir(config: TrainingConfig, resuming: bool) -> None:
     if config.overwrite and not resuming:
         for name in ("checkpoints", "samples", "logs", "best"):
             shutil.rmtree(os.path.join(config.output_dir, name), ignore_errors=True)
+        for name in (LOSS_HISTORY_FILE, "loss.png", "progress.png"):
+            if os.path.isfile(os.path.join(config.output_dir, name)):
+                os.remove(os.path.join(config.output_dir, name))
     try:
         os.makedirs(config.output_dir, exist_ok=True)
         config.save(os.path.join(config.output_dir, "training_config.json"))
@@ -350,6 +353,8 @@ def train(config: TrainingConfig) -> TrainingResult:
     step = 0
     if resume_path is not None:
         step = load_checkpoint(accelerator, resume_path, ema, lr_scheduler)
+        if accelerator.is_main_process:
+            _forget_losses_after(config.output_dir, step)
         accelerator.print(f"Resumed from {resume_path} at step {step}.")
     elif config.resume_from_checkpoint == "latest":
         accelerator.print(f"No checkpoint in {config.output_dir}/checkpoints yet: starting a new run.")
@@ -460,6 +465,7 @@ def train(config: TrainingConfig) -> TrainingResult:
                 save_checkpoint(accelerator, config.output_dir, step, ema, lr_scheduler, config.checkpoints_total_limit)
             if accelerator.is_main_process and not finished and not stopped_by:
                 if config.sample_every and step % config.sample_every == 0:
+                    check_finite()
                     sample_and_save_grid(step)
                 if config.save_every and step % config.save_every == 0:
                     check_finite()
@@ -490,6 +496,16 @@ def train(config: TrainingConfig) -> TrainingResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainingResult(output_dir=config.output_dir, step=step, stopped_early=step < config.max_train_steps)
+
+
+def _forget_losses_after(output_dir: str, step: int) -> None:
+    """A resumed run logs the steps after its checkpoint again: drop the interrupted run's copies."""
+    path = os.path.join(output_dir, LOSS_HISTORY_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
 
 
 def _check_hub(config: TrainingConfig, accelerator):

@@ -211,13 +211,15 @@ def test_inception_features_are_deterministic_and_independent_of_batch_size():
 def test_fid_real_vs_noise_is_far_larger_than_real_vs_real():
     real = fid.load_dataset_images(str(CIFAR10), "test", 32, max_images=128, progress=False)
     extractor = fid.InceptionFeatures("cpu")
-    half_a = fid.compute_statistics(real[:64], 32, extractor=extractor, progress=False)
-    half_b = fid.compute_statistics(real[64:], 32, extractor=extractor, progress=False)
-    noise = fid.compute_statistics(noise_images(64), 32, extractor=extractor, progress=False)
-    real_vs_real, real_vs_noise = fid.fid_from_statistics(half_a, half_b), fid.fid_from_statistics(half_a, noise)
-    # With 64 images per set FID is biased upwards, but noise is still several times farther.
-    assert real_vs_noise > 2.5 * real_vs_real, (real_vs_real, real_vs_noise)
-    assert real_vs_noise > 200
+    features = {name: torch.cat([extractor(images[i : i + 32]) for i in range(0, 64, 32)]) for name, images in (("a", real[:64]), ("b", real[64:]), ("noise", noise_images(64)))}
+    stats = {name: fid.statistics_of_features(f) for name, f in features.items()}
+    real_vs_real, real_vs_noise = fid.fid_from_statistics(stats["a"], stats["b"]), fid.fid_from_statistics(stats["a"], stats["noise"])
+    # With 64 images per set FID is biased upwards (real vs real ~200, vs ~3 with 10k vs 50k), but noise is still far farther.
+    assert real_vs_noise > 2 * real_vs_real and real_vs_noise > 350, (real_vs_real, real_vs_noise)
+    # KID is unbiased: ~0 for two halves of the test set, large for noise.
+    kid_real, _ = fid.kernel_inception_distance(features["a"].numpy(), features["b"].numpy(), num_subsets=1, subset_size=64)
+    kid_noise, _ = fid.kernel_inception_distance(features["a"].numpy(), features["noise"].numpy(), num_subsets=1, subset_size=64)
+    assert abs(kid_real) < 0.05 and kid_noise > 0.3, (kid_real, kid_noise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,14 +353,15 @@ def test_default_bound_evaluates_every_timestep():
 
 
 def _schedule() -> DDPMScheduler:
-    # The paper's linear schedule rescaled to T = 100 (beta_t * 1000 / T), so that abar_T ~ e^-10 as with T = 1000.
-    return DDPMScheduler(num_train_timesteps=100, beta_start=1e-3, beta_end=0.2)
+    # The paper's linear schedule rescaled to T = 50 (beta_t * 1000 / T), so that abar_T ~ e^-10 as with T = 1000.
+    return DDPMScheduler(num_train_timesteps=50, beta_start=2e-3, beta_end=0.4)
 
 
 @pytest.mark.slow
 def test_bits_per_dim_is_lower_after_brief_training():
     torch.manual_seed(0)
-    train_images = cifar_images(256, resolution=16)
+    images = cifar_images(260, resolution=16)
+    train_images, test_images = images[:256], images[256:]
     untrained = build_unet("tiny", 16)
     trained = build_unet("tiny", 16)
     trained.load_state_dict(untrained.state_dict())
@@ -367,19 +370,20 @@ def test_bits_per_dim_is_lower_after_brief_training():
     optimizer = torch.optim.Adam(trained.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     trained.train()
-    for step in range(60):
-        batch = train_images[torch.randint(0, 256, (32,), generator=generator)].float() / 127.5 - 1
+    for step in range(20):
+        batch = train_images[torch.randint(0, 256, (16,), generator=generator)].float() / 127.5 - 1
         loss = loss_fn(trained, batch, generator=generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
-    images = cifar_images(8, resolution=16)
-    before = nll.bits_per_dim(untrained, scheduler, images, batch_size=8, seed=1, progress=False)
-    after = nll.bits_per_dim(trained, scheduler, images, batch_size=8, seed=1, progress=False)
+    before = nll.bits_per_dim(untrained, scheduler, test_images, batch_size=4, seed=1, progress=False)
+    after = nll.bits_per_dim(trained, scheduler, test_images, batch_size=4, seed=1, progress=False)
     for result in (before, after):
         assert math.isfinite(result["bits_per_dim"]) and result["bits_per_dim"] > 0
-    assert after["bits_per_dim"] < before["bits_per_dim"] - 0.1, (before["bits_per_dim"], after["bits_per_dim"])
+    # ~13.5 -> ~7.5 bits/dim: the KL terms shrink most (the decoder term barely moves in 20 steps).
+    assert after["bits_per_dim"] < before["bits_per_dim"] - 1.0, (before["bits_per_dim"], after["bits_per_dim"])
+    assert after["kl_bits_per_dim"] < before["kl_bits_per_dim"]
 
 
 def test_evaluate_nll_command_writes_eval_json(tmp_path, capsys):
