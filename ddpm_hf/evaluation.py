@@ -226,8 +226,13 @@ def default_output_dir(model: str) -> str:
     return f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '-', model.replace('/', '--'))}"
 
 
-def write_eval_json(output_dir: str, section: str, result: dict) -> str:
-    """Put `result` under `section` of OUTPUT/eval.json, keeping the other sections already there."""
+EVAL_SECTIONS = ("nll", "sweep")
+
+
+def write_eval_json(output_dir: str, result: dict, section: str | None = None) -> str:
+    """Write OUTPUT/eval.json: the latest FID run at the top level (fid, num_samples, scheduler, steps,
+    reference, ...), the latest NLL bound and sampler sweep under "nll" and "sweep". Writing one part
+    keeps the others already in the file."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "eval.json")
     contents = {}
@@ -237,7 +242,10 @@ def write_eval_json(output_dir: str, section: str, result: dict) -> str:
                 contents = json.load(f)
         except json.JSONDecodeError:
             contents = {}
-    contents[section] = result
+    if section is None:
+        contents = dict(result, **{k: contents[k] for k in EVAL_SECTIONS if k in contents})
+    else:
+        contents[section] = result
     with open(path + ".partial", "w") as f:
         json.dump(contents, f, indent=2)
     os.replace(path + ".partial", path)
@@ -293,29 +301,27 @@ def _fid_with(evaluator, unet, scheduler, model, num_samples, sampler, steps, ba
     start = time.time()
     generated = evaluator.statistics_of(unet, scheduler, num_samples, steps, seed, batch_size, sampler, progress, timestep_spacing)
     seconds = time.time() - start
-    result = {
-        "fid": fid_from_statistics(generated, evaluator.reference),
-        "settings": {
-            "model": model,
-            "sampler": sampler,
-            "steps": steps,
-            "network_evaluations_per_image": generated.info["nfe"],
-            "timestep_spacing": generated.info["timestep_spacing"],
-            "num_samples": num_samples,
-            "batch_size": batch_size,
-            "seed": seed,
-            "reference": _reference_description(evaluator.reference, reference, reference_split),
-            "protocol": PROTOCOL,
-            "protocol_description": PROTOCOL_DESCRIPTION,
-        },
-        "timing": {"reference_seconds": round(reference_seconds, 2), "sampling_and_features_seconds": round(seconds, 2), "images_per_second": round(num_samples / seconds, 2)},
-        "environment": _environment(evaluator.device),
-    }
+    result = {"fid": fid_from_statistics(generated, evaluator.reference)}
     if kid:
         if evaluator.reference.features is None:
             raise UserError("--kid needs reference features, but the reference statistics hold none. Recompute them with `ddpm-hf fid-stats --keep_features 5000`, or drop --kid.")
-        mean, std = kernel_inception_distance(generated.features, evaluator.reference.features)
-        result["kid"], result["kid_std"] = mean, std
+        result["kid"], result["kid_std"] = kernel_inception_distance(generated.features, evaluator.reference.features)
+    result.update(
+        model=model,
+        num_samples=num_samples,
+        scheduler=sampler,
+        steps=steps,
+        nfe=generated.info["nfe"],
+        timestep_spacing=generated.info["timestep_spacing"],
+        batch_size=batch_size,
+        seed=seed,
+        reference=reference,
+        reference_details=_reference_description(evaluator.reference, reference, reference_split),
+        protocol=PROTOCOL,
+        protocol_description=PROTOCOL_DESCRIPTION,
+        timing={"reference_seconds": round(reference_seconds, 2), "sampling_and_features_seconds": round(seconds, 2), "images_per_second": round(num_samples / seconds, 2)},
+        environment=_environment(evaluator.device),
+    )
     return result
 
 
@@ -372,10 +378,7 @@ def write_sweep(results: list[dict], output_dir: str, title: str) -> dict[str, s
     import matplotlib.pyplot as plt
 
     os.makedirs(output_dir, exist_ok=True)
-    rows = [
-        dict(sampler=r["settings"]["sampler"], steps=r["settings"]["steps"], nfe=r["settings"]["network_evaluations_per_image"], fid=r["fid"], seconds=r["timing"]["sampling_and_features_seconds"])
-        for r in results
-    ]
+    rows = sweep_rows(results)
     paths = {name: os.path.join(output_dir, f"sweep.{name}") for name in ("csv", "md", "png")}
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -392,7 +395,7 @@ def write_sweep(results: list[dict], output_dir: str, title: str) -> dict[str, s
             axis.annotate(f"{fid:.2f}", (nfe, fid), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axis.set_xscale("log")
     axis.set_xlabel("network evaluations per image (NFE)")
-    axis.set_ylabel(f"FID ({results[0]['settings']['num_samples']} samples, lower is better)")
+    axis.set_ylabel(f"FID ({results[0]['num_samples']} samples, lower is better)")
     axis.set_title(title)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend()
@@ -400,6 +403,10 @@ def write_sweep(results: list[dict], output_dir: str, title: str) -> dict[str, s
     figure.savefig(paths["png"])
     plt.close(figure)
     return paths
+
+
+def sweep_rows(results: list[dict]) -> list[dict]:
+    return [dict(sampler=r["scheduler"], steps=r["steps"], nfe=r["nfe"], fid=r["fid"], seconds=r["timing"]["sampling_and_features_seconds"]) for r in results]
 
 
 def sweep_table(rows: list[dict]) -> str:
@@ -437,7 +444,7 @@ def evaluate_nll(
     images = load_dataset_images(dataset, split, unet.config.sample_size, image_column, num_images, progress)
     batch_size = batch_size or (250 if device.type == "cuda" else 16)
     result = bits_per_dim(unet, scheduler, images, batch_size, timestep_stride, seed, progress=progress)
-    result["settings"] = {"model": model, "dataset": dataset, "split": split, "seed": seed, "batch_size": batch_size}
+    result.update(model=model, dataset=dataset, split=split, seed=seed, batch_size=batch_size)
     result["timing"] = {"seconds": round(time.time() - start, 2)}
     result["environment"] = _environment(device)
     return result
@@ -456,14 +463,13 @@ def run_evaluate(args) -> None:
             args.model, runs, args.num_samples, args.batch_size, args.reference, args.reference_split, args.seed, args.device, args.revision, timestep_spacing=args.timestep_spacing
         )
         paths = write_sweep(results, output_dir, f"FID vs sampling cost: {os.path.basename(os.path.normpath(args.model))}")
-        write_eval_json(output_dir, "sweep", {"runs": results})
-        rows = [dict(sampler=r["settings"]["sampler"], steps=r["settings"]["steps"], nfe=r["settings"]["network_evaluations_per_image"], fid=r["fid"], seconds=r["timing"]["sampling_and_features_seconds"]) for r in results]
-        print(sweep_table(rows))
+        write_eval_json(output_dir, {"runs": results}, section="sweep")
+        print(sweep_table(sweep_rows(results)))
         print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']} and {os.path.join(output_dir, 'eval.json')}")
         return
     if args.metric == "nll":
         result = evaluate_nll(args.model, args.dataset, args.split, args.num_images, args.batch_size, args.timestep_stride, args.seed, args.device, args.revision, args.image_column)
-        path = write_eval_json(output_dir, "nll", result)
+        path = write_eval_json(output_dir, result, section="nll")
         exact = "exact bound over all T terms" if result["exact_sum_over_t"] else f"KL sum estimated with --timestep_stride {args.timestep_stride}"
         print(
             f"NLL bound: {result['bits_per_dim']:.4f} +- {result['bits_per_dim_stderr']:.4f} bits/dim on {result['num_images']} images of {args.dataset} ({args.split}); "
@@ -475,12 +481,12 @@ def run_evaluate(args) -> None:
         args.model, args.num_samples, args.scheduler, args.steps, args.batch_size, args.reference, args.reference_split, args.seed, args.kid, args.device, args.revision,
         timestep_spacing=args.timestep_spacing,
     )
-    path = write_eval_json(output_dir, "fid", result)
-    settings = result["settings"]
+    path = write_eval_json(output_dir, result)
+    reference = result["reference_details"]
     kid = f", KID {result['kid']:.5f} +- {result['kid_std']:.5f}" if "kid" in result else ""
     print(
-        f"FID {result['fid']:.3f}{kid} ({settings['num_samples']} samples, {settings['sampler']} {settings['steps']} steps, "
-        f"vs {settings['reference']['dataset']} {settings['reference']['split']} [{settings['reference']['num_images']} images]; "
+        f"FID {result['fid']:.3f}{kid} ({result['num_samples']} samples, {result['scheduler']} {result['steps']} steps, "
+        f"vs {reference['dataset']} {reference['split']} [{reference['num_images']} images]; "
         f"{result['timing']['sampling_and_features_seconds']:.0f} s)"
     )
     print(f"wrote {path}")

@@ -56,6 +56,7 @@ REFERENCE_ALIASES = {
     "cifar10-train": ("uoft-cs/cifar10", "train"),
     "cifar10-test": ("uoft-cs/cifar10", "test"),
 }
+ALIAS_RESOLUTIONS = {"cifar10-train": 32, "cifar10-test": 32}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,7 +509,10 @@ def resolve_statistics(
     if source.endswith(".npz"):
         return FIDStatistics.load(os.path.expanduser(source))
     if source in REFERENCE_ALIASES:
-        source, split = REFERENCE_ALIASES[source]
+        native = ALIAS_RESOLUTIONS[source]
+        if resolution is not None and resolution != native:
+            raise UserError(f"the reference {source} holds {native}x{native} images but the images to compare are {resolution}x{resolution}. Pass --reference with a dataset or statistics at {resolution}x{resolution}.")
+        source, split, resolution = *REFERENCE_ALIASES[source], native
     if is_image_folder(source):
         images = load_image_folder(source, resolution, max_images, progress)
         info = dict(source=os.path.abspath(os.path.expanduser(source)), resolution=int(images.shape[-1]))

@@ -93,3 +93,16 @@ def test_every_option_has_help():
     import dataclasses
 
     assert all(f.metadata.get("help") for f in dataclasses.fields(TrainingConfig))
+
+
+def test_readme_options_table_matches_the_code():
+    """The README's option table is generated from TrainingConfig: regenerate it with scripts/options_table.py --write."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("options_table", os.path.join(root, "scripts", "options_table.py"))
+    options_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(options_table)
+    readme = open(os.path.join(root, "README.md")).read()
+    assert options_table.readme_with_table(readme) == readme

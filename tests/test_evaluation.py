@@ -273,19 +273,23 @@ def test_sweep_writes_table_plot_and_eval_json(tmp_path, capsys):
     with Image.open(out / "sweep.png") as plot:
         assert plot.size[0] > 300
     results = json.loads((out / "eval.json").read_text())["sweep"]["runs"]
-    assert [r["settings"]["sampler"] for r in results] == ["ddpm", "ddim"]
-    assert results[0]["settings"]["reference"]["num_images"] == 8
+    assert [r["scheduler"] for r in results] == ["ddpm", "ddim"]
+    assert results[0]["reference_details"]["num_images"] == 8
     assert "| ddim | 2 | 2 |" in capsys.readouterr().out
 
 
 def test_evaluate_fid_writes_eval_json_into_the_model_folder(tmp_path, capsys):
     model = tiny_pipeline(tmp_path / "model")
     reference = save_pngs(cifar_images(6, resolution=16), tmp_path / "reference")
+    (model / "eval.json").write_text(json.dumps({"nll": {"bits_per_dim": 3.7}, "fid": 99.0, "kid": 1.0}))
     cli("evaluate", "--model", str(model), "--num_samples", "4", "--scheduler", "dpmsolver", "--steps", "3", "--batch_size", "4", "--reference", str(reference), "--device", "cpu", "--kid")
-    result = json.loads((model / "eval.json").read_text())["fid"]
-    assert result["fid"] > 0 and math.isfinite(result["kid"])
-    assert result["settings"]["sampler"] == "dpmsolver" and result["settings"]["network_evaluations_per_image"] == 3
-    assert result["settings"]["protocol"] == fid.PROTOCOL and result["timing"]["sampling_and_features_seconds"] > 0
+    result = json.loads((model / "eval.json").read_text())
+    # The keys the model card reads (ddpm_hf/hub.py), at the top level.
+    assert result["fid"] > 0 and result["fid"] != 99.0 and math.isfinite(result["kid"])
+    assert (result["num_samples"], result["scheduler"], result["steps"], result["nfe"]) == (4, "dpmsolver", 3, 3)
+    assert result["reference"] == str(reference) and result["reference_details"]["num_images"] == 6
+    assert result["protocol"] == fid.PROTOCOL and result["timing"]["sampling_and_features_seconds"] > 0
+    assert result["nll"] == {"bits_per_dim": 3.7}  # other sections are kept
     assert "FID" in capsys.readouterr().out
 
 
@@ -298,6 +302,8 @@ def test_command_line_mistakes_are_user_errors(tmp_path):
         evaluation.check_steps("ddpm", 2000, 1000)
     with pytest.raises(UserError, match="no such statistics file"):
         fid.FIDStatistics.load(str(tmp_path / "missing.npz"))
+    with pytest.raises(UserError, match="holds 32x32 images"):
+        fid.resolve_statistics("cifar10-train", resolution=64)
     assert evaluation.parse_sweep("ddpm:1000, ddim:50") == [("ddpm", 1000), ("ddim", 50)]
     assert evaluation.default_output_dir("google/ddpm-cifar10-32") == "eval-google--ddpm-cifar10-32"
     assert evaluation.default_output_dir(str(tmp_path)) == str(tmp_path)
