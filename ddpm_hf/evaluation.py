@@ -376,6 +376,7 @@ def write_sweep(results: list[dict], output_dir: str, title: str) -> dict[str, s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     os.makedirs(output_dir, exist_ok=True)
     rows = sweep_rows(results)
@@ -394,6 +395,9 @@ def write_sweep(results: list[dict], output_dir: str, title: str) -> dict[str, s
         for nfe, fid in points:
             axis.annotate(f"{fid:.2f}", (nfe, fid), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axis.set_xscale("log")
+    axis.set_xticks(sorted({r["nfe"] for r in rows}))
+    axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_xlabel("network evaluations per image (NFE)")
     axis.set_ylabel(f"FID ({results[0]['num_samples']} samples, lower is better)")
     axis.set_title(title)

@@ -263,6 +263,8 @@ class RunningStatistics:
 
 def statistics_of_features(features: np.ndarray | torch.Tensor, keep_features: int = 0, info: dict | None = None, seed: int = 0) -> FIDStatistics:
     """Statistics of a feature matrix N x D (keeping a random subset of `keep_features` rows)."""
+    if isinstance(features, np.ndarray) and not features.flags.writeable:
+        features = features.copy()  # e.g. a read-only memory map
     features = torch.as_tensor(features)
     running = RunningStatistics(keep_features)
     running.update(features, _keep_mask(features.shape[0], keep_features, seed))

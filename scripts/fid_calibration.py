@@ -12,7 +12,8 @@ features are written chunk by chunk under --work), then reports
 and stores the train and test statistics in the user cache (`ddpm-hf fid-stats` reads them), under
 the Hub id `uoft-cs/cifar10` (the files in --data are that dataset's parquet files), so that
 `ddpm-hf evaluate --reference cifar10-train` works without a network, and under the local path.
-Takes a few minutes on a GPU, about two hours on two CPU cores.
+Takes a few minutes on a GPU, two hours or more on two CPU cores. While it runs,
+`--partial` reports the same numbers from the training images done so far.
 """
 
 from __future__ import annotations
@@ -48,9 +49,13 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def _paths(work: str, name: str) -> tuple[str, str]:
+    return os.path.join(work, f"{name}.npy"), os.path.join(work, f"{name}.count")
+
+
 def features_of(name: str, images: torch.Tensor, extractor: InceptionFeatures, work: str, batch_size: int) -> np.ndarray:
     """Inception features N x 2048, resumed from `work/name.npy` + `work/name.count` when a run was cut short."""
-    path, count_path = os.path.join(work, f"{name}.npy"), os.path.join(work, f"{name}.count")
+    path, count_path = _paths(work, name)
     total = images.shape[0]
     if os.path.isfile(path):
         features = np.load(path, mmap_mode="r+")
@@ -75,6 +80,14 @@ def features_of(name: str, images: torch.Tensor, extractor: InceptionFeatures, w
     return np.asarray(features)
 
 
+def features_done(name: str, work: str) -> np.ndarray:
+    """The features a (possibly still running) calibration has written so far."""
+    path, count_path = _paths(work, name)
+    if not os.path.isfile(count_path):
+        raise SystemExit(f"no features of {name} yet under {work}: run without --partial first.")
+    return np.asarray(np.load(path, mmap_mode="r")[: int(open(count_path).read())])
+
+
 def gaussian_noise_images(count: int, seed: int = 0) -> torch.Tensor:
     """x ~ N(0, I) in the model's [-1, 1] range, quantised like a sample: what an untrained sampler starts from."""
     x = torch.randn(count, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(seed))
@@ -90,6 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--subset", type=int, default=10_000, help="Size of the random training subset.")
     parser.add_argument("--device", default=None)
     parser.add_argument("--max_images", type=int, default=None, help="Smoke test: first N images per split, nothing cached.")
+    parser.add_argument("--partial", action="store_true", help="Report from the features computed so far (while a run is going); nothing cached.")
     args = parser.parse_args(argv)
 
     if not os.path.isdir(args.data):
@@ -99,45 +113,58 @@ def main(argv=None) -> int:
     extractor = InceptionFeatures(args.device)
     log(f"device {extractor.device}, {torch.get_num_threads()} threads, work dir {work}")
 
+    names = {"test": "cifar10-test", "noise": f"noise-{args.num_noise}", "train": "cifar10-train"}
     features, seconds = {}, {}
-    for split in ("test", "train"):
-        images = load_dataset_images(args.data, split, RESOLUTION, max_images=args.max_images, progress=False)
-        log(f"{split}: {images.shape[0]} images decoded")
+    for part in ("test", "noise", "train"):  # noise before train, so that --partial can report early
+        if args.partial:
+            features[part] = features_done(names[part], work)
+            continue
+        if part == "noise":
+            images = gaussian_noise_images(args.num_noise)
+        else:
+            images = load_dataset_images(args.data, part, RESOLUTION, max_images=args.max_images, progress=False)
+            log(f"{part}: {images.shape[0]} images decoded")
         start = time.time()
-        features[split] = features_of(f"cifar10-{split}", images, extractor, work, args.batch_size)
-        seconds[split] = time.time() - start
-    noise = gaussian_noise_images(args.num_noise)
-    features["noise"] = features_of(f"noise-{args.num_noise}", noise, extractor, work, args.batch_size)
+        features[part] = features_of(names[part], images, extractor, work, args.batch_size)
+        seconds[part] = round(time.time() - start, 1)
+    n = {part: len(f) for part, f in features.items()}
+    complete = args.max_images is None and not args.partial
+    if n["train"] < 10:
+        raise SystemExit(f"only {n['train']} training features so far: too few to report.")
 
     stats = {}
     for split in ("test", "train"):
         info = dict(source=dataset_identity(args.data), split=split, resolution=RESOLUTION, max_images=None, also_known_as=HUB_ID)
         stats[split] = statistics_of_features(features[split], keep_features=5000, info=info)
-        if args.max_images is None:
+        if complete:
             for path in (stats_cache_path(HUB_ID, split, RESOLUTION), stats_cache_path(args.data, split, RESOLUTION)):
                 stats[split].save(path)
                 log(f"saved {path}")
 
     rng = np.random.default_rng(0)
-    subset = rng.choice(len(features["train"]), min(args.subset, len(features["train"]) // 2), replace=False)
+    subset_size = min(args.subset, n["train"] // 2)
+    subset = rng.choice(n["train"], subset_size, replace=False)
     stats["train-subset"] = statistics_of_features(features["train"][subset])
     stats["noise"] = statistics_of_features(features["noise"])
 
     def kid(a: np.ndarray, b: np.ndarray) -> float:
         return kernel_inception_distance(a, b, num_subsets=100, subset_size=1000)[0]
 
+    train = f"train{n['train']}"
     results = {
         "protocol": PROTOCOL,
         "protocol_description": PROTOCOL_DESCRIPTION,
-        "fid_test10k_vs_train50k": fid_from_statistics(stats["test"], stats["train"]),
-        f"fid_train_random{args.subset // 1000}k_vs_train50k": fid_from_statistics(stats["train-subset"], stats["train"]),
-        f"fid_noise{args.num_noise}_vs_train50k": fid_from_statistics(stats["noise"], stats["train"]),
-        "kid_test_vs_train": kid(features["test"], features["train"]),
-        f"kid_noise{args.num_noise}_vs_train": kid(features["noise"], features["train"]),
+        "complete": complete,
+        "num_features": n,
+        f"fid_test{n['test']}_vs_{train}": fid_from_statistics(stats["test"], stats["train"]),
+        f"fid_train_random{subset_size}_vs_{train}": fid_from_statistics(stats["train-subset"], stats["train"]),
+        f"fid_noise{n['noise']}_vs_{train}": fid_from_statistics(stats["noise"], stats["train"]),
+        f"kid_test{n['test']}_vs_{train}": kid(features["test"], features["train"]),
+        f"kid_noise{n['noise']}_vs_{train}": kid(features["noise"], features["train"]),
         "seconds_features": seconds,
         "device": str(extractor.device),
     }
-    with open(os.path.join(work, "calibration.json"), "w") as f:
+    with open(os.path.join(work, "calibration.json" if complete else "calibration-partial.json"), "w") as f:
         json.dump(results, f, indent=2)
     log("results:\n" + json.dumps(results, indent=2))
     return 0
