@@ -198,14 +198,16 @@ def save_pipeline(unet, scheduler, output_dir: str) -> None:
 
 
 @torch.no_grad()
-def sample_grid(unet, scheduler, num_images: int, num_inference_steps: int, seed: int):
-    """A grid of images from `unet` (in eval mode) with a fixed seed: DDIM when fewer than T steps."""
+def sample_grid(unet, scheduler, num_images: int, num_inference_steps: int, seed: int, sampler: str = "auto"):
+    """A grid of images from `unet` (in eval mode) with a fixed seed; sampler 'auto': DDIM when fewer than T steps."""
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
     from diffusers.utils import make_image_grid
 
     was_training = unet.training
     unet.eval()
-    if num_inference_steps < scheduler.config.num_train_timesteps:
+    if sampler == "auto":
+        sampler = "ddim" if num_inference_steps < scheduler.config.num_train_timesteps else "ddpm"
+    if sampler == "ddim":
         pipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))
     else:
         pipeline = DDPMPipeline(unet=unet, scheduler=copy.deepcopy(scheduler))
@@ -372,7 +374,7 @@ def train(config: TrainingConfig) -> TrainingResult:
     def sample_and_save_grid(at_step: int):
         model = ema.model if ema is not None else accelerator.unwrap_model(unet)
         with accelerator.autocast():
-            grid = sample_grid(model, noise_scheduler, config.num_sample_images, config.sample_steps, config.sample_seed)
+            grid = sample_grid(model, noise_scheduler, config.num_sample_images, config.sample_steps, config.sample_seed, config.sample_scheduler)
         path = os.path.join(config.output_dir, "samples", f"step_{at_step:07d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         grid.save(path)
