@@ -287,13 +287,13 @@ def _use_feature(choice: str, device: torch.device) -> bool:
 def train(config: TrainingConfig) -> TrainingResult:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import UNet2DModel
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     from . import data as data_lib
     from .losses import DDPMLoss
     from .models import build_scheduler, build_unet, check_resolution, count_parameters
+    from .visualize import write_training_figures
 
     # ---- Accelerate, output folder ---------------------------------------------------------------
     accelerator = Accelerator(
@@ -382,6 +382,28 @@ def train(config: TrainingConfig) -> TrainingResult:
 
         tracker = accelerator.get_tracker("tensorboard", unwrap=True)
         tracker.add_image("samples", np.asarray(grid), at_step, dataformats="HWC")
+        write_training_figures(config.output_dir)  # loss.png and progress.png
+
+    fid_evaluator, best_fid = None, _best_fid_so_far(config.output_dir)
+
+    def evaluate_and_keep_best(at_step: int):
+        """FID of the EMA model against the training images; the best pipeline so far goes to OUTPUT_DIR/best/."""
+        nonlocal fid_evaluator, best_fid
+        from .evaluation import FIDEvaluator
+
+        if fid_evaluator is None:
+            fid_evaluator = FIDEvaluator(decoded.images, device=device)
+        model = ema.model if ema is not None else accelerator.unwrap_model(unet)
+        sampler = None if config.sample_scheduler == "auto" else config.sample_scheduler
+        fid = fid_evaluator.fid_of(model, noise_scheduler, config.eval_num_samples, config.sample_steps, seed=config.sample_seed, sampler=sampler)
+        accelerator.log({"fid": fid}, step=at_step)
+        accelerator.print(f"step {at_step}: FID {fid:.2f} ({config.eval_num_samples} samples, {config.sample_steps} steps)")
+        if best_fid is None or fid < best_fid:
+            best_fid = fid
+            best_dir = os.path.join(config.output_dir, "best")
+            save_pipeline(model, noise_scheduler, best_dir)
+            with open(os.path.join(best_dir, "eval.json"), "w") as f:
+                json.dump({"fid": fid, "step": at_step, "num_samples": config.eval_num_samples, "steps": config.sample_steps, "reference": f"{config.dataset} ({config.split})"}, f, indent=2)
 
     def save_final_pipeline():
         model = ema.model if ema is not None else accelerator.unwrap_model(unet)
@@ -469,6 +491,9 @@ def train(config: TrainingConfig) -> TrainingResult:
                 if config.sample_every and step % config.sample_every == 0:
                     check_finite()
                     sample_and_save_grid(step)
+                if config.eval_every and step % config.eval_every == 0:
+                    check_finite()
+                    evaluate_and_keep_best(step)
                 if config.save_every and step % config.save_every == 0:
                     check_finite()
                     save_final_pipeline()
@@ -493,11 +518,22 @@ def train(config: TrainingConfig) -> TrainingResult:
         else:
             if config.sample_every:
                 sample_and_save_grid(step)
+            if config.eval_every:
+                evaluate_and_keep_best(step)
             if hub is not None:
                 hub.push_final(step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainingResult(output_dir=config.output_dir, step=step, stopped_early=step < config.max_train_steps)
+
+
+def _best_fid_so_far(output_dir: str) -> float | None:
+    """A resumed run keeps the best/ pipeline unless it does better."""
+    path = os.path.join(output_dir, "best", "eval.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return float(json.load(f)["fid"])
+    return None
 
 
 def _forget_losses_after(output_dir: str, step: int) -> None:

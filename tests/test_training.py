@@ -153,3 +153,22 @@ def test_two_processes_keep_identical_weights_and_write_one_output(tmp_path, mic
 def test_short_run_on_real_cifar10(tmp_path, micro_unet_config, train_in_process):
     result = train_in_process(**quick_options(tmp_path / "real", micro_unet_config, dataset=SHARED_CIFAR10, split="test", resolution=32, max_train_samples=256, max_train_steps=2))
     assert result.step == 2 and os.path.isfile(tmp_path / "real" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.slow
+def test_eval_every_logs_fid_and_keeps_the_best_pipeline(tmp_path, micro_unet_config, train_in_process):
+    output_dir = tmp_path / "eval"
+    train_in_process(**quick_options(output_dir, micro_unet_config, max_train_steps=4, eval_every=2, eval_num_samples=8, sample_steps=3, max_train_samples=32))
+    best = json.loads((output_dir / "best" / "eval.json").read_text())
+    assert best["step"] in (2, 4) and np.isfinite(best["fid"]) and best["fid"] > 0
+    from diffusers import DDPMPipeline
+
+    assert DDPMPipeline.from_pretrained(str(output_dir / "best")).unet.config.sample_size == 16
+
+
+def test_training_writes_loss_and_progress_figures(trained_output):
+    from PIL import Image
+
+    for name in ("loss.png", "progress.png"):
+        image = np.asarray(Image.open(trained_output / name).convert("L"), dtype=np.float64)
+        assert image.shape[0] > 100 and image.shape[1] > 100 and image.var() > 10
