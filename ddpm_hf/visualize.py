@@ -295,9 +295,10 @@ def loss_figure(steps: np.ndarray, losses: np.ndarray, title: str = "Training lo
     figure = _new_figure(*LOSS_FIGSIZE)
     axes = figure.subplots()
     finite = np.isfinite(losses)
-    axes.plot(steps, losses, color="C0", alpha=0.35, lw=1, label="logged (mean over each interval)")
-    if finite.sum() >= 2:
-        span = max(1, finite.sum() // 20)
+    marker = "o" if len(steps) < 30 else None  # a handful of points would otherwise be an invisible line
+    axes.plot(steps, losses, color="C0", alpha=0.35, lw=1, marker=marker, label="logged (mean over each interval)")
+    if finite.sum() >= 5:
+        span = max(3, int(finite.sum()) // 10)
         axes.plot(steps[finite], smooth(losses[finite], span), color="C0", lw=2, label=f"smoothed (EMA over ~{span} points)")
         positive = losses[finite & (losses > 0)]
         if len(positive) and positive.max() / positive.min() > 3:
@@ -349,17 +350,27 @@ def write_training_figures(output_dir: str) -> None:
     """Write OUTPUT_DIR/loss.png from loss_history.jsonl and OUTPUT_DIR/progress.png from samples/step_*.png.
 
     Called by the training loop after each sample grid; cheap (well under a second after matplotlib's first import).
-    A figure whose inputs do not exist yet is skipped, so it is safe to call at any time."""
+    A figure whose inputs do not exist yet is skipped, so it is safe to call at any time. A figure that cannot be
+    written (disk full, a damaged grid) is a warning, not the end of a training run."""
+    import warnings
+
     from .training import LOSS_HISTORY_FILE
+
+    def attempt(name, draw):
+        try:
+            save_figure(draw(), os.path.join(output_dir, name))
+        except (OSError, UserError) as e:
+            warnings.warn(f"could not write {os.path.join(output_dir, name)} ({e}); training goes on without it.")
 
     history = os.path.join(output_dir, LOSS_HISTORY_FILE)
     if os.path.isfile(history):
         steps, losses = read_loss_history(history)
         if len(steps):
-            save_figure(loss_figure(steps, losses, title=f"Training loss ({os.path.basename(os.path.abspath(output_dir))})"), os.path.join(output_dir, LOSS_FIGURE))
+            run_name = os.path.basename(os.path.abspath(output_dir))
+            attempt(LOSS_FIGURE, lambda: loss_figure(steps, losses, title=f"Training loss ({run_name})"))
     grids = sample_grid_steps(os.path.join(output_dir, "samples"))
     if grids:
-        save_figure(progress_figure(grids), os.path.join(output_dir, PROGRESS_FIGURE))
+        attempt(PROGRESS_FIGURE, lambda: progress_figure(grids))
 
 
 # ---------------------------------------------------------------------------------------------
