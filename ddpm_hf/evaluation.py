@@ -23,6 +23,7 @@ import torch
 
 from .errors import UserError
 from .fid import (
+    ALIAS_RESOLUTIONS,
     PROTOCOL,
     PROTOCOL_DESCRIPTION,
     REFERENCE_ALIASES,
@@ -498,10 +499,10 @@ def run_evaluate(args) -> None:
 
 def run_fid(args) -> None:
     stats = []
-    for source in (args.path_a, args.path_b):
+    for source, split in ((args.path_a, args.split), (args.path_b, args.split_b or args.split)):
         stats.append(
             resolve_statistics(
-                source, args.split, args.resolution, args.batch_size, args.device, args.max_images, args.image_column, keep_features=KID_FEATURES if args.kid else 0, write_cache=False
+                source, split, args.resolution, args.batch_size, args.device, args.max_images, args.image_column, keep_features=KID_FEATURES if args.kid else 0, write_cache=False
             )
         )
     line = f"FID: {fid_from_statistics(*stats):.4f}"
@@ -516,9 +517,13 @@ def run_fid(args) -> None:
 def run_fid_stats(args) -> None:
     from .fid import stats_cache_path
 
-    dataset, split = REFERENCE_ALIASES.get(args.dataset, (args.dataset, args.split))
-    if args.resolution is not None and not args.overwrite:
-        path = stats_cache_path(dataset, split, args.resolution, args.max_images, args.name)
+    dataset, split, resolution = args.dataset, args.split, args.resolution
+    if dataset in REFERENCE_ALIASES:
+        if resolution not in (None, ALIAS_RESOLUTIONS[dataset]):
+            raise UserError(f"--dataset {dataset} holds {ALIAS_RESOLUTIONS[dataset]}x{ALIAS_RESOLUTIONS[dataset]} images; drop --resolution or pass the dataset itself.")
+        (dataset, split), resolution = REFERENCE_ALIASES[dataset], ALIAS_RESOLUTIONS[dataset]
+    if resolution is not None and not args.overwrite:
+        path = stats_cache_path(dataset, split, resolution, args.max_images, args.name)
         if os.path.isfile(path):
             print(f"already cached: {path} (pass --overwrite to recompute)")
             if args.output is not None:
@@ -526,7 +531,7 @@ def run_fid_stats(args) -> None:
                 print(f"wrote {args.output}")
             return
     stats = resolve_statistics(
-        dataset, split, args.resolution, args.batch_size, args.device, args.max_images, args.image_column, keep_features=args.keep_features, name=args.name, recompute=True
+        dataset, split, resolution, args.batch_size, args.device, args.max_images, args.image_column, keep_features=args.keep_features, name=args.name, recompute=True
     )
     print(f"statistics of {stats.num_images} images of {dataset} ({split}), protocol {PROTOCOL}")
     print(f"cached at {stats.info['file']}")
@@ -577,6 +582,7 @@ def add_cli(subparsers) -> None:
     parser.add_argument("path_a", metavar="PATH_A", help="Folder of images, dataset (parquet folder, Hub id, builtin:...), reference alias or .npz statistics.")
     parser.add_argument("path_b", metavar="PATH_B", help="The same kinds as PATH_A.")
     parser.add_argument("--split", default="train", help="Split of a dataset argument.")
+    parser.add_argument("--split_b", default=None, help="Split of PATH_B when it differs (e.g. --split test --split_b train).")
     parser.add_argument("--resolution", type=int, default=None, help="Resize images to R x R first (default: keep their size).")
     parser.add_argument("--max_images", type=int, default=None, help="Use only the first N images of each set.")
     parser.add_argument("--image_column", default=None)

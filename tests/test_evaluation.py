@@ -414,3 +414,12 @@ def test_small_sets_take_the_exact_low_rank_route():
     assert fid.fid_from_statistics(large, small) == pytest.approx(direct, rel=1e-9)
     other = fid.statistics_of_features(rng.standard_normal((30, 64)))
     assert fid.fid_from_statistics(small, other) == pytest.approx(fid.frechet_distance(small.mu, small.sigma, other.mu, other.sigma), rel=1e-9)
+
+
+def test_subcommands_are_registered_with_ddpm_hf():
+    from ddpm_hf.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["evaluate", "--model", "m"]).func is evaluation.run_evaluate
+    assert parser.parse_args(["fid", "a", "b"]).func is evaluation.run_fid
+    assert parser.parse_args(["fid-stats", "--dataset", "d"]).func is evaluation.run_fid_stats
