@@ -207,11 +207,12 @@ class ReferenceLoop:
 
         if self.accelerator.device.type == "cuda":
             torch.cuda.synchronize()
-        start, images = time.perf_counter(), 0
+        start, cpu_start, images = time.perf_counter(), time.process_time(), 0
         for _ in range(steps):
             images += self.step()  # loss.item() inside: every step ends with a sync
         if self.accelerator.device.type == "cuda":
             torch.cuda.synchronize()
+        self.last_cpu_seconds = time.process_time() - cpu_start  # this process's CPU time: robust to other load on a shared CPU
         return images, time.perf_counter() - start
 
     def close(self):

@@ -58,7 +58,7 @@ class LogCapture:
         records, original = self.records, self._original
 
         def log(accelerator, values, step=None, log_kwargs=None):
-            records.append((step, dict(values)))
+            records.append((step, dict(values), time.process_time()))
             return original(accelerator, values, step=step, log_kwargs=log_kwargs or {})
 
         Accelerator.log = log
@@ -70,7 +70,7 @@ class LogCapture:
         Accelerator.log = self._original
 
 
-def run_ours(args, dataset: str, output_dir: str) -> dict:
+def run_ours(args, dataset: str, output_dir: str, **overrides) -> dict:
     from ddpm_hf.config import config_from_dict
     from ddpm_hf.training import train
 
@@ -80,15 +80,20 @@ def run_ours(args, dataset: str, output_dir: str) -> dict:
         logging_steps=args.steps, mixed_precision=args.precision, output_dir=output_dir, overwrite=True, sample_every=0, checkpoint_every=0,
         max_train_samples=args.max_train_samples, lr_warmup_steps=10, compile=args.compile, channels_last=args.channels_last,
     )
+    options.update(overrides)
     if args.device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"
     with LogCapture() as capture:
         train(config_from_dict(options))
-    rates = [values["img_per_s"] for step, values in capture.records if "img_per_s" in values and step > args.steps]
+    logged = [(step, values, cpu) for step, values, cpu in capture.records if "img_per_s" in values]
+    rates = [values["img_per_s"] for step, values, cpu in logged if step > args.steps]
     if not rates:
         raise RuntimeError("the trainer logged no img_per_s after its first interval")
+    # Process CPU time between the first and the last log: the timed intervals (each log follows a device sync).
+    cpu_seconds = logged[-1][2] - next(cpu for step, values, cpu in logged if step == args.steps)
     # Equal images per interval: the mean time per image is the harmonic mean of the rates.
-    return {"img_per_s": len(rates) / sum(1.0 / r for r in rates), "intervals": rates}
+    return {"img_per_s": len(rates) / sum(1.0 / r for r in rates), "intervals": rates,
+            "cpu_img_per_s": len(rates) * args.steps * args.batch / cpu_seconds}
 
 
 def run_reference(args, dataset) -> dict:
@@ -98,7 +103,7 @@ def run_reference(args, dataset) -> dict:
         images, seconds = loop.run(args.intervals * args.steps)
     finally:
         loop.close()
-    return {"img_per_s": images / seconds, "transforms": loop.transforms}
+    return {"img_per_s": images / seconds, "transforms": loop.transforms, "cpu_img_per_s": images / loop.last_cpu_seconds}
 
 
 def describe_device(device: str | None) -> str:
@@ -125,14 +130,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--channels_last", default="auto", choices=["auto", "yes", "no"], help="our trainer's --channels_last")
     parser.add_argument("--ref_transforms", default="auto", choices=["auto", "torchvision", "pil"])
     parser.add_argument("--peak_tflops", type=float, default=790.0, help="for MFU on CUDA (H200 dense bf16, measured)")
+    parser.add_argument("--ablation", default="", help="after the rounds, one run of ours per ';'-separated variant, e.g. 'compile=no;channels_last=no'")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     from ddpm_hf.data import load_image_dataset
 
     dataset_name = args.dataset or default_dataset()
+    shown = os.path.relpath(dataset_name, REPO_ROOT) if os.path.isabs(dataset_name) else dataset_name
     dataset = load_image_dataset(dataset_name, "train")
     if args.max_train_samples and len(dataset) > args.max_train_samples:
         dataset = dataset.select(range(args.max_train_samples))
@@ -140,6 +151,7 @@ def main(argv=None) -> dict:
     flops = 36.3e9 if (args.model, args.resolution) == ("ddpm-cifar10", 32) else training_flops_per_image(args.model, args.resolution)
 
     results = {"ours": [], "reference": []}
+    cpu_results = {"ours": [], "reference": []}  # img per second of this process's CPU time
     transforms = None
     with tempfile.TemporaryDirectory(prefix="ddpm-bench-") as tmp:
         for r in range(args.rounds):
@@ -152,14 +164,24 @@ def main(argv=None) -> dict:
                     result = run_reference(args, dataset)
                     transforms = result["transforms"]
                 results[name].append(result["img_per_s"])
-                print(f"round {r + 1} {name:9s} {result['img_per_s']:10.1f} img/s   (run took {time.perf_counter() - start:.0f} s)", flush=True)
+                cpu_results[name].append(result["cpu_img_per_s"])
+                print(f"round {r + 1} {name:9s} {result['img_per_s']:10.1f} img/s, {result['cpu_img_per_s']:10.1f} img per CPU-second"
+                      f"   (run took {time.perf_counter() - start:.0f} s)", flush=True)
+        ablation = {}
+        for k, variant in enumerate(v for v in args.ablation.split(";") if v.strip()):
+            overrides = dict(item.split("=") for item in variant.split(","))
+            try:
+                ablation[variant] = run_ours(args, dataset_name, os.path.join(tmp, f"ablation-{k}"), **overrides)["img_per_s"]
+                print(f"ablation  ours with {variant:28s} {ablation[variant]:10.1f} img/s", flush=True)
+            except Exception as e:  # one failing variant must not lose the others
+                print(f"ablation  ours with {variant}: failed ({type(e).__name__}: {e})", flush=True)
     reset_accelerate()
 
     ours, ref = statistics.median(results["ours"]), statistics.median(results["reference"])
     ratios = [o / f for o, f in zip(results["ours"], results["reference"])]
     print()
     print(f"model {args.model} ({flops / 1e9:.2f} GFLOP/img per training step), global batch {args.batch}, precision {args.precision}, {describe_device(args.device)}")
-    print(f"data {dataset_name}; reference transforms: {transforms}; {args.rounds} rounds x {args.intervals} x {args.steps} timed steps")
+    print(f"data {shown}; reference transforms: {transforms}; {args.rounds} rounds x {args.intervals} x {args.steps} timed steps")
     header = f"| {'loop':34s} | {'img/s (median)':>14s} | {'runs':>24s} |" + (" MFU |" if on_cuda else "")
     print(header)
     print("|" + "-" * 36 + "|" + "-" * 16 + "|" + "-" * 26 + "|" + ("-----|" if on_cuda else ""))
@@ -167,11 +189,20 @@ def main(argv=None) -> dict:
         runs = ", ".join(f"{v:.1f}" for v in results[key])
         mfu = f" {100 * value * flops / (args.peak_tflops * 1e12):.0f}% |" if on_cuda else ""
         print(f"| {label:34s} | {value:14.1f} | {runs:>24s} |{mfu}")
+    for variant, value in ablation.items():
+        mfu = f" {100 * value * flops / (args.peak_tflops * 1e12):.0f}% |" if on_cuda else ""
+        print(f"| {'ours, ' + variant:34s} | {value:14.1f} | {'1 run':>24s} |{mfu}")
     print(f"ratio ours / reference: {ours / ref:.2f}x (per round: {', '.join(f'{x:.2f}' for x in ratios)})")
+    cpu_ratios = [o / f for o, f in zip(cpu_results["ours"], cpu_results["reference"])]
+    cpu_ours, cpu_ref = statistics.median(cpu_results["ours"]), statistics.median(cpu_results["reference"])
+    if not on_cuda:
+        print(f"per second of this process's CPU time (less sensitive to other load on a shared CPU): ours {cpu_ours:.1f}, "
+              f"reference {cpu_ref:.1f} img/s, ratio {cpu_ours / cpu_ref:.2f}x (per round: {', '.join(f'{x:.2f}' for x in cpu_ratios)})")
     summary = {
-        "model": args.model, "batch": args.batch, "precision": args.precision, "device": describe_device(args.device), "dataset": dataset_name,
+        "model": args.model, "batch": args.batch, "precision": args.precision, "device": describe_device(args.device), "dataset": shown,
         "reference_transforms": transforms, "flops_per_image": flops, "ours_img_per_s": results["ours"], "reference_img_per_s": results["reference"],
-        "ratio_median": ours / ref, "ratio_per_round": ratios,
+        "ratio_median": ours / ref, "ratio_per_round": ratios, "ours_cpu_img_per_s": cpu_results["ours"],
+        "reference_cpu_img_per_s": cpu_results["reference"], "cpu_ratio_median": cpu_ours / cpu_ref, "ablation_img_per_s": ablation, "threads": torch.get_num_threads(),
     }
     if on_cuda:
         summary["mfu_ours"] = ours * flops / (args.peak_tflops * 1e12)

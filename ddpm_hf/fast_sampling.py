@@ -217,10 +217,12 @@ class _NoiseStream:
     randn_tensor. Host draws bound for a CUDA device are made ahead by a thread into pinned memory.
     """
 
-    def __init__(self, sizes: list[int], sample_shape: tuple, generator: torch.Generator | None, device: torch.device, prefetch: int = 3):
+    def __init__(self, sizes: list[int], sample_shape: tuple, generator: torch.Generator | None, device: torch.device, prefetch: int = 3,
+                 threaded: bool | None = None):
         self.sizes, self.shape, self.generator, self.device = sizes, tuple(sample_shape), generator, device
         self.draw_device = generator.device if generator is not None else device
-        self.threaded = self.draw_device.type == "cpu" and device.type == "cuda"
+        self.threaded = (self.draw_device.type == "cpu" and device.type == "cuda") if threaded is None else threaded
+        self.pin = self.threaded and device.type == "cuda"
         self._iter: Iterator[torch.Tensor]
         if self.threaded:
             self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -236,7 +238,7 @@ class _NoiseStream:
             for n in self.sizes:
                 if self._stop.is_set():
                     return
-                buffer = torch.empty((n, *self.shape), dtype=torch.float32, pin_memory=True)
+                buffer = torch.empty((n, *self.shape), dtype=torch.float32, pin_memory=self.pin)
                 torch.randn((n, *self.shape), generator=self.generator, dtype=torch.float32, out=buffer)
                 self._queue.put(buffer)
         except BaseException as e:  # surfaced in the consuming thread
@@ -327,6 +329,8 @@ class FastSampler:
         if self._use_graphs and self.device.type != "cuda":
             self._use_graphs = False
             self.cuda_graphs_status = f"not used: CUDA graphs need a CUDA device, this sampler runs on {self.device.type}"
+            if cuda_graphs not in ("auto",):  # asked for explicitly: say why it is off
+                warnings.warn(f"cuda_graphs: {self.cuda_graphs_status}; sampling without them.", UserWarning, stacklevel=2)
         elif self._use_graphs:
             self.cuda_graphs_status = "on (captured per batch shape at first use)"
         self._graphs: dict[int, tuple] = {}
@@ -399,6 +403,22 @@ class FastSampler:
 
     # ---- sampling --------------------------------------------------------------------------------
 
+    def sample_shape(self) -> tuple:
+        """C x H x W of one image."""
+        config = self.unet.config
+        size = (config.sample_size, config.sample_size) if isinstance(config.sample_size, int) else tuple(config.sample_size)
+        return (config.in_channels, *size)
+
+    @torch.no_grad()
+    def warmup(self, batch_size: int) -> None:
+        """Compile and capture for this batch shape now, rather than inside the first `sample` call."""
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            self.model_output(torch.zeros((batch_size, *self.sample_shape()), device=self.device), 0)
+        finally:
+            self.unet.train(was_training)
+
     def noise_sizes(self, num_images: int, batch_size: int | None = None) -> list[int]:
         """The sizes of the noise draws, in order: per batch, x_T, then one per step that adds noise."""
         batch_size = batch_size or num_images
@@ -416,9 +436,7 @@ class FastSampler:
         if output_type not in ("pt", "np", "pil"):
             raise UserError(f"output_type {output_type!r}: choose pt, np or pil.")
         batch_size = min(batch_size or num_images, num_images)
-        config = self.unet.config
-        size = (config.sample_size, config.sample_size) if isinstance(config.sample_size, int) else tuple(config.sample_size)
-        sample_shape = (config.in_channels, *size)
+        sample_shape = self.sample_shape()
         was_training = self.unet.training
         self.unet.eval()
         noise = _NoiseStream(self.noise_sizes(num_images, batch_size), sample_shape, generator, self.device)

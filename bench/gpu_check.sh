@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The prepared GPU check of issue 5: every speed benchmark with the paper UNet on one GPU (an H200), in
+# about 8 minutes. Run from the repository root through the device tool (bench/README.md says how):
+#
+#     COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh     # results in $OUT (default /tmp/ddpm-gpu-check)
+#
+# Needs .whl/ (diffusers, datasets and the two packages the GPU image lacks, plus one CIFAR-10 shard in
+# .whl/cifar10/): see bench/README.md. Each stage has its own time limit, so one slow stage cannot eat
+# the others' time; every stage's output goes to $OUT/gpu_check.log and its figures to $OUT/<stage>.json.
+set -u
+OUT=${OUT:-/tmp/ddpm-gpu-check}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+T0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - T0 )); }
+
+# ---- packages: carried wheels into a private site folder -----------------------------------------
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache   # shared by the stages: later compiles of the same graphs hit it
+# SMOKE=1: the same stages at toy sizes on whatever device there is (checks the script itself on a CPU).
+if [ "${SMOKE:-0}" = 1 ]; then
+    MODEL=tiny TRAIN_BATCH=8 TRAIN_STEPS=2 SAMPLE_BATCH=4 SAMPLE_STEPS=4 DATA_DEVICE=cpu DATA_ROUNDS=1 MAX_SAMPLES=500 LIMIT_SCALE=4
+    SAMPLE_VARIANTS="fp32,bf16,bf16+graphs"
+else
+    MODEL=ddpm-cifar10 TRAIN_BATCH=128 TRAIN_STEPS=100 SAMPLE_BATCH=1000 SAMPLE_STEPS=200 DATA_DEVICE=cuda DATA_ROUNDS=3 MAX_SAMPLES=10000 LIMIT_SCALE=1
+    SAMPLE_VARIANTS="fp32,bf16,bf16+compile,bf16+compile+graphs,bf16+compile+graphs+devgen"
+fi
+DATA=.whl/cifar10; [ -d ../shared/data/cifar10 ] && DATA=../shared/data/cifar10; [ -d "$DATA" ] || DATA=builtin:cifar10-1k
+
+echo "=== environment (t=$(elapsed)s) commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+date -u
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+python3 - <<'EOF' | tee "$OUT/env.txt"
+import importlib, platform, os
+import torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda, "| cudnn", torch.backends.cudnn.version())
+print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "none", "| cpus", os.cpu_count())
+for name in ("diffusers", "datasets", "accelerate", "transformers", "huggingface_hub", "pyarrow", "fsspec", "torchvision", "triton"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name} {getattr(module, '__version__', '?')}")
+    except Exception as e:
+        print(f"{name}: NOT IMPORTABLE ({type(e).__name__}: {e})")
+EOF
+echo "data: $DATA"
+
+stage() {  # stage NAME LIMIT_SECONDS COMMAND...
+    local name=$1 limit=$(( $2 * LIMIT_SCALE )); shift 2
+    echo; echo "=== $name (limit ${limit}s, t=$(elapsed)s): $*"
+    timeout --signal=INT --kill-after=15 "$limit" "$@"
+    echo "=== $name: exit $? after $(elapsed)s in all"
+}
+
+# ---- 1. CUDA-only tests: graphs == eager, no host sync per step, CPU-generator images == stock ------
+stage tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_speed_paths.py -k "cuda or bit_for_bit or ddim or compile_failure"
+
+# ---- 2. training: ours vs the diffusers-example-style loop, paper UNet, batch 128, bf16 -----------
+# 2 alternating rounds of 2 x 100 timed steps each (our first 100 steps, with compilation, are dropped),
+# then one run of ours without compile and one without channels_last, to see whether each wins.
+stage train 250 python3 bench/train_throughput.py --model $MODEL --batch $TRAIN_BATCH --precision bf16 --steps $TRAIN_STEPS --intervals 2 \
+    --rounds 2 --dataset "$DATA" --max_train_samples $MAX_SAMPLES --ablation "compile=no;channels_last=no" --json "$OUT/train.json"
+
+# ---- 3. sampling: ours vs stock DDPMPipeline (fp32), paper UNet, batch 1000 ------------------------
+# 200 steps of the 1000-step schedule: the UNet is the same at every step, so images/s of the full
+# 1000-step chain are these divided by 5 for both. Variants show what bf16, compile and graphs each add.
+stage sample 200 python3 bench/sample_throughput.py --model $MODEL --batch $SAMPLE_BATCH --steps $SAMPLE_STEPS --rounds 1 \
+    --variants "$SAMPLE_VARIANTS" --json "$OUT/sample.json"
+
+# ---- 4. data path: batches built on the GPU vs the per-sample PIL path -----------------------------
+stage data 45 python3 bench/data_throughput.py --dataset "$DATA" --max_images $MAX_SAMPLES --batch 128 --rounds $DATA_ROUNDS \
+    --device $DATA_DEVICE --json "$OUT/data.json"
+
+echo; echo "=== done in $(elapsed)s; files in $OUT:"; ls -la "$OUT"
