@@ -314,6 +314,9 @@ class ImageBatches:
         self.num_images = images.shape[0]
         # In-memory datasets move to the device once; memory-mapped ones stay on the host.
         self.images = images if keep_on_host else images.to(device)
+        # Both orientations side by side: a flipped image is then just another row to gather, which is
+        # several times faster than flipping a batch (bench/data_throughput.py). Costs a second copy.
+        self._with_flips = torch.cat([self.images, self.images.flip(3)]) if random_flip and not keep_on_host and images.numel() <= 4e9 else None
         self.seed = seed
         self.random_flip = random_flip
         self.device = device
@@ -339,7 +342,10 @@ class ImageBatches:
     def batch(self, start: int, size: int) -> torch.Tensor:
         """Float images in [-1, 1], size x 3 x R x R, on the device; flips drawn from the global RNG."""
         index = self.indices(start, size)
-        images = self.images[index].to(self.device, non_blocking=True)
+        if self._with_flips is not None:
+            flip = torch.rand(size, device=self.device) < 0.5
+            return to_model_range(self._with_flips.index_select(0, index + flip.long() * self.num_images))
+        images = self.images.index_select(0, index).to(self.device, non_blocking=True)
         if self.random_flip:
             flip = torch.rand(size, device=self.device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(3), images)

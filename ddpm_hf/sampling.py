@@ -60,7 +60,14 @@ def run_sample(args) -> None:
     total_steps = pipeline.scheduler.config.num_train_timesteps
     if args.steps > total_steps:
         raise UserError(f"--steps {args.steps} exceeds the model's {total_steps} training timesteps.")
-    images = generate(pipeline, args.num_images, args.steps, args.seed, args.batch_size)
+    if args.fast:
+        from .fast_sampling import fast_generate
+
+        images = fast_generate(pipeline, args.num_images, args.steps, args.seed, args.batch_size, dtype=args.dtype, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    else:
+        if args.dtype != "fp32":
+            raise UserError("--dtype bf16 needs --fast.")
+        images = generate(pipeline, args.num_images, args.steps, args.seed, args.batch_size)
     rows, cols = grid_shape(args.num_images)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
@@ -85,4 +92,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--save_individual", action="store_true", help="Also write each image into a folder named after --out.")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
+    parser.add_argument("--fast", action="store_true", help="Keep the whole chain on the device (ddpm_hf.fast_sampling): the same images as without it in fp32.")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="With --fast: run the UNet under bf16 autocast.")
+    parser.add_argument("--compile", default="auto", choices=["auto", "yes", "no"], help="With --fast: torch.compile the UNet ('auto': on CUDA); falls back with a warning.")
+    parser.add_argument("--cuda_graphs", default="auto", choices=["auto", "yes", "no"], help="With --fast: replay the UNet call as a CUDA graph ('auto': on CUDA).")
     parser.set_defaults(func=run_sample)

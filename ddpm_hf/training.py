@@ -343,14 +343,18 @@ def train(config: TrainingConfig) -> TrainingResult:
     # ---- Optimizer and LR schedule, counted in optimizer steps -----------------------------------
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon, weight_decay=config.weight_decay, fused=device.type == "cuda",
+        eps=config.adam_epsilon, weight_decay=config.weight_decay, fused=device.type in ("cuda", "cpu"),  # fused: one kernel per step (bench/RESULTS.md)
     )
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process per call, which
     # shortens warm-up by the number of GPUs. We step it once per optimizer step ourselves.
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_train_steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     if _use_feature(config.compile, device):
-        accelerator.unwrap_model(unet).compile()
+        model = accelerator.unwrap_model(unet)
+        example = torch.zeros((micro_batch, model.config.in_channels, config.resolution, config.resolution), device=device)
+        if _use_feature(config.channels_last, device):
+            example = example.contiguous(memory_format=torch.channels_last)
+        _compile_or_fall_back(model, example, torch.zeros(micro_batch, dtype=torch.long, device=device), accelerator.autocast)
 
     step = 0
     if resume_path is not None:
@@ -525,6 +529,26 @@ def train(config: TrainingConfig) -> TrainingResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainingResult(output_dir=config.output_dir, step=step, stopped_early=step < config.max_train_steps)
+
+
+def _compile_or_fall_back(model, example: torch.Tensor, timesteps: torch.Tensor, autocast) -> bool:
+    """torch.compile `model` in place and run one forward/backward on `example`, so that a failure (no C++
+    compiler or Triton, an unsupported platform) shows now: warn and train eagerly instead."""
+    import warnings
+
+    model.compile()
+    try:
+        with autocast():
+            output = model(example, timesteps).sample
+        output.float().square().mean().backward()
+        return True
+    except Exception as error:
+        model._compiled_call_impl = None  # set by nn.Module.compile(): back to the eager forward
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"torch.compile failed ({type(error).__name__}: {first_line}); training without it (--compile no skips the attempt).", RuntimeWarning)
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 def _best_fid_so_far(output_dir: str) -> float | None:

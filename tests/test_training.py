@@ -172,3 +172,31 @@ def test_training_writes_loss_and_progress_figures(trained_output):
     for name in ("loss.png", "progress.png"):
         image = np.asarray(Image.open(trained_output / name).convert("L"), dtype=np.float64)
         assert image.shape[0] > 100 and image.shape[1] > 100 and image.var() > 10
+
+
+def test_sample_fast_writes_the_same_grid(trained_output, tmp_path):
+    from ddpm_hf.cli import main
+
+    plain, fast = tmp_path / "plain.png", tmp_path / "fast.png"
+    common = ["sample", "--model", str(trained_output), "--num_images", "4", "--steps", "5", "--batch_size", "3", "--device", "cpu"]
+    assert main([*common, "--out", str(plain)]) == 0
+    assert main([*common, "--fast", "--out", str(fast)]) == 0
+    assert plain.read_bytes() == fast.read_bytes()
+
+
+def test_training_compile_failure_falls_back_with_a_warning(tmp_path, micro_unet_config, train_in_process, monkeypatch):
+    options = dict(max_train_steps=2, dropout=0.0)
+    train_in_process(**quick_options(tmp_path / "plain", micro_unet_config, compile="no", **options))
+
+    def failing_compile(fn, *args, **kwargs):
+        def compiled(*a, **k):
+            raise RuntimeError("InductorError: no C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        train_in_process(**quick_options(tmp_path / "fallback", micro_unet_config, compile="yes", **options))
+    a = load_file(str(tmp_path / "plain" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "fallback" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
