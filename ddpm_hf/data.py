@@ -228,11 +228,20 @@ def decode_images(
     column_data = dataset.select_columns([column])
 
     size_gb = count * 3 * resolution * resolution / 1e9
-    if size_gb <= max_in_memory_gb:
-        storage = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
+    memory_mapped = size_gb > max_in_memory_gb
+    cache_path = _decoded_cache_path(dataset, column, resolution, on_corrupt)
+    cached = _load_decoded(cache_path, memory_mapped)
+    if cached is not None:  # decoded by an earlier run: start-up skips the decoding
+        storage, skipped, upscaled = cached
+        _warn_about(skipped, upscaled, count, len(storage), resolution)
+        return _as_decoded_images(storage, skipped, upscaled, memory_mapped)
+    partial_path = cache_path + ".partial.npy"
+    if memory_mapped:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        storage = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.uint8, shape=(count, resolution, resolution, 3))
+        logger.info("dataset is %.1f GB decoded: memory-mapping it from %s", size_gb, cache_path)
     else:
-        storage = np.lib.format.open_memmap(_memmap_path(dataset, column, resolution), mode="w+", dtype=np.uint8, shape=(count, resolution, resolution, 3))
-        logger.info("dataset is %.1f GB decoded: memory-mapping it from %s", size_gb, storage.filename)
+        storage = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
 
     kept, skipped, upscaled = 0, [], 0
     for row, item in enumerate(tqdm(column_data, total=count, desc="Decoding images", disable=not progress, unit="img")):
@@ -251,15 +260,80 @@ def decode_images(
         kept += 1
     if kept == 0:
         raise UserError(f"none of the {count} images could be decoded. Check --dataset and --image_column.")
+    _warn_about(skipped, upscaled, count, kept, resolution)
+    storage = _save_decoded(storage, kept, partial_path, cache_path, skipped, upscaled, memory_mapped)
+    return _as_decoded_images(storage, skipped, upscaled, memory_mapped)
+
+
+def _warn_about(skipped: list[int], upscaled: int, count: int, kept: int, resolution: int) -> None:
     if skipped:
         warnings.warn(f"skipped {len(skipped)} of {count} images that could not be decoded (rows {skipped[:10]}{'...' if len(skipped) > 10 else ''}).")
     if upscaled:
         warnings.warn(f"{upscaled} of {kept} images are smaller than --resolution {resolution} and were upscaled; they will look blurry.")
-    memory_mapped = isinstance(storage, np.memmap)
-    images = torch.from_numpy(storage[:kept]).permute(0, 3, 1, 2)
+
+
+def _as_decoded_images(storage: np.ndarray, skipped: list[int], upscaled: int, memory_mapped: bool) -> DecodedImages:
+    images = torch.from_numpy(storage).permute(0, 3, 1, 2)
     if not memory_mapped:
         images = images.contiguous()
     return DecodedImages(images=images, skipped_rows=skipped, upscaled=upscaled, memory_mapped=memory_mapped)
+
+
+# The decoded cache: <cache>/decoded/<key>.npy (N x R x R x 3 uint8) and <key>.json, written last, so that a
+# file without its .json (a run killed while decoding) is never read. The key is the dataset's fingerprint,
+# which `datasets` derives from the data files, plus every setting that changes the decoded pixels.
+
+
+def _decoded_cache_path(dataset, column: str, resolution: int, on_corrupt: str) -> str:
+    from huggingface_hub.constants import HF_HOME
+
+    key = hashlib.sha256(f"{dataset._fingerprint}-{column}-{resolution}-{on_corrupt}-v1".encode()).hexdigest()[:24]
+    folder = os.path.join(os.environ.get("DDPM_HF_CACHE", os.path.join(HF_HOME, "ddpm_hf")), "decoded")
+    return os.path.join(folder, key)
+
+
+def _load_decoded(cache_path: str, memory_mapped: bool):
+    import json
+
+    try:
+        with open(cache_path + ".json") as f:
+            meta = json.load(f)
+        storage = np.load(cache_path + ".npy", mmap_mode="c" if memory_mapped else None, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if storage.shape[0] != meta["kept"]:
+        return None
+    return storage, meta["skipped_rows"], meta["upscaled"]
+
+
+def _save_decoded(storage: np.ndarray, kept: int, partial_path: str, cache_path: str, skipped: list[int], upscaled: int, memory_mapped: bool) -> np.ndarray:
+    """Keep the decoded images for the next run; a cache that cannot be written only costs that speed-up."""
+    import json
+
+    try:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        if memory_mapped:
+            storage.flush()
+            del storage
+            if kept < np.load(partial_path, mmap_mode="r").shape[0]:  # skipped rows: keep only the decoded ones
+                full = np.load(partial_path, mmap_mode="r")
+                np.save(partial_path + ".trim.npy", full[:kept])
+                del full
+                os.replace(partial_path + ".trim.npy", partial_path)
+        else:
+            storage = storage[:kept]
+            np.save(partial_path, storage)
+        os.replace(partial_path, cache_path + ".npy")
+        with open(cache_path + ".json.partial", "w") as f:
+            json.dump({"kept": kept, "skipped_rows": skipped, "upscaled": upscaled}, f)
+        os.replace(cache_path + ".json.partial", cache_path + ".json")
+    except OSError as e:
+        warnings.warn(f"could not cache the decoded images in {os.path.dirname(cache_path)} ({e}); the next run decodes them again.")
+        if memory_mapped:
+            raise UserError(f"could not write the memory-mapped dataset to {os.path.dirname(cache_path)} ({e}). Free disk space, set DDPM_HF_CACHE, or raise --max_in_memory_gb.") from None
+    if memory_mapped:
+        return np.load(cache_path + ".npy", mmap_mode="c")
+    return storage
 
 
 def _open_image(value):
@@ -280,15 +354,6 @@ def _open_image(value):
     if isinstance(value, np.ndarray):
         return Image.fromarray(value)
     raise ValueError(f"unsupported image value of type {type(value).__name__}")
-
-
-def _memmap_path(dataset, column: str, resolution: int) -> str:
-    from huggingface_hub.constants import HF_HOME
-
-    key = hashlib.sha256(f"{dataset._fingerprint}-{column}-{resolution}".encode()).hexdigest()[:16]
-    folder = os.path.join(os.environ.get("DDPM_HF_CACHE", os.path.join(HF_HOME, "ddpm_hf")), "decoded")
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f"{key}.npy")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,3 +99,17 @@ def quick_options(output_dir, model_config, **overrides):
     )
     options.update(overrides)
     return options
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_decode_cache(tmp_path_factory):
+    """Decoded datasets are cached per user (ddpm_hf/data.py); tests keep theirs in a temporary folder."""
+    import os
+
+    previous = os.environ.get("DDPM_HF_CACHE")
+    os.environ["DDPM_HF_CACHE"] = str(tmp_path_factory.mktemp("ddpm_hf_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DDPM_HF_CACHE", None)
+    else:
+        os.environ["DDPM_HF_CACHE"] = previous

@@ -173,3 +173,36 @@ def _png_bytes(image):
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_decoded_images_are_cached_for_the_next_run(tmp_path, monkeypatch):
+    import ddpm_hf.data as data
+
+    monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path))
+    dataset = load_image_dataset("builtin:cifar10-1k").select(range(12))
+    first = decode_images(dataset, 16, progress=False)
+    assert len(list((tmp_path / "decoded").glob("*.json"))) == 1
+
+    def no_decoding(value):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(data, "_open_image", no_decoding)
+    again = decode_images(dataset, 16, progress=False)
+    assert torch.equal(first.images, again.images)
+    with pytest.raises(UserError, match="decoded again"):
+        decode_images(dataset, 8, progress=False)  # another resolution is another cache entry: decoded anew
+    # a run killed while decoding leaves no .json: that file is never read
+    (tmp_path / "decoded" / "orphan.npy").write_bytes(b"\x93NUMPY")
+    assert data._load_decoded(str(tmp_path / "decoded" / "orphan"), False) is None
+
+
+def test_memory_mapped_decoding_with_a_skipped_row(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path))
+    good = {"bytes": _png_bytes(_image("RGB", (8, 8))), "path": None}
+    dataset = datasets.Dataset.from_dict({"img": [good, {"bytes": b"broken", "path": None}, good]}, features=datasets.Features({"img": datasets.Image()}))
+    with pytest.warns(UserWarning, match="skipped 1 of 3"):
+        mapped = decode_images(dataset, 8, on_corrupt="skip", max_in_memory_gb=0.0, progress=False)
+    assert mapped.memory_mapped and mapped.images.shape == (2, 3, 8, 8) and mapped.skipped_rows == [1]
+    with pytest.warns(UserWarning, match="skipped 1 of 3"):  # from the cache, with the same warning
+        again = decode_images(dataset, 8, on_corrupt="skip", max_in_memory_gb=0.0, progress=False)
+    assert torch.equal(again.images, mapped.images)
