@@ -296,13 +296,19 @@ def train(config: TrainingConfig) -> TrainingResult:
     from .visualize import write_training_figures
 
     # ---- Accelerate, output folder ---------------------------------------------------------------
+    # Without a GPU, Accelerate only joins a torchrun/accelerate process group when told it runs on the CPU.
+    on_cpu_only = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()) and not torch.backends.mps.is_available()
     accelerator = Accelerator(
+        cpu=on_cpu_only,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")),
     )
     device = accelerator.device
+    launched_processes = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if launched_processes != accelerator.num_processes:  # each process would train alone and overwrite the others
+        raise UserError(f"launched as {launched_processes} processes, but Accelerate sees {accelerator.num_processes}. Launch with `accelerate launch` or torchrun and a matching accelerate config.")
     micro_batch = per_process_batch_size(config, accelerator.num_processes)
     resume_path = resolve_resume_path(config)
     check_output_dir(config, resuming=resume_path is not None)
