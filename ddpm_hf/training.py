@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import signal
@@ -203,6 +202,8 @@ def sample_grid(unet, scheduler, num_images: int, num_inference_steps: int, seed
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
     from diffusers.utils import make_image_grid
 
+    from .sampling import grid_shape
+
     was_training = unet.training
     unet.eval()
     if sampler == "auto":
@@ -215,10 +216,7 @@ def sample_grid(unet, scheduler, num_images: int, num_inference_steps: int, seed
     generator = torch.Generator("cpu").manual_seed(seed)
     images = pipeline(batch_size=num_images, generator=generator, num_inference_steps=num_inference_steps).images
     unet.train(was_training)
-    rows = int(math.sqrt(num_images))
-    while num_images % rows:
-        rows -= 1
-    return make_image_grid(images, rows=rows, cols=num_images // rows)
+    return make_image_grid(images, *grid_shape(num_images))
 
 
 # ---------------------------------------------------------------------------------------------
