@@ -43,8 +43,6 @@ def builtin_datasets() -> dict[str, str]:
 
 def load_image_dataset(name: str, split: str = "train", config_name: str | None = None):
     """Return the `datasets.Dataset` that `--dataset name --split split` means."""
-    import datasets
-
     if name.startswith(BUILTIN_DATASET_PREFIX):
         available = builtin_datasets()
         key = name[len(BUILTIN_DATASET_PREFIX):]
@@ -314,12 +312,10 @@ def _save_decoded(storage: np.ndarray, kept: int, partial_path: str, cache_path:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         if memory_mapped:
             storage.flush()
-            del storage
-            if kept < np.load(partial_path, mmap_mode="r").shape[0]:  # skipped rows: keep only the decoded ones
-                full = np.load(partial_path, mmap_mode="r")
-                np.save(partial_path + ".trim.npy", full[:kept])
-                del full
+            if kept < storage.shape[0]:  # skipped rows: keep only the decoded ones
+                np.save(partial_path + ".trim.npy", storage[:kept])
                 os.replace(partial_path + ".trim.npy", partial_path)
+            del storage
         else:
             storage = storage[:kept]
             np.save(partial_path, storage)

@@ -333,7 +333,8 @@ def train(config: TrainingConfig) -> TrainingResult:
         check_resolution(config.resolution, len(unet.config.block_out_channels))
     else:
         unet = build_unet(config.model, config.resolution, config.model_config, config.dropout)
-    if _use_feature(config.channels_last, device):
+    use_channels_last = _use_feature(config.channels_last, device)
+    if use_channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     loss_fn = DDPMLoss(noise_scheduler.alphas_cumprod.to(device), config.prediction_type)
     unet.to(device)
@@ -356,7 +357,7 @@ def train(config: TrainingConfig) -> TrainingResult:
     if _use_feature(config.compile, device):
         model = accelerator.unwrap_model(unet)
         example = torch.zeros((micro_batch, model.config.in_channels, config.resolution, config.resolution), device=device)
-        if _use_feature(config.channels_last, device):
+        if use_channels_last:
             example = example.contiguous(memory_format=torch.channels_last)
         _compile_or_fall_back(model, example, torch.zeros(micro_batch, dtype=torch.long, device=device), accelerator.autocast)
 
@@ -440,7 +441,7 @@ def train(config: TrainingConfig) -> TrainingResult:
                 torch.manual_seed(_step_seed(config.seed, step, micro_step, accelerator.process_index))
                 start = step * config.train_batch_size + (micro_step * accelerator.num_processes + accelerator.process_index) * micro_batch
                 x_0 = batches.batch(start, micro_batch)
-                if _use_feature(config.channels_last, device):
+                if use_channels_last:
                     x_0 = x_0.contiguous(memory_format=torch.channels_last)
                 with accelerator.accumulate(unet):
                     with accelerator.autocast():
