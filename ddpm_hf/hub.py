@@ -81,7 +81,8 @@ _STEP_RE = re.compile(r"step_(\d+)\.png$")
 
 
 def default_custom_pipeline_file() -> Optional[Path]:
-    """`pipelines/ddpm_trajectory.py` of this package's source tree (or `ddpm_hf/pipelines/`), if present."""
+    """The custom pipeline file: `ddpm_hf/pipelines/` in an installed wheel (setup.cfg maps `pipelines/` there),
+    `pipelines/` beside the package in a source checkout or editable install; None if neither has it."""
     package = Path(__file__).resolve().parent
     for candidate in (package / "pipelines" / CUSTOM_PIPELINE_FILENAME, package.parent / "pipelines" / CUSTOM_PIPELINE_FILENAME):
         if candidate.is_file():

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -123,6 +124,34 @@ def test_files_to_upload_is_exactly_the_allowed_set(tmp_path):
         grid.unlink()
     assert set(files_to_upload(output_dir)) == EXPECTED_FILES - {"eval.json", "samples/step_0000600.png"}
     assert "checkpoints/*" not in ALLOWED and "logs/*" not in ALLOWED
+
+
+def test_a_wheel_install_ships_the_custom_pipeline(tmp_path):
+    # A non-editable install has no pipelines/ beside the package: setup.cfg maps it into the wheel as
+    # ddpm_hf/pipelines/, where default_custom_pipeline_file() looks first.
+    pytest.importorskip("setuptools")
+    source, wheel_dir, site = tmp_path / "source", tmp_path / "wheel", tmp_path / "site"
+    # Build from a copy: setuptools writes build/ and *.egg-info beside the sources.
+    for folder in ("ddpm_hf", "pipelines"):
+        shutil.copytree(REPO_ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for file in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / file, source / file)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir)],
+        check=True, capture_output=True, cwd=tmp_path,
+    )
+    (wheel,) = wheel_dir.glob("ddpm_hf-*.whl")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", str(wheel), "--no-deps", "-q", "--target", str(site)],
+        check=True, capture_output=True, cwd=tmp_path,
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", "from ddpm_hf.hub import default_custom_pipeline_file as f; print(f())"],
+        check=True, capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    ).stdout.strip()
+    assert Path(found) == site / "ddpm_hf" / "pipelines" / CUSTOM_PIPELINE_FILENAME
+    assert Path(found).read_bytes() == (REPO_ROOT / "pipelines" / CUSTOM_PIPELINE_FILENAME).read_bytes()
 
 
 def test_push_uploads_only_the_allowed_files(hub_server, tmp_path):
