@@ -236,10 +236,11 @@ def decode_images(
     partial_path = cache_path + ".partial.npy"
     if memory_mapped:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        storage = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.uint8, shape=(count, resolution, resolution, 3))
+        storage = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.uint8, shape=(count, 3, resolution, resolution))
         logger.info("dataset is %.1f GB decoded: memory-mapping it from %s", size_gb, cache_path)
     else:
-        storage = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
+        # Stored channels-first, as the model reads it: loading the cache is then a plain read, no transpose.
+        storage = np.empty((count, 3, resolution, resolution), dtype=np.uint8)
 
     kept, skipped, upscaled = 0, [], 0
     for row, item in enumerate(tqdm(column_data, total=count, desc="Decoding images", disable=not progress, unit="img")):
@@ -254,7 +255,7 @@ def decode_images(
             raise UserError(f"row {row} of the dataset holds an image that cannot be decoded ({type(e).__name__}: {e}). Fix or drop it, or pass --on_corrupt_image skip.") from None
         if min(image.size) < resolution:
             upscaled += 1
-        storage[kept] = np.asarray(resize_and_crop(to_rgb(image), resolution))
+        storage[kept] = np.asarray(resize_and_crop(to_rgb(image), resolution)).transpose(2, 0, 1)
         kept += 1
     if kept == 0:
         raise UserError(f"none of the {count} images could be decoded. Check --dataset and --image_column.")
@@ -271,13 +272,11 @@ def _warn_about(skipped: list[int], upscaled: int, count: int, kept: int, resolu
 
 
 def _as_decoded_images(storage: np.ndarray, skipped: list[int], upscaled: int, memory_mapped: bool) -> DecodedImages:
-    images = torch.from_numpy(storage).permute(0, 3, 1, 2)
-    if not memory_mapped:
-        images = images.contiguous()
+    images = torch.from_numpy(storage)  # N x 3 x R x R already: no copy
     return DecodedImages(images=images, skipped_rows=skipped, upscaled=upscaled, memory_mapped=memory_mapped)
 
 
-# The decoded cache: <cache>/decoded/<key>.npy (N x R x R x 3 uint8) and <key>.json, written last, so that a
+# The decoded cache: <cache>/decoded/<key>.npy (N x 3 x R x R uint8) and <key>.json, written last, so that a
 # file without its .json (a run killed while decoding) is never read. The key is the dataset's fingerprint,
 # which `datasets` derives from the data files, plus every setting that changes the decoded pixels.
 
@@ -285,7 +284,7 @@ def _as_decoded_images(storage: np.ndarray, skipped: list[int], upscaled: int, m
 def _decoded_cache_path(dataset, column: str, resolution: int, on_corrupt: str) -> str:
     from huggingface_hub.constants import HF_HOME
 
-    key = hashlib.sha256(f"{dataset._fingerprint}-{column}-{resolution}-{on_corrupt}-v1".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{dataset._fingerprint}-{column}-{resolution}-{on_corrupt}-v2".encode()).hexdigest()[:24]
     folder = os.path.join(os.environ.get("DDPM_HF_CACHE", os.path.join(HF_HOME, "ddpm_hf")), "decoded")
     return os.path.join(folder, key)
 
@@ -299,7 +298,7 @@ def _load_decoded(cache_path: str, memory_mapped: bool):
         storage = np.load(cache_path + ".npy", mmap_mode="c" if memory_mapped else None, allow_pickle=False)
     except (OSError, ValueError):
         return None
-    if storage.shape[0] != meta["kept"]:
+    if storage.ndim != 4 or storage.shape[:2] != (meta["kept"], 3):
         return None
     return storage, meta["skipped_rows"], meta["upscaled"]
 
@@ -372,12 +371,18 @@ class ImageBatches:
     """
 
     def __init__(self, images: torch.Tensor, seed: int, random_flip: bool, device: torch.device, keep_on_host: bool = False):
-        self.num_images = images.shape[0]
+        self.num_images = n = images.shape[0]
         # In-memory datasets move to the device once; memory-mapped ones stay on the host.
         self.images = images if keep_on_host else images.to(device)
-        # Both orientations side by side: a flipped image is then just another row to gather, which is
-        # several times faster than flipping a batch (bench/data_throughput.py). Costs a second copy.
-        self._with_flips = torch.cat([self.images, self.images.flip(3)]) if random_flip and not keep_on_host and images.numel() <= 4e9 else None
+        self._with_flips = None
+        if random_flip and not keep_on_host and images.numel() <= 4e9:
+            # Both orientations side by side: a flipped image is then just another row to gather, which is
+            # several times faster than flipping a batch (bench/data_throughput.py). Filled in place, and
+            # self.images becomes its first half, so this costs one extra copy of the data, not two.
+            self._with_flips = torch.empty((2 * n, *images.shape[1:]), dtype=images.dtype, device=device)
+            self._with_flips[:n] = self.images
+            self._with_flips[n:] = self.images.flip(3)
+            self.images = self._with_flips[:n]
         self.seed = seed
         self.random_flip = random_flip
         self.device = device
