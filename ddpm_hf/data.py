@@ -41,48 +41,51 @@ def builtin_datasets() -> dict[str, str]:
     return {os.path.splitext(p.name)[0]: str(p) for p in assets.iterdir() if p.name.endswith(".parquet")}
 
 
-def load_image_dataset(name: str, split: str = "train", config_name: str | None = None):
-    """Return the `datasets.Dataset` that `--dataset name --split split` means."""
+def load_image_dataset(name: str, split: str = "train", config_name: str | None = None, option: str = "--dataset"):
+    """Return the `datasets.Dataset` that `--dataset name --split split` means.
+
+    `option` is how error messages name the argument (`PATH_A`, `--reference`, ...).
+    """
     if name.startswith(BUILTIN_DATASET_PREFIX):
         available = builtin_datasets()
         key = name[len(BUILTIN_DATASET_PREFIX):]
         if key not in available:
-            raise UserError(f"--dataset {name}: no such built-in dataset. Built-in: {', '.join(BUILTIN_DATASET_PREFIX + k for k in available)}.")
-        return _load_parquet_files({split: [available[key]]}, split, name)
+            raise UserError(f"{option} {name}: no such built-in dataset. Built-in: {', '.join(BUILTIN_DATASET_PREFIX + k for k in available)}.")
+        return _load_parquet_files({split: [available[key]]}, split, name, option)
 
     path = os.path.expanduser(name)
     if os.path.isfile(path):
         if not path.endswith(".parquet"):
-            raise UserError(f"--dataset {name} is a file but not a .parquet file. Pass a parquet file, or a folder of images or parquet files.")
-        return _load_parquet_files({split: [path]}, split, name)
+            raise UserError(f"{option} {name} is a file but not a .parquet file. Pass a parquet file, or a folder of images or parquet files.")
+        return _load_parquet_files({split: [path]}, split, name, option)
     if os.path.isdir(path):
-        return _load_local_folder(path, split, name)
+        return _load_local_folder(path, split, name, option)
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1) or not _HUB_ID.match(name):
-        raise UserError(f"--dataset {name}: no such file or folder. Check the path, or give a Hub dataset id like uoft-cs/cifar10.")
-    return _load_hub_dataset(name, split, config_name)
+        raise UserError(f"{option} {name}: no such file or folder. Check the path, or give a Hub dataset id like uoft-cs/cifar10.")
+    return _load_hub_dataset(name, split, config_name, option)
 
 
-def _load_local_folder(path: str, split: str, name: str):
+def _load_local_folder(path: str, split: str, name: str, option: str):
     import datasets
 
     if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
         loaded = datasets.load_from_disk(path)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise UserError(f"--dataset {name} has no split {split!r}; it has: {', '.join(loaded)}. Pass --split NAME.")
+                raise UserError(f"{option} {name} has no split {split!r}; it has: {', '.join(loaded)}. Pass --split NAME.")
             return loaded[split]
         return loaded
 
     parquet_files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
     if parquet_files:
-        return _load_parquet_files(_group_by_split(parquet_files, path), split, name)
+        return _load_parquet_files(_group_by_split(parquet_files, path), split, name, option)
 
     has_images = any(f.lower().endswith(_IMAGE_EXTENSIONS) for _, _, files in os.walk(path) for f in files)
     if not has_images:
-        raise UserError(f"--dataset {name} holds no images, parquet files or save_to_disk dataset. Point it at a folder of images or parquet files.")
+        raise UserError(f"{option} {name} holds no images, parquet files or save_to_disk dataset. Point it at a folder of images or parquet files.")
     loaded = datasets.load_dataset("imagefolder", data_dir=path)
     if split not in loaded:
-        raise UserError(f"--dataset {name} has no split {split!r}; it has: {', '.join(loaded)}. Pass --split NAME.")
+        raise UserError(f"{option} {name} has no split {split!r}; it has: {', '.join(loaded)}. Pass --split NAME.")
     return loaded[split]
 
 
@@ -104,38 +107,38 @@ def _group_by_split(files: list[str], root: str) -> dict[str, list[str]]:
     return groups
 
 
-def _load_parquet_files(groups: dict[str, list[str]], split: str, name: str):
+def _load_parquet_files(groups: dict[str, list[str]], split: str, name: str, option: str):
     import datasets
 
     if split not in groups:
-        raise UserError(f"--dataset {name} has no split {split!r}; it has: {', '.join(sorted(groups))}. Pass --split NAME.")
+        raise UserError(f"{option} {name} has no split {split!r}; it has: {', '.join(sorted(groups))}. Pass --split NAME.")
     return datasets.load_dataset("parquet", data_files={split: groups[split]}, split=split)
 
 
-def _load_hub_dataset(repo_id: str, split: str, config_name: str | None):
+def _load_hub_dataset(repo_id: str, split: str, config_name: str | None, option: str):
     import datasets
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-    offline_hint = "With no network, download it elsewhere and pass --dataset PATH (a folder of parquet files or images, or a save_to_disk folder)."
+    offline_hint = f"With no network, download it elsewhere and give {option} a local path (a folder of parquet files or images, or a save_to_disk folder)."
     if not huggingface_hub.constants.HF_HUB_OFFLINE:
         # Fail in seconds, not after the datasets library's retries, when the Hub cannot be reached.
         try:
             huggingface_hub.HfApi().dataset_info(repo_id, timeout=10)
         except RepositoryNotFoundError:
-            raise UserError(f"--dataset {repo_id}: no such dataset on the Hub (or it is private: log in with `hf auth login`). Check the id, or pass --dataset PATH.") from None
+            raise UserError(f"{option} {repo_id}: no such dataset on the Hub (or it is private: log in with `hf auth login`). Check the id, or give {option} a local path.") from None
         except HfHubHTTPError as e:
-            raise UserError(f"--dataset {repo_id}: the Hub answered {e.response.status_code if e.response is not None else 'an error'}. {offline_hint}") from None
+            raise UserError(f"{option} {repo_id}: the Hub answered {e.response.status_code if e.response is not None else 'an error'}. {offline_hint}") from None
         except Exception as e:  # connection refused, DNS failure, timeout...
-            raise UserError(f"--dataset {repo_id}: cannot reach the Hugging Face Hub ({type(e).__name__}). {offline_hint}") from None
+            raise UserError(f"{option} {repo_id}: cannot reach the Hugging Face Hub ({type(e).__name__}). {offline_hint}") from None
     try:
         return datasets.load_dataset(repo_id, config_name, split=split)
     except ValueError as e:
         if "split" in str(e).lower():
-            raise UserError(f"--dataset {repo_id}: {e} Pass --split NAME.") from None
+            raise UserError(f"{option} {repo_id}: {e} Pass --split NAME.") from None
         raise
     except (ConnectionError, OSError) as e:
-        raise UserError(f"--dataset {repo_id}: could not download it ({type(e).__name__}). {offline_hint}") from None
+        raise UserError(f"{option} {repo_id}: could not download it ({type(e).__name__}). {offline_hint}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,7 +153,7 @@ class FIDEvaluator:
             self.reference = compute_statistics(reference, batch_size, keep_features=keep_features, progress=progress, desc="Reference features", extractor=self.extractor)
         elif isinstance(reference, (str, os.PathLike)):
             self.reference = resolve_statistics(
-                os.fspath(reference), reference_split, resolution, batch_size, keep_features=keep_features, progress=progress, extractor=self.extractor
+                os.fspath(reference), reference_split, resolution, batch_size, keep_features=keep_features, progress=progress, extractor=self.extractor, option="--reference"
             )
         else:
             raise TypeError(f"reference must be uint8 images, FIDStatistics or a path/name, not {type(reference).__name__}")
@@ -499,10 +499,11 @@ def run_evaluate(args) -> None:
 
 def run_fid(args) -> None:
     stats = []
-    for source, split in ((args.path_a, args.split), (args.path_b, args.split_b or args.split)):
+    for option, source, split in (("PATH_A", args.path_a, args.split), ("PATH_B", args.path_b, args.split_b or args.split)):
         stats.append(
             resolve_statistics(
-                source, split, args.resolution, args.batch_size, args.device, args.max_images, args.image_column, keep_features=KID_FEATURES if args.kid else 0, write_cache=False
+                source, split, args.resolution, args.batch_size, args.device, args.max_images, args.image_column,
+                keep_features=KID_FEATURES if args.kid else 0, write_cache=False, option=option,
             )
         )
     line = f"FID: {fid_from_statistics(*stats):.4f}"

@@ -459,7 +459,13 @@ def load_image_folder(path: str, resolution: int | None = None, max_images: int 
 
 
 def load_dataset_images(
-    dataset: str, split: str = "train", resolution: int | None = None, image_column: str | None = None, max_images: int | None = None, progress: bool = True
+    dataset: str,
+    split: str = "train",
+    resolution: int | None = None,
+    image_column: str | None = None,
+    max_images: int | None = None,
+    progress: bool = True,
+    option: str = "--dataset",
 ) -> torch.Tensor:
     """A dataset (Hub id, parquet file/folder, save_to_disk folder, builtin:...) decoded to uint8 N x 3 x R x R.
 
@@ -467,7 +473,7 @@ def load_dataset_images(
     """
     from .data import _open_image, decode_images, find_image_column, load_image_dataset
 
-    data = load_image_dataset(dataset, split)
+    data = load_image_dataset(dataset, split, option=option)
     if max_images is not None:
         if max_images > len(data):
             raise UserError(f"--max_images {max_images}: {dataset} ({split}) has only {len(data)} images.")
@@ -481,11 +487,19 @@ def load_dataset_images(
     return decode_images(data, resolution, image_column=image_column, progress=progress).images
 
 
-def load_images(source: str, split: str = "train", resolution: int | None = None, max_images: int | None = None, image_column: str | None = None, progress: bool = True) -> torch.Tensor:
+def load_images(
+    source: str,
+    split: str = "train",
+    resolution: int | None = None,
+    max_images: int | None = None,
+    image_column: str | None = None,
+    progress: bool = True,
+    option: str = "--dataset",
+) -> torch.Tensor:
     """uint8 images of a folder of images or of a dataset (anything `--dataset` accepts)."""
     if is_image_folder(source):
         return load_image_folder(source, resolution, max_images, progress)
-    return load_dataset_images(source, split, resolution, image_column, max_images, progress)
+    return load_dataset_images(source, split, resolution, image_column, max_images, progress, option)
 
 
 def resolve_statistics(
@@ -502,11 +516,13 @@ def resolve_statistics(
     extractor: InceptionFeatures | None = None,
     name: str | None = None,
     recompute: bool = False,
+    option: str = "--dataset",
 ) -> FIDStatistics:
     """Statistics of a `.npz` file, a reference alias (cifar10-train), a dataset (cached) or an image folder (not cached).
 
     Dataset statistics are cached under (dataset, split, resolution, protocol); `name` files them under
-    another dataset name (e.g. the Hub id of a local copy); `recompute` ignores the cache.
+    another dataset name (e.g. the Hub id of a local copy); `recompute` ignores the cache; `option` is how
+    error messages name `source` (`PATH_A`, `--reference`, ...).
     """
     if source.endswith(".npz"):
         return FIDStatistics.load(os.path.expanduser(source))
@@ -525,7 +541,7 @@ def resolve_statistics(
             stats = FIDStatistics.load(cached)
             if keep_features <= 0 or (stats.features is not None and len(stats.features) >= min(keep_features, stats.num_images)):
                 return stats
-    images = load_dataset_images(source, split, resolution, image_column, max_images, progress)
+    images = load_dataset_images(source, split, resolution, image_column, max_images, progress, option)
     resolution = int(images.shape[-1])
     info = dict(source=dataset_identity(source), split=split, resolution=resolution, max_images=max_images)
     if name is not None:

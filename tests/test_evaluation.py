@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,12 @@ def test_command_line_mistakes_are_user_errors(tmp_path):
         fid.FIDStatistics.load(str(tmp_path / "missing.npz"))
     with pytest.raises(UserError, match="holds 32x32 images"):
         fid.resolve_statistics("cifar10-train", resolution=64)
+    # a missing path is named as the user gave it: a positional PATH_A, or --reference of `evaluate`
+    missing = str(tmp_path / "no-such-folder")
+    with pytest.raises(UserError, match=f"^PATH_A {re.escape(missing)}: no such file or folder"):
+        cli("fid", missing, missing)
+    with pytest.raises(UserError, match=f"^--reference {re.escape(missing)}: no such file or folder"):
+        evaluation.FIDEvaluator(missing, device="cpu")
     assert evaluation.parse_sweep("ddpm:1000, ddim:50") == [("ddpm", 1000), ("ddim", 50)]
     assert evaluation.default_output_dir("google/ddpm-cifar10-32") == "eval-google--ddpm-cifar10-32"
     assert evaluation.default_output_dir(str(tmp_path)) == str(tmp_path)
