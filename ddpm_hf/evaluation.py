@@ -24,6 +24,7 @@ import torch
 from .errors import UserError
 from .fid import (
     ALIAS_RESOLUTIONS,
+    FEATURE_DIM,
     PROTOCOL,
     PROTOCOL_DESCRIPTION,
     REFERENCE_ALIASES,
@@ -512,7 +513,11 @@ def run_fid(args) -> None:
             raise UserError("--kid needs features of both sets; a statistics file without features (from `ddpm-hf fid-stats --keep_features 0`) has none.")
         mean, std = kernel_inception_distance(stats[0].features, stats[1].features)
         line += f"  KID: {mean:.5f} +- {std:.5f}"
-    print(line)
+    counts = [s.num_images for s in stats]
+    print(f"{line}  ({counts[0]:,} vs {counts[1]:,} images)")
+    if min(counts) < FEATURE_DIM:
+        # Below D images the covariance has rank < D and FID's small-sample bias is large.
+        print(f"note: fewer than {FEATURE_DIM} images in a set: FID is strongly biased upwards. Compare it only between sets of equal size; papers use 50,000 samples.")
 
 
 def run_fid_stats(args) -> None:
