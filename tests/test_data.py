@@ -187,7 +187,7 @@ def test_decoded_images_are_cached_for_the_next_run(tmp_path, monkeypatch):
         raise AssertionError("decoded again instead of reading the cache")
 
     # the pixels are PIL's, channels first (R, G, B), whether decoded now or read from the cache
-    expected = torch.stack([torch.from_numpy(np.asarray(resize_and_crop(to_rgb(item["img"]), 16))).permute(2, 0, 1) for item in dataset])
+    expected = torch.stack([torch.from_numpy(np.array(resize_and_crop(to_rgb(item["img"]), 16))).permute(2, 0, 1) for item in dataset])
     assert torch.equal(first.images, expected)
     monkeypatch.setattr(data, "_open_image", no_decoding)
     again = decode_images(dataset, 16, progress=False)
