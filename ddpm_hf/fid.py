@@ -526,11 +526,12 @@ def resolve_statistics(
     """
     if source.endswith(".npz"):
         return FIDStatistics.load(os.path.expanduser(source))
+    alias = None
     if source in REFERENCE_ALIASES:
         native = ALIAS_RESOLUTIONS[source]
         if resolution is not None and resolution != native:
             raise UserError(f"the reference {source} holds {native}x{native} images but the images to compare are {resolution}x{resolution}. Pass --reference with a dataset or statistics at {resolution}x{resolution}.")
-        source, split, resolution = *REFERENCE_ALIASES[source], native
+        alias, (source, split), resolution = source, REFERENCE_ALIASES[source], native
     if is_image_folder(source):
         images = load_image_folder(source, resolution, max_images, progress)
         info = dict(source=os.path.abspath(os.path.expanduser(source)), resolution=int(images.shape[-1]))
@@ -541,7 +542,15 @@ def resolve_statistics(
             stats = FIDStatistics.load(cached)
             if keep_features <= 0 or (stats.features is not None and len(stats.features) >= min(keep_features, stats.num_images)):
                 return stats
-    images = load_dataset_images(source, split, resolution, image_column, max_images, progress, option)
+    try:
+        images = load_dataset_images(source, split, resolution, image_column, max_images, progress, option)
+    except UserError as error:
+        if alias is None:
+            raise
+        raise UserError(
+            f"{option} {alias} is {source} ({split}), whose statistics are not cached. {error} "
+            f"Or cache them once from a local copy: ddpm-hf fid-stats --dataset PATH --split {split} --name {source}"
+        ) from None
     resolution = int(images.shape[-1])
     info = dict(source=dataset_identity(source), split=split, resolution=resolution, max_images=max_images)
     if name is not None:

@@ -318,6 +318,15 @@ def test_command_line_mistakes_are_user_errors(tmp_path):
     assert evaluation.default_output_dir(str(tmp_path)) == str(tmp_path)
 
 
+def test_an_uncached_reference_alias_offline_says_how_to_cache_it(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(UserError, match=r"^--reference cifar10-train is uoft-cs/cifar10 \(train\), whose statistics are not cached\..*cannot reach.*ddpm-hf fid-stats --dataset PATH --split train --name uoft-cs/cifar10$"):
+        fid.resolve_statistics("cifar10-train", option="--reference")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bits per dimension
 # ---------------------------------------------------------------------------------------------
