@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         f"fid_noise{n['noise']}_vs_{train}": fid_from_statistics(stats["noise"], stats["train"]),
         f"kid_test{n['test']}_vs_{train}": kid(features["test"], features["train"]),
         f"kid_noise{n['noise']}_vs_{train}": kid(features["noise"], features["train"]),
-        "seconds_features": seconds,
+        "seconds_features_this_run": seconds,  # a resumed run counts only the features it computed itself
         "device": str(extractor.device),
     }
     with open(os.path.join(work, "calibration.json" if complete else "calibration-partial.json"), "w") as f:

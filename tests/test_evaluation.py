@@ -441,3 +441,23 @@ def test_subcommands_are_registered_with_ddpm_hf():
     assert parser.parse_args(["evaluate", "--model", "m"]).func is evaluation.run_evaluate
     assert parser.parse_args(["fid", "a", "b"]).func is evaluation.run_fid
     assert parser.parse_args(["fid-stats", "--dataset", "d"]).func is evaluation.run_fid_stats
+
+
+def test_the_documented_calibration_is_the_recorded_run_of_todays_protocol():
+    """README and docs/evaluation.md quote docs/fid_calibration.json (scripts/fid_calibration.py's output)."""
+    root = Path(__file__).resolve().parents[1]
+    record = json.loads((root / "docs" / "fid_calibration.json").read_text())
+    assert record["complete"] and record["num_features"] == {"test": 10000, "noise": 1000, "train": 50000}
+    # Numbers of another protocol (network, resize, scaling) would not describe what the code computes now.
+    assert record["protocol"] == fid.PROTOCOL and record["protocol_description"] == fid.PROTOCOL_DESCRIPTION
+    rows = {
+        "test 10k vs train 50k": f"{record['fid_test10000_vs_train50000']:.2f}",
+        "random 10k of train vs train 50k": f"{record['fid_train_random10000_vs_train50000']:.2f}",
+        "1,000 Gaussian-noise images vs train 50k": f"{record['fid_noise1000_vs_train50000']:.1f}",
+    }
+    assert float(rows["test 10k vs train 50k"]) < 10 and float(rows["random 10k of train vs train 50k"]) < 10
+    assert float(rows["1,000 Gaussian-noise images vs train 50k"]) > 100
+    for document in ("README.md", "docs/evaluation.md"):
+        text = (root / document).read_text()
+        for row, value in rows.items():
+            assert f"| {row} | **{value}** |" in text, (document, row, value)
