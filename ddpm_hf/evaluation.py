@@ -461,6 +461,14 @@ def evaluate_nll(
 # ---------------------------------------------------------------------------------------------
 
 
+def note_small_sample_bias(num_images: int) -> None:
+    """FID is biased upwards, the more so the fewer the images: say so where a number could mislead."""
+    if num_images < FEATURE_DIM:  # below D images the covariance has rank < D: the bias is large
+        print(f"note: fewer than {FEATURE_DIM} images in a set: FID is strongly biased upwards. Compare it only between sets of equal size; papers use 50,000 samples.")
+    elif num_images < 50_000:
+        print(f"note: {num_images:,} samples give a higher FID than the 50,000 papers use: compare only with FIDs of {num_images:,} samples.")
+
+
 def run_evaluate(args) -> None:
     output_dir = args.output or default_output_dir(args.model)
     if args.sweep is not None:
@@ -471,6 +479,7 @@ def run_evaluate(args) -> None:
         paths = write_sweep(results, output_dir, f"FID vs sampling cost: {os.path.basename(os.path.normpath(args.model))}")
         write_eval_json(output_dir, {"runs": results}, section="sweep")
         print(sweep_table(sweep_rows(results)))
+        note_small_sample_bias(args.num_samples)
         print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']} and {os.path.join(output_dir, 'eval.json')}")
         return
     if args.metric == "nll":
@@ -495,6 +504,7 @@ def run_evaluate(args) -> None:
         f"vs {reference['dataset']} {reference['split']} [{reference['num_images']} images]; "
         f"{result['timing']['sampling_and_features_seconds']:.0f} s)"
     )
+    note_small_sample_bias(result["num_samples"])
     print(f"wrote {path}")
 
 
@@ -515,9 +525,7 @@ def run_fid(args) -> None:
         line += f"  KID: {mean:.5f} +- {std:.5f}"
     counts = [s.num_images for s in stats]
     print(f"{line}  ({counts[0]:,} vs {counts[1]:,} images)")
-    if min(counts) < FEATURE_DIM:
-        # Below D images the covariance has rank < D and FID's small-sample bias is large.
-        print(f"note: fewer than {FEATURE_DIM} images in a set: FID is strongly biased upwards. Compare it only between sets of equal size; papers use 50,000 samples.")
+    note_small_sample_bias(min(counts))
 
 
 def run_fid_stats(args) -> None:

@@ -293,7 +293,8 @@ def test_evaluate_fid_writes_eval_json_into_the_model_folder(tmp_path, capsys):
     assert result["reference"] == str(reference) and result["reference_details"]["num_images"] == 6
     assert result["protocol"] == fid.PROTOCOL and result["timing"]["sampling_and_features_seconds"] > 0
     assert result["nll"] == {"bits_per_dim": 3.7}  # other sections are kept
-    assert "FID" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FID" in out and "strongly biased" in out  # 4 samples: the caveat is printed
 
 
 def test_command_line_mistakes_are_user_errors(tmp_path):
@@ -461,3 +462,12 @@ def test_the_documented_calibration_is_the_recorded_run_of_todays_protocol():
         text = (root / document).read_text()
         for row, value in rows.items():
             assert f"| {row} | **{value}** |" in text, (document, row, value)
+
+
+def test_the_small_sample_caveat_matches_the_sample_count(capsys):
+    evaluation.note_small_sample_bias(100)
+    assert "fewer than 2048 images" in capsys.readouterr().out
+    evaluation.note_small_sample_bias(10_000)
+    assert "compare only with FIDs of 10,000 samples" in capsys.readouterr().out
+    evaluation.note_small_sample_bias(50_000)
+    assert capsys.readouterr().out == ""
