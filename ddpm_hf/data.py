@@ -375,17 +375,18 @@ class ImageBatches:
 
     def __init__(self, images: torch.Tensor, seed: int, random_flip: bool, device: torch.device, keep_on_host: bool = False):
         self.num_images = n = images.shape[0]
-        # In-memory datasets move to the device once; memory-mapped ones stay on the host.
-        self.images = images if keep_on_host else images.to(device)
         self._with_flips = None
         if random_flip and not keep_on_host and images.numel() <= 4e9:
             # Both orientations side by side: a flipped image is then just another row to gather, which is
-            # several times faster than flipping a batch (bench/data_throughput.py). Filled in place, and
-            # self.images becomes its first half, so this costs one extra copy of the data, not two.
+            # several times faster than flipping a batch (bench/data_throughput.py). The images move to the
+            # device straight into the first half, which self.images is: one extra copy of the data, not two.
             self._with_flips = torch.empty((2 * n, *images.shape[1:]), dtype=images.dtype, device=device)
-            self._with_flips[:n] = self.images
-            self._with_flips[n:] = self.images.flip(3)
+            self._with_flips[:n] = images
+            self._with_flips[n:] = self._with_flips[:n].flip(3)
             self.images = self._with_flips[:n]
+        else:
+            # In-memory datasets move to the device once; memory-mapped ones stay on the host.
+            self.images = images if keep_on_host else images.to(device)
         self.seed = seed
         self.random_flip = random_flip
         self.device = device
