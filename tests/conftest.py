@@ -1,4 +1,33 @@
+import contextlib
+
 import pytest
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test: on tiny tensors it is as fast, and two threads fighting over two busy
+    cores are several times slower."""
+    with _one_intra_op_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """`one_thread` for a whole module, its module-scoped fixtures included."""
+    with _one_intra_op_thread():
+        yield
 
 
 @pytest.fixture

@@ -40,13 +40,7 @@ def _tiny_unet() -> UNet2DModel:
     ).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """The model is tiny: one intra-op thread is as fast and avoids stalls on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

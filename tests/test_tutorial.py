@@ -119,15 +119,6 @@ def assert_not_blank(path: str) -> None:
     assert ((rgb.max(axis=-1) - rgb.min(axis=-1)) > 40).mean() > 0.001, f"{path} has labels but (almost) nothing drawn"
 
 
-@pytest.fixture
-def one_thread():
-    """Two threads fighting over two busy cores are several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_tutorial_runs_prints_what_it_shows_and_draws_every_picture(tmp_path, monkeypatch, one_thread):
     from ddpm_hf import config

@@ -16,13 +16,7 @@ from ddpm_hf import visualize
 from ddpm_hf.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads fighting over two busy cores are several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def png_size(path) -> tuple[int, int]:
