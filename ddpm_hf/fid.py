@@ -487,21 +487,6 @@ def load_dataset_images(
     return decode_images(data, resolution, image_column=image_column, progress=progress).images
 
 
-def load_images(
-    source: str,
-    split: str = "train",
-    resolution: int | None = None,
-    max_images: int | None = None,
-    image_column: str | None = None,
-    progress: bool = True,
-    option: str = "--dataset",
-) -> torch.Tensor:
-    """uint8 images of a folder of images or of a dataset (anything `--dataset` accepts)."""
-    if is_image_folder(source):
-        return load_image_folder(source, resolution, max_images, progress)
-    return load_dataset_images(source, split, resolution, image_column, max_images, progress, option)
-
-
 def resolve_statistics(
     source: str,
     split: str = "train",
