@@ -1,12 +1,23 @@
 """ddpm-hf: train Denoising Diffusion Probabilistic Models (Ho et al. 2020) with diffusers and Accelerate.
 
-Where things happen:
-    config.py     every hyper-parameter (a dataclass), presets, YAML/CLI parsing
-    data.py       datasets -> decoded uint8 tensor -> batches in [-1, 1] on the training device
-    models.py     the UNet architectures and the DDPMScheduler
-    losses.py     the forward process q(x_t | x_0) and the training objective
-    training.py   the Accelerate loop: where the model learns, is checkpointed and saved
-    sampling.py   `ddpm-hf sample`: images from a saved pipeline
+The core, in the order data flows (read these first):
+    config.py       every training option as plain data (a dataclass with each option's bounds), presets
+    data.py         where data flows in: dataset -> decoded uint8 tensor -> batches in [-1, 1] on the device
+    models.py       the UNet architectures and the DDPMScheduler (models and schedulers stay separate)
+    losses.py       the forward process q(x_t | x_0) and the objective L_simple
+    training.py     where the model learns: the Accelerate loop, checkpoints, the saved pipeline
+    run_folder.py   what a run leaves on disk (OUTPUT_DIR) and the one reader/writer of each file there
+    sampling.py     the one sampler factory and sampling loop; `ddpm-hf sample`
+
+The tools around a trained pipeline (`ddpm-hf COMMAND`, registered in cli.py):
+    evaluation.py   `evaluate`, `fid`, `fid-stats` (fid.py: Inception features; nll.py: bits/dim)
+    hub.py          `push`, the model card and pushes during training
+    visualize.py    `visualize`, the loss and progress figures (mistakes.py: the tutorial's four mistakes)
+    fast_sampling.py  `sample --fast`: the reverse chain kept on the device
+
+Heavy packages (diffusers, datasets, accelerate, transformers, matplotlib) are imported inside the functions
+that use them, not at the top of a module: `ddpm-hf --help`, a bad option or a config check then answers in
+about a second instead of the several seconds those imports take.
 """
 
 __version__ = "0.1.0"

@@ -3,6 +3,10 @@
 Precedence, lowest first: the dataclass defaults, the chosen `--preset`, a `--config file.yaml`,
 then command-line flags. `parse_training_config()` applies it; `TrainingConfig.to_json_dict()` is what
 lands in `OUTPUT_DIR/training_config.json` (the Hub token never does).
+
+Everything known about an option sits on its field (see `option`): the help text, the bounds of a number,
+whether a continued run may change it, and what kind of path it names. `validate()`, `non_resumable_changes()`
+and the README's table (scripts/options_table.py) read it from there.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -22,99 +28,128 @@ from .errors import UserError
 BUILTIN_DATASET_PREFIX = "builtin:"
 
 
-def _help(text: str, **kwargs) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+# The kinds of path an option can name. validate() checks "file" (must exist) and "output" (a folder that exists
+# or can be created, without creating it); the data, model and checkpoint code check the other kinds when they load.
+PATH_KINDS = ("file", "output", "dataset", "pipeline", "checkpoint")
+
+SEED_MAX = 2**32 - 1  # numpy's (hence accelerate's set_seed) limit
+
+
+def option(
+    help: str,
+    *,
+    default: Any,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    resumable: bool = False,
+    path: str | None = None,
+) -> Any:
+    """A TrainingConfig field and its metadata, all plain data in `field.metadata`:
+
+    help        the --help text (and the README's table)
+    gt/ge/lt/le bounds of a number: greater than, greater or equal, less than, less or equal (None: unbounded)
+    resumable   True if a run continued in the same OUTPUT_DIR may change it without becoming another run
+    path        what kind of path the option names, one of PATH_KINDS, or None
+    """
+    if (gt is not None and ge is not None) or (lt is not None and le is not None):
+        raise ValueError("give at most one lower bound (gt or ge) and one upper bound (lt or le)")
+    if path is not None and path not in PATH_KINDS:
+        raise ValueError(f"path must be one of {PATH_KINDS}, got {path!r}")
+    metadata = {"help": help, "gt": gt, "ge": ge, "lt": lt, "le": le, "resumable": resumable, "path": path}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainingConfig:
     # ---- run ------------------------------------------------------------------------------------
-    preset: str = _help("Defaults to start from: 'cifar10' (the DDPM paper's run) or 'quickstart'.", default="cifar10")
-    config: Optional[str] = _help("YAML file of options (keys are these option names); flags override it.", default=None)
-    output_dir: Optional[str] = _help("Where the pipeline, samples, checkpoints and logs go (default: per preset).", default=None)
-    overwrite: bool = _help("Allow writing into an existing OUTPUT_DIR that holds a run of another configuration.", default=False)
-    seed: int = _help("Seed for data order, noise, timesteps and dropout: the same seed repeats a run.", default=0)
+    preset: str = option("Defaults to start from: 'cifar10' (the DDPM paper's run) or 'quickstart'.", default="cifar10")
+    config: Optional[str] = option("YAML file of options (keys are these option names); flags override it.", default=None, path="file", resumable=True)
+    output_dir: Optional[str] = option("Where the pipeline, samples, checkpoints and logs go (default: per preset).", default=None, path="output")
+    overwrite: bool = option("Allow writing into an existing OUTPUT_DIR that holds a run of another configuration.", default=False, resumable=True)
+    seed: int = option("Seed for data order, noise, timesteps and dropout: the same seed repeats a run.", default=0, ge=0, le=SEED_MAX)
 
     # ---- data -----------------------------------------------------------------------------------
-    dataset: str = _help(
+    dataset: str = option(
         "A Hub dataset id, a folder of parquet files, an image folder, a save_to_disk folder, a parquet file, "
         "or builtin:cifar10-1k (the CIFAR-10 subset shipped with the package).",
         default="uoft-cs/cifar10",
+        path="dataset",
     )
-    dataset_config: Optional[str] = _help("Configuration name of a Hub dataset, if it has several.", default=None)
-    split: str = _help("Dataset split to train on.", default="train")
-    image_column: Optional[str] = _help("Column holding the images (default: 'img', 'image', or the only Image column).", default=None)
-    resolution: int = _help("Training resolution: images are resized on the short side, then center-cropped.", default=32)
-    random_flip: bool = _help("Random horizontal flips (the paper uses them for CIFAR-10).", default=True)
-    max_train_samples: Optional[int] = _help("Use only the first N images (for quick experiments).", default=None)
-    on_corrupt_image: Literal["error", "skip"] = _help("An image that cannot be decoded: stop naming its row, or skip it and count.", default="error")
+    dataset_config: Optional[str] = option("Configuration name of a Hub dataset, if it has several.", default=None)
+    split: str = option("Dataset split to train on.", default="train")
+    image_column: Optional[str] = option("Column holding the images (default: 'img', 'image', or the only Image column).", default=None)
+    resolution: int = option("Training resolution: images are resized on the short side, then center-cropped.", default=32, ge=1)
+    random_flip: bool = option("Random horizontal flips (the paper uses them for CIFAR-10).", default=True)
+    max_train_samples: Optional[int] = option("Use only the first N images (for quick experiments).", default=None, ge=1)
+    on_corrupt_image: Literal["error", "skip"] = option("An image that cannot be decoded: stop naming its row, or skip it and count.", default="error")
 
     # ---- model and noise schedule ---------------------------------------------------------------
-    model: str = _help("UNet architecture: 'ddpm-cifar10' (35.7M parameters, the paper's) or 'tiny' (~0.9M).", default="ddpm-cifar10")
-    model_config: Optional[str] = _help("JSON file of UNet2DModel arguments; replaces --model.", default=None)
-    dropout: Optional[float] = _help("Dropout in the UNet's residual blocks (default: the architecture's own).", default=None)
-    init_from: Optional[str] = _help("Start from the UNet weights of a saved pipeline (folder or Hub id), e.g. to fine-tune.", default=None)
-    num_train_timesteps: int = _help("T, the number of diffusion steps.", default=1000)
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = _help(
+    model: str = option("UNet architecture: 'ddpm-cifar10' (35.7M parameters, the paper's) or 'tiny' (~0.9M).", default="ddpm-cifar10")
+    model_config: Optional[str] = option("JSON file of UNet2DModel arguments; replaces --model.", default=None, path="file")
+    dropout: Optional[float] = option("Dropout in the UNet's residual blocks (default: the architecture's own).", default=None, ge=0, lt=1)
+    init_from: Optional[str] = option("Start from the UNet weights of a saved pipeline (folder or Hub id), e.g. to fine-tune.", default=None, path="pipeline")
+    num_train_timesteps: int = option("T, the number of diffusion steps.", default=1000, ge=1)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = option(
         "Noise schedule: 'linear' (the paper) or 'squaredcos_cap_v2' (cosine, Nichol & Dhariwal 2021).", default="linear"
     )
-    beta_start: float = _help("beta_1 of the linear schedule.", default=1e-4)
-    beta_end: float = _help("beta_T of the linear schedule.", default=0.02)
-    variance_type: Literal["fixed_large", "fixed_small"] = _help("Reverse-process variance: sigma_t^2 = beta_t (large) or beta-tilde_t (small).", default="fixed_large")
-    clip_sample: bool = _help("Clip the predicted x_0 to [-1, 1] when sampling.", default=True)
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = _help("What the network predicts: the noise (paper), v, or x_0.", default="epsilon")
-    timestep_spacing: Literal["leading", "trailing", "linspace"] = _help("How sampling picks K of the T timesteps.", default="leading")
+    beta_start: float = option("beta_1 of the linear schedule.", default=1e-4, gt=0, lt=1)
+    beta_end: float = option("beta_T of the linear schedule.", default=0.02, gt=0, lt=1)
+    variance_type: Literal["fixed_large", "fixed_small"] = option("Reverse-process variance: sigma_t^2 = beta_t (large) or beta-tilde_t (small).", default="fixed_large")
+    clip_sample: bool = option("Clip the predicted x_0 to [-1, 1] when sampling.", default=True)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = option("What the network predicts: the noise (paper), v, or x_0.", default="epsilon")
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = option("How sampling picks K of the T timesteps.", default="leading")
 
     # ---- optimisation ---------------------------------------------------------------------------
-    train_batch_size: int = _help("GLOBAL batch per optimizer step, over all processes and accumulation steps.", default=128)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
-    learning_rate: float = _help("Peak learning rate.", default=2e-4)
-    lr_scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant"] = _help("Learning-rate schedule, counted in optimizer steps.", default="constant_with_warmup")
-    lr_warmup_steps: int = _help("Optimizer steps of linear warm-up.", default=5000)
-    adam_beta1: float = _help("Adam beta_1.", default=0.9)
-    adam_beta2: float = _help("Adam beta_2.", default=0.999)
-    adam_epsilon: float = _help("Adam epsilon.", default=1e-8)
-    weight_decay: float = _help("Decoupled weight decay (AdamW); 0 is the paper's Adam.", default=0.0)
-    max_grad_norm: float = _help("Clip the gradient norm to this (0 turns clipping off).", default=1.0)
-    max_train_steps: int = _help("Optimizer steps to train for.", default=800_000)
-    mixed_precision: Literal["no", "fp16", "bf16"] = _help("Autocast precision; weights and EMA stay in float32.", default="no")
-    use_ema: bool = _help("Keep an exponential moving average of the weights; samples and the saved pipeline use it.", default=True)
-    ema_decay: float = _help("EMA decay (the paper: 0.9999).", default=0.9999)
-    ema_warmup: bool = _help("Ramp the EMA decay up as 1 - (1 + step/inv_gamma)^-power instead of a fixed decay.", default=False)
-    ema_inv_gamma: float = _help("inv_gamma of the EMA warm-up.", default=1.0)
-    ema_power: float = _help("power of the EMA warm-up.", default=0.75)
-    skip_nonfinite_loss: bool = _help("On a NaN/inf loss, skip the step and count it instead of stopping.", default=False)
+    train_batch_size: int = option("GLOBAL batch per optimizer step, over all processes and accumulation steps.", default=128, ge=1)
+    gradient_accumulation_steps: int = option("Micro-batches per optimizer step.", default=1, ge=1)
+    learning_rate: float = option("Peak learning rate.", default=2e-4, gt=0)
+    lr_scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant"] = option("Learning-rate schedule, counted in optimizer steps.", default="constant_with_warmup")
+    lr_warmup_steps: int = option("Optimizer steps of linear warm-up.", default=5000, ge=0)
+    adam_beta1: float = option("Adam beta_1.", default=0.9, ge=0, lt=1)
+    adam_beta2: float = option("Adam beta_2.", default=0.999, ge=0, lt=1)
+    adam_epsilon: float = option("Adam epsilon.", default=1e-8, gt=0)
+    weight_decay: float = option("Decoupled weight decay (AdamW); 0 is the paper's Adam.", default=0.0, ge=0)
+    max_grad_norm: float = option("Clip the gradient norm to this (0 turns clipping off).", default=1.0, ge=0)
+    max_train_steps: int = option("Optimizer steps to train for.", default=800_000, ge=1, resumable=True)
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("Autocast precision; weights and EMA stay in float32.", default="no")
+    use_ema: bool = option("Keep an exponential moving average of the weights; samples and the saved pipeline use it.", default=True)
+    ema_decay: float = option("EMA decay (the paper: 0.9999).", default=0.9999, ge=0, lt=1)
+    ema_warmup: bool = option("Ramp the EMA decay up as 1 - (1 + step/inv_gamma)^-power instead of a fixed decay.", default=False)
+    ema_inv_gamma: float = option("inv_gamma of the EMA warm-up.", default=1.0, gt=0)
+    ema_power: float = option("power of the EMA warm-up.", default=0.75, gt=0)
+    skip_nonfinite_loss: bool = option("On a NaN/inf loss, skip the step and count it instead of stopping.", default=False)
 
     # ---- speed ----------------------------------------------------------------------------------
-    compile: Literal["auto", "yes", "no"] = _help("torch.compile the UNet: 'auto' compiles on CUDA only.", default="auto")
-    channels_last: Literal["auto", "yes", "no"] = _help("channels_last memory format: 'auto' uses it on CUDA only.", default="auto")
-    dataloader_num_workers: int = _help("Workers for datasets too large to hold in memory.", default=4)
-    max_in_memory_gb: float = _help("Hold the decoded dataset as a uint8 tensor if it is smaller than this.", default=8.0)
+    compile: Literal["auto", "yes", "no"] = option("torch.compile the UNet: 'auto' compiles on CUDA only.", default="auto", resumable=True)
+    channels_last: Literal["auto", "yes", "no"] = option("channels_last memory format: 'auto' uses it on CUDA only.", default="auto", resumable=True)
+    max_in_memory_gb: float = option("Hold the decoded dataset as a uint8 tensor if it is smaller than this, else memory-map it.", default=8.0, gt=0, resumable=True)
 
     # ---- logging, samples, checkpoints ----------------------------------------------------------
-    logging_steps: int = _help("Log loss, lr, grad norm and img/s every N optimizer steps (one host sync per N).", default=50)
-    sample_every: int = _help("Write a sample grid every N steps (and at the end); 0 turns sampling off.", default=10_000)
-    sample_steps: int = _help("Denoising steps for the sample grid (DDIM when fewer than T).", default=100)
-    sample_scheduler: Literal["auto", "ddpm", "ddim"] = _help(
-        "Sampler of the grids: 'auto' is DDIM when --sample_steps < T, else DDPM. Briefly trained models look better with ddpm.", default="auto"
+    logging_steps: int = option("Log loss, lr, grad norm and img/s every N optimizer steps (one host sync per N).", default=50, ge=1, resumable=True)
+    sample_every: int = option("Write a sample grid every N steps (and at the end); 0 turns sampling off.", default=10_000, ge=0, resumable=True)
+    sample_steps: int = option("Denoising steps for the sample grid and --eval_every's FID.", default=100, ge=1, resumable=True)
+    sample_scheduler: Literal["auto", "ddpm", "ddim", "dpmsolver"] = option(
+        "Sampler of the grids and of --eval_every's FID (ddpm_hf.sampling.make_sampler): 'auto' is DDIM when --sample_steps < T, else DDPM. Briefly trained models look better with ddpm.", default="auto"
     )
-    num_sample_images: int = _help("Images in the sample grid.", default=64)
-    sample_seed: int = _help("Seed of the sample grid, fixed so grids over training are comparable.", default=0)
-    checkpoint_every: int = _help("Write a resumable checkpoint every N steps; 0 turns checkpoints off.", default=5000)
-    checkpoints_total_limit: Optional[int] = _help("Keep only the newest N checkpoints.", default=3)
-    resume_from_checkpoint: Optional[str] = _help("'latest' or a checkpoint folder to continue from.", default=None)
-    save_every: int = _help("Also save the pipeline every N steps (it is always saved at the end); 0: only at the end.", default=0)
+    num_sample_images: int = option("Images in the sample grid.", default=64, ge=1, resumable=True)
+    sample_seed: int = option("Seed of the sample grid, fixed so grids over training are comparable.", default=0, ge=0, le=SEED_MAX)
+    checkpoint_every: int = option("Write a resumable checkpoint every N steps; 0 turns checkpoints off.", default=5000, ge=0, resumable=True)
+    checkpoints_total_limit: Optional[int] = option("Keep only the newest N checkpoints.", default=3, ge=1, resumable=True)
+    resume_from_checkpoint: Optional[str] = option("'latest' or a checkpoint folder to continue from.", default=None, path="checkpoint", resumable=True)
+    save_every: int = option("Also save the pipeline every N steps (it is always saved at the end); 0: only at the end.", default=0, ge=0, resumable=True)
 
     # ---- Hub ------------------------------------------------------------------------------------
-    push_to_hub: bool = _help("Push the pipeline and a model card to the Hub (checked before training starts).", default=False)
-    hub_model_id: Optional[str] = _help("Hub repo to push to, 'user/name' (default: your namespace / the output folder name).", default=None)
-    hub_private_repo: bool = _help("Create the Hub repo as private.", default=False)
-    hub_token: Optional[str] = _help("Hub token (default: HF_TOKEN or `hf auth login`). Never written to disk.", default=None)
-    push_every: int = _help("Push in the background every N steps; 0: only at the end.", default=0)
+    push_to_hub: bool = option("Push the pipeline and a model card to the Hub (checked before training starts).", default=False, resumable=True)
+    hub_model_id: Optional[str] = option("Hub repo to push to, 'user/name' (default: your namespace / the output folder name).", default=None, resumable=True)
+    hub_private_repo: bool = option("Create the Hub repo as private.", default=False, resumable=True)
+    hub_token: Optional[str] = option("Hub token (default: HF_TOKEN or `hf auth login`). Never written to disk.", default=None, resumable=True)
+    push_every: int = option("Push in the background every N steps; 0: only at the end.", default=0, ge=0, resumable=True)
 
     # ---- evaluation during training -------------------------------------------------------------
-    eval_every: int = _help("Compute FID of the EMA model every N steps and keep the best pipeline in OUTPUT_DIR/best/; 0: never.", default=0)
-    eval_num_samples: int = _help("Generated images per FID evaluation during training.", default=10_000)
+    eval_every: int = option("Compute FID of the EMA model every N steps and keep the best pipeline in OUTPUT_DIR/best/; 0: never.", default=0, ge=0, resumable=True)
+    eval_num_samples: int = option("Generated images per FID evaluation during training (FID needs at least 2).", default=10_000, ge=2, resumable=True)
 
     def to_json_dict(self) -> dict:
         """The resolved configuration without secrets, as written to training_config.json."""
@@ -157,10 +192,75 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _FIELD_NAMES = {f.name for f in dataclasses.fields(TrainingConfig)}
+_TYPES = typing.get_type_hints(TrainingConfig)
+
+# Options that existed once, with why they went: a YAML file or a command line that still names one is told so.
+# A training_config.json of an older run may hold them too; `non_resumable_changes` ignores them.
+REMOVED_OPTIONS: dict[str, str] = {
+    "dataloader_num_workers": "the data is decoded into one tensor or memory map and batched by index, without DataLoader workers",
+}
+
+
+def value_type(name: str) -> Any:
+    """The type of option `name` without Optional: int, float, bool, str or a Literal[...]."""
+    hint = _TYPES[name]
+    if typing.get_origin(hint) is typing.Union:
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint
+
+
+def bounds_text(name: str) -> str | None:
+    """The valid range of a numeric option as written in messages and the README, e.g. '> 0' or 'in [0, 1)'."""
+    meta = TrainingConfig.__dataclass_fields__[name].metadata
+    low = ("(", meta["gt"]) if meta["gt"] is not None else ("[", meta["ge"]) if meta["ge"] is not None else None
+    high = (")", meta["lt"]) if meta["lt"] is not None else ("]", meta["le"]) if meta["le"] is not None else None
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f"{'>' if low[0] == '(' else '>='} {low[1]}"
+    if high:
+        return f"{'<' if high[0] == ')' else '<='} {high[1]}"
+    return None
+
+
+def _in_bounds(value: float, meta: Any) -> bool:
+    """False for NaN too, which fails every comparison."""
+    return (
+        (meta["gt"] is None or value > meta["gt"])
+        and (meta["ge"] is None or value >= meta["ge"])
+        and (meta["lt"] is None or value < meta["lt"])
+        and (meta["le"] is None or value <= meta["le"])
+    )
+
+
+def resumable_options() -> set[str]:
+    """The options marked resumable=True: a run may continue (or restart in the same OUTPUT_DIR) with other values."""
+    return {f.name for f in dataclasses.fields(TrainingConfig) if f.metadata["resumable"]}
+
+
+def non_resumable_changes(previous: dict[str, Any], current: TrainingConfig) -> list[tuple[str, Any, Any]]:
+    """(name, previous value, current value) of every option, by name, that `current` sets differently from
+    `previous` (a saved training_config.json) and that a continued run may not change. Keys of `previous` that
+    are no option (any more) are ignored; an option missing from `previous` counts as None."""
+    changes = []
+    for name, value in sorted(current.to_json_dict().items()):
+        if not TrainingConfig.__dataclass_fields__[name].metadata["resumable"] and previous.get(name) != value:
+            changes.append((name, previous.get(name), value))
+    return changes
+
+
+def _check_option_names(names: Any, where: str) -> None:
+    """Refuse removed and unknown option names; `where` starts the message, e.g. '--config run.yaml: '."""
+    for name in sorted(names):
+        if name in REMOVED_OPTIONS:
+            raise UserError(f"{where}option {name} was removed ({REMOVED_OPTIONS[name]}). Delete it.")
+    unknown = sorted(set(names) - _FIELD_NAMES)
+    if unknown:
+        raise UserError(f"{where}unknown option(s) {', '.join(unknown)}. See `train_ddpm.py --help` for the names.")
 
 
 def load_yaml_options(path: str) -> dict[str, Any]:
-    """Read a YAML file of options; unknown keys and invalid YAML are `UserError`s."""
+    """Read a YAML file of options; unknown or removed keys and invalid YAML are `UserError`s."""
     if not os.path.isfile(path):
         raise UserError(f"--config {path}: no such file. Give the path of a YAML file of options.")
     try:
@@ -174,9 +274,12 @@ def load_yaml_options(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise UserError(f"--config {path} must be a mapping of option: value, not a {type(values).__name__}.")
-    unknown = sorted(set(values) - _FIELD_NAMES - {"config"})
-    if unknown:
-        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}. See `train_ddpm.py --help` for the names.")
+    _check_option_names([str(k) for k in values], f"--config {path}: ")
+    for name, value in values.items():
+        # YAML 1.1 reads a bare yes/no as true/false: give an option whose choices are words its word back.
+        choices = typing.get_args(value_type(name)) if typing.get_origin(value_type(name)) is Literal else ()
+        if isinstance(value, bool) and ("yes" if value else "no") in choices:
+            values[name] = "yes" if value else "no"
     return values
 
 
@@ -188,23 +291,28 @@ def _pre_parse(argv: list[str]) -> tuple[str, Optional[str]]:
     return known.preset, known.config
 
 
-class _ArgumentParser:
-    """`transformers.HfArgumentParser` whose errors are one line and exit 2, like every error of ours."""
+def _argument_parser() -> argparse.ArgumentParser:
+    """`transformers.HfArgumentParser` of TrainingConfig whose errors are one-line `UserError`s (exit 2)."""
+    from transformers import HfArgumentParser
 
-    def __init__(self):
-        from transformers import HfArgumentParser
+    # HfArgumentParser passes every metadata key of a field to argparse's add_argument, which knows `help` but
+    # not our bounds: it gets a copy of TrainingConfig whose fields carry the help text only.
+    flags = dataclasses.make_dataclass(
+        "TrainingConfigFlags",
+        [(f.name, _TYPES[f.name], field(default=f.default, metadata={"help": f.metadata["help"]})) for f in dataclasses.fields(TrainingConfig)],
+    )
+    parser = HfArgumentParser(
+        flags,
+        prog="train_ddpm.py",
+        allow_abbrev=False,
+        description="Train a DDPM (Ho et al. 2020) with Accelerate; the result loads with DDPMPipeline.from_pretrained.",
+    )
 
-        self.parser = HfArgumentParser(
-            TrainingConfig,
-            prog="train_ddpm.py",
-            allow_abbrev=False,
-            description="Train a DDPM (Ho et al. 2020) with Accelerate; the result loads with DDPMPipeline.from_pretrained.",
-        )
+    def error(message: str):
+        raise UserError(f"{message}. Run `train_ddpm.py --help` for the options.")
 
-        def error(message: str):
-            raise UserError(f"{message}. Run `train_ddpm.py --help` for the options.")
-
-        self.parser.error = error
+    parser.error = error
+    return parser
 
 
 def parse_training_config(argv: Optional[list[str]] = None) -> TrainingConfig:
@@ -227,20 +335,21 @@ def parse_training_config(argv: Optional[list[str]] = None) -> TrainingConfig:
         defaults.update(yaml_values)
         defaults["config"] = config_path
 
-    parser = _ArgumentParser().parser
+    parser = _argument_parser()
     parser.set_defaults(**defaults)
-    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    namespace, unknown = parser.parse_known_args(argv)
     if unknown:
+        flags = [s.split("=", 1)[0][2:].replace("-", "_") for s in unknown if s.startswith("--")]
+        _check_option_names([name for name in flags if name in REMOVED_OPTIONS], "")
         raise UserError(f"unrecognized option(s): {' '.join(unknown)}. Run `train_ddpm.py --help` for the options.")
+    config = TrainingConfig(**vars(namespace))
     validate(config)
     return config
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainingConfig:
     """Build a config in code (tests, notebooks): preset defaults <- `values`."""
-    unknown = sorted(set(values) - _FIELD_NAMES)
-    if unknown:
-        raise UserError(f"unknown option(s) {', '.join(unknown)}.")
+    _check_option_names(values, "")
     preset = values.get("preset", "cifar10")
     if preset not in PRESETS:
         raise UserError(f"preset {preset!r}: unknown preset. Choose one of: {', '.join(PRESETS)}.")
@@ -249,23 +358,48 @@ def config_from_dict(values: dict[str, Any]) -> TrainingConfig:
     return config
 
 
+def _check_output_dir(path: str) -> None:
+    """OUTPUT_DIR is a folder we can write into, or can be made: its nearest existing ancestor is one. Creates nothing."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--output_dir {path} is a file. Choose a folder.")
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f"--output_dir {path} cannot be created: {ancestor} is a file. Choose a folder elsewhere.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {path}: {ancestor} is not writable. Choose a folder you can write to.")
+
+
 def validate(config: TrainingConfig) -> None:
-    """Range checks that do not need the data or the process group."""
-    positive = ["train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_timesteps", "resolution", "logging_steps", "sample_steps", "num_sample_images"]
-    for name in positive:
-        if getattr(config, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(config, name)}.")
-    non_negative = ["sample_every", "checkpoint_every", "save_every", "push_every", "eval_every", "lr_warmup_steps", "max_grad_norm", "weight_decay"]
-    for name in non_negative:
-        if getattr(config, name) < 0:
-            raise UserError(f"--{name} must be >= 0 (0 turns it off), got {getattr(config, name)}.")
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise UserError(f"--ema_decay must be in [0, 1), got {config.ema_decay}.")
-    if not 0.0 < config.beta_start < config.beta_end < 1.0:
+    """Check every option against its field's metadata (type, choices, bounds, paths), then the rules between
+    options. Needs neither the data nor the process group, and writes nothing."""
+    for f in dataclasses.fields(TrainingConfig):
+        name, value, meta, kind = f.name, getattr(config, f.name), f.metadata, value_type(f.name)
+        if value is None and type(None) in typing.get_args(_TYPES[name]):  # an Optional option left unset
+            continue
+        if typing.get_origin(kind) is Literal:
+            choices = typing.get_args(kind)
+            if value not in choices:
+                raise UserError(f"--{name} {value!r}: invalid choice. Choose one of: {', '.join(choices)}.")
+        elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UserError(f"--{name} must be a whole number, got {value!r}.")
+        elif kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise UserError(f"--{name} must be a finite number, got {value!r}.")
+        if kind in (int, float) and not _in_bounds(value, meta):
+            raise UserError(f"--{name} must be {bounds_text(name)}, got {value}.")
+        if meta["path"] == "file" and not (isinstance(value, str) and os.path.isfile(value)):
+            raise UserError(f"--{name} {value}: no such file. Give the path of an existing file.")
+
+    if not config.output_dir:
+        raise UserError("--output_dir is required.")
+    _check_output_dir(config.output_dir)
+    if not config.beta_start < config.beta_end:
         raise UserError(f"need 0 < --beta_start < --beta_end < 1, got {config.beta_start} and {config.beta_end}.")
     if config.sample_steps > config.num_train_timesteps:
         raise UserError(f"--sample_steps {config.sample_steps} exceeds --num_train_timesteps {config.num_train_timesteps}.")
-    if config.checkpoints_total_limit is not None and config.checkpoints_total_limit < 1:
-        raise UserError("--checkpoints_total_limit must be at least 1 (or left unset to keep all).")
-    if config.output_dir is None:
-        raise UserError("--output_dir is required.")
+    if config.sample_every or config.eval_every:  # the grids and FID sample through the one sampler factory
+        from .sampling import check_sampler_spacing, resolve_sampler
+
+        sampler, steps = resolve_sampler(config.sample_scheduler, config.sample_steps, config.num_train_timesteps, option="--sample_scheduler")
+        check_sampler_spacing(sampler, steps, config.num_train_timesteps, config.timestep_spacing, config.variance_type)

@@ -3,10 +3,11 @@
 * FID (and optionally KID) of generated samples against reference statistics, with the sampler of
   your choice: DDPM ancestral sampling (Ho et al. 2020, Alg. 2), DDIM (Song et al. 2021, eta = 0) or
   DPM-Solver++ (Lu et al. 2022). The feature network and protocol are in ddpm_hf/fid.py.
-* The variational bound in bits/dim (Ho et al. 2020, Table 2), in ddpm_hf/nll.py.
+* The variational bound in bits/dim (Ho et al. 2020, Table 1), in ddpm_hf/nll.py.
 * A sampler sweep: FID against the number of network evaluations, as a table and a plot.
 
-During training, `FIDEvaluator(reference).fid_of(ema_unet, scheduler, ...)` is what `--eval_every` calls.
+During training, --eval_every calls `fid_result`, the same code as `ddpm-hf evaluate`; samplers come from
+`ddpm_hf.sampling.make_sampler`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import os
 import platform
 import re
 import time
-from collections.abc import Iterator
 
 import torch
 
 from .errors import UserError
+from .run_folder import RunFolder
+from .sampling import SAMPLERS, TIMESTEP_SPACINGS, Sampler, generate_images, load_pipeline, make_sampler
 from .fid import (
     ALIAS_RESOLUTIONS,
     FEATURE_DIM,
@@ -39,84 +41,7 @@ from .fid import (
     resolve_statistics,
 )
 
-SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 KID_FEATURES = 5000  # feature rows kept per set for KID (subsets of 1000, as in Binkowski et al.)
-
-
-# ---------------------------------------------------------------------------------------------
-# Samplers
-# ---------------------------------------------------------------------------------------------
-
-
-def make_sampler(scheduler, name: str, timestep_spacing: str | None = None):
-    """A sampler sharing the trained noise schedule (betas, T, prediction type) of `scheduler`.
-
-    ddpm:      ancestral sampling, Ho et al. (2020) Alg. 2 (strided when K < T)
-    ddim:      Song, Meng & Ermon (2021), deterministic (eta = 0)
-    dpmsolver: DPM-Solver++(2M), Lu et al. (2022), multistep, one network evaluation per step
-    """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
-    if name not in classes:
-        raise UserError(f"--scheduler {name}: unknown sampler. Choose one of: {', '.join(SAMPLERS)}.")
-    overrides = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
-    return classes[name].from_config(scheduler.config, **overrides)
-
-
-def check_steps(sampler_name: str, steps: int | None, num_train_timesteps: int) -> int:
-    """K, the number of denoising steps: T for ddpm when not given; ddim and dpmsolver need it."""
-    if steps is None:
-        if sampler_name == "ddpm":
-            return num_train_timesteps
-        raise UserError(f"--scheduler {sampler_name} needs --steps K (e.g. 50 for ddim, 20 for dpmsolver).")
-    if not 1 <= steps <= num_train_timesteps:
-        raise UserError(f"--steps {steps} must be between 1 and the model's T = {num_train_timesteps}.")
-    return steps
-
-
-@torch.no_grad()
-def generate_images(
-    unet,
-    sampler,
-    num_images: int,
-    num_inference_steps: int,
-    seed: int = 0,
-    batch_size: int = 64,
-    progress: bool = False,
-    desc: str = "Sampling",
-) -> Iterator[torch.Tensor]:
-    """Yield batches of generated images, uint8 B x C x H x W on the CPU, quantised as a PNG would be.
-
-    One CPU generator seeded with `seed` draws x_T and every step's noise, so a seed gives the same
-    images on any device (for the same batch size).
-    """
-    from tqdm.auto import tqdm
-
-    if num_images < 1 or batch_size < 1:
-        raise UserError(f"--num_samples ({num_images}) and --batch_size ({batch_size}) must be positive.")
-    parameter = next(unet.parameters())
-    device, dtype = parameter.device, parameter.dtype
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    step_arguments = {"eta": 0.0} if type(sampler).__name__ == "DDIMScheduler" else {}
-    was_training = unet.training
-    unet.eval()
-    try:
-        with tqdm(total=num_images, desc=desc, unit="img", disable=not progress) as bar:
-            for start in range(0, num_images, batch_size):
-                count = min(batch_size, num_images - start)
-                sampler.set_timesteps(num_inference_steps, device=device)  # also resets multistep solvers
-                x = torch.randn((count, unet.config.in_channels, height, width), generator=generator).to(device, dtype)
-                x = x * sampler.init_noise_sigma
-                for t in sampler.timesteps:
-                    model_output = unet(sampler.scale_model_input(x, t), t).sample
-                    x = sampler.step(model_output, t, x, generator=generator, **step_arguments).prev_sample
-                yield ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-                bar.update(count)
-    finally:
-        unet.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,53 +84,52 @@ class FIDEvaluator:
         else:
             raise TypeError(f"reference must be uint8 images, FIDStatistics or a path/name, not {type(reference).__name__}")
 
-    def statistics_of(
-        self,
-        unet,
-        scheduler,
-        num_samples: int,
-        num_inference_steps: int | None = None,
-        seed: int = 0,
-        batch_size: int | None = None,
-        sampler: str | None = None,
-        progress: bool = False,
-        timestep_spacing: str | None = None,
-    ) -> FIDStatistics:
-        """Sample `num_samples` images and return their statistics; no image is kept in memory.
-
-        info records the sampler, steps, seed and network evaluations per image (`nfe`).
-        """
-        total_steps = scheduler.config.num_train_timesteps
-        steps = num_inference_steps or total_steps
-        sampler = sampler or ("ddpm" if steps >= total_steps else "ddim")
-        steps = check_steps(sampler, steps, total_steps)
-        sampler_object = make_sampler(scheduler, sampler, timestep_spacing)
-        sampler_object.set_timesteps(steps)
-        nfe = len(sampler_object.timesteps)
+    def statistics_of(self, unet, sampler: Sampler, num_samples: int, seed: int = 0, batch_size: int | None = None, progress: bool = False) -> FIDStatistics:
+        """Sample `num_samples` images with `sampler` (from `ddpm_hf.sampling.make_sampler`) and return their
+        statistics; no image is kept in memory. info records the sampler, steps, seed and network evaluations."""
         running = RunningStatistics(self.keep_features)
-        images = generate_images(unet, sampler_object, num_samples, steps, seed, batch_size or self.batch_size, progress, desc=f"{sampler} {steps} steps + Inception")
+        images = generate_images(unet, sampler, num_samples, seed, batch_size or self.batch_size, progress, desc=f"{sampler.describe()} + Inception")
         for batch in images:
             for start in range(0, batch.shape[0], self.batch_size):
                 running.update(self.extractor(batch[start : start + self.batch_size]))
-        info = dict(sampler=sampler, steps=steps, nfe=nfe, seed=seed, timestep_spacing=sampler_object.config.get("timestep_spacing"))
+        info = dict(sampler=sampler.name, steps=sampler.steps, nfe=sampler.nfe, seed=seed, timestep_spacing=sampler.timestep_spacing)
         return running.result(info)
 
-    def fid_of(
-        self,
-        unet,
-        scheduler,
-        num_samples: int,
-        num_inference_steps: int | None = None,
-        seed: int = 0,
-        batch_size: int | None = None,
-        sampler: str | None = None,
-        progress: bool = False,
-    ) -> float:
-        """FID of `num_samples` images from `unet` (put in eval mode while sampling; its mode is restored).
+    def fid_of(self, unet, sampler: Sampler, num_samples: int, seed: int = 0, batch_size: int | None = None, progress: bool = False) -> float:
+        """FID of `num_samples` images from `unet` (put in eval mode while sampling; its mode is restored)."""
+        return fid_from_statistics(self.statistics_of(unet, sampler, num_samples, seed, batch_size, progress), self.reference)
 
-        Samples with DDPM when num_inference_steps is None or T, else with DDIM, unless `sampler` says.
-        """
-        return fid_from_statistics(self.statistics_of(unet, scheduler, num_samples, num_inference_steps, seed, batch_size, sampler, progress), self.reference)
+
+def fid_result(
+    evaluator: FIDEvaluator, unet, sampler: Sampler, num_samples: int, seed: int = 0, batch_size: int | None = None, reference: str = "",
+    reference_split: str = "train", kid: bool = False, progress: bool = False, reference_seconds: float = 0.0,
+) -> dict:
+    """FID (and KID) of `unet`'s samples as the dict eval.json holds (see ddpm_hf/run_folder.py).
+    `ddpm-hf evaluate` and training's --eval_every both compute it here."""
+    start = time.time()
+    generated = evaluator.statistics_of(unet, sampler, num_samples, seed, batch_size, progress)
+    seconds = time.time() - start
+    result = {"fid": fid_from_statistics(generated, evaluator.reference)}
+    if kid:
+        if evaluator.reference.features is None:
+            raise UserError("--kid needs reference features, but the reference statistics hold none. Recompute them with `ddpm-hf fid-stats --keep_features 5000`, or drop --kid.")
+        result["kid"], result["kid_std"] = kernel_inception_distance(generated.features, evaluator.reference.features)
+    result.update(
+        num_samples=num_samples,
+        scheduler=sampler.name,
+        steps=sampler.steps,
+        nfe=sampler.nfe,
+        timestep_spacing=sampler.timestep_spacing,
+        batch_size=batch_size or evaluator.batch_size,
+        seed=seed,
+        reference=reference,
+        reference_details=_reference_description(evaluator.reference, reference, reference_split),
+        protocol=PROTOCOL,
+        protocol_description=PROTOCOL_DESCRIPTION,
+        timing={"reference_seconds": round(reference_seconds, 2), "sampling_and_features_seconds": round(seconds, 2), "images_per_second": round(num_samples / max(seconds, 1e-9), 2)},
+        environment=_environment(evaluator.device),
+    )
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,9 +139,7 @@ class FIDEvaluator:
 
 def load_model(model: str, device: str | None = None, revision: str | None = None):
     """(unet, scheduler) of a saved pipeline: a folder written by `save_pretrained` or a Hub id."""
-    from .sampling import load_pipeline
-
-    pipeline = load_pipeline(model, "ddpm", device, revision)
+    pipeline = load_pipeline(model, device=device, revision=revision)
     return pipeline.unet.eval(), pipeline.scheduler
 
 
@@ -226,32 +148,6 @@ def default_output_dir(model: str) -> str:
     if os.path.isdir(model):
         return model
     return f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '-', model.replace('/', '--'))}"
-
-
-EVAL_SECTIONS = ("nll", "sweep")
-
-
-def write_eval_json(output_dir: str, result: dict, section: str | None = None) -> str:
-    """Write OUTPUT/eval.json: the latest FID run at the top level (fid, num_samples, scheduler, steps,
-    reference, ...), the latest NLL bound and sampler sweep under "nll" and "sweep". Writing one part
-    keeps the others already in the file."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "eval.json")
-    contents = {}
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                contents = json.load(f)
-        except json.JSONDecodeError:
-            contents = {}
-    if section is None:
-        contents = dict(result, **{k: contents[k] for k in EVAL_SECTIONS if k in contents})
-    else:
-        contents[section] = result
-    with open(path + ".partial", "w") as f:
-        json.dump(contents, f, indent=2)
-    os.replace(path + ".partial", path)
-    return path
 
 
 def _environment(device) -> dict:
@@ -292,39 +188,12 @@ def evaluate_fid(
     started = time.time()
     device = torch.device(device) if device is not None else default_device()
     unet, scheduler = load_model(model, str(device), revision)
-    steps = check_steps(sampler, steps, scheduler.config.num_train_timesteps)
+    chosen = make_sampler(scheduler, sampler, steps, timestep_spacing)
     batch_size = batch_size or (256 if device.type == "cuda" else 32)
     evaluator = FIDEvaluator(reference, device, batch_size, reference_split, unet.config.sample_size, keep_features=KID_FEATURES if kid else 0, progress=progress)
     reference_seconds = time.time() - started
-    return _fid_with(evaluator, unet, scheduler, model, num_samples, sampler, steps, batch_size, reference, reference_split, seed, kid, progress, timestep_spacing, reference_seconds)
-
-
-def _fid_with(evaluator, unet, scheduler, model, num_samples, sampler, steps, batch_size, reference, reference_split, seed, kid, progress, timestep_spacing, reference_seconds=0.0) -> dict:
-    start = time.time()
-    generated = evaluator.statistics_of(unet, scheduler, num_samples, steps, seed, batch_size, sampler, progress, timestep_spacing)
-    seconds = time.time() - start
-    result = {"fid": fid_from_statistics(generated, evaluator.reference)}
-    if kid:
-        if evaluator.reference.features is None:
-            raise UserError("--kid needs reference features, but the reference statistics hold none. Recompute them with `ddpm-hf fid-stats --keep_features 5000`, or drop --kid.")
-        result["kid"], result["kid_std"] = kernel_inception_distance(generated.features, evaluator.reference.features)
-    result.update(
-        model=model,
-        num_samples=num_samples,
-        scheduler=sampler,
-        steps=steps,
-        nfe=generated.info["nfe"],
-        timestep_spacing=generated.info["timestep_spacing"],
-        batch_size=batch_size,
-        seed=seed,
-        reference=reference,
-        reference_details=_reference_description(evaluator.reference, reference, reference_split),
-        protocol=PROTOCOL,
-        protocol_description=PROTOCOL_DESCRIPTION,
-        timing={"reference_seconds": round(reference_seconds, 2), "sampling_and_features_seconds": round(seconds, 2), "images_per_second": round(num_samples / seconds, 2)},
-        environment=_environment(evaluator.device),
-    )
-    return result
+    result = fid_result(evaluator, unet, chosen, num_samples, seed, batch_size, reference, reference_split, kid, progress, reference_seconds)
+    return dict(result, model=model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +207,7 @@ def parse_sweep(text: str) -> list[tuple[str, int]]:
     for item in text.split(","):
         item = item.strip()
         match = re.fullmatch(r"([a-z]+):(\d+)", item)
-        if not match or match.group(1) not in SAMPLERS:
+        if not match or match.group(1) not in SAMPLERS:  # "auto" is no sampler of its own
             raise UserError(f"--sweep: {item!r} is not SAMPLER:STEPS with SAMPLER one of {', '.join(SAMPLERS)}; e.g. --sweep \"ddpm:1000,ddim:50,dpmsolver:20\".")
         runs.append((match.group(1), int(match.group(2))))
     return runs
@@ -361,15 +230,11 @@ def evaluate_sweep(
     started = time.time()
     device = torch.device(device) if device is not None else default_device()
     unet, scheduler = load_model(model, str(device), revision)
-    for sampler, steps in runs:
-        check_steps(sampler, steps, scheduler.config.num_train_timesteps)
+    samplers = [make_sampler(scheduler, sampler, steps, timestep_spacing) for sampler, steps in runs]  # all checked before any work
     batch_size = batch_size or (256 if device.type == "cuda" else 32)
     evaluator = FIDEvaluator(reference, device, batch_size, reference_split, unet.config.sample_size, progress=progress)
     reference_seconds = time.time() - started
-    return [
-        _fid_with(evaluator, unet, scheduler, model, num_samples, sampler, steps, batch_size, reference, reference_split, seed, False, progress, timestep_spacing, reference_seconds)
-        for sampler, steps in runs
-    ]
+    return [dict(fid_result(evaluator, unet, chosen, num_samples, seed, batch_size, reference, reference_split, False, progress, reference_seconds), model=model) for chosen in samplers]
 
 
 def write_sweep(results: list[dict], output_dir: str, title: str) -> dict[str, str]:
@@ -477,14 +342,14 @@ def run_evaluate(args) -> None:
             args.model, runs, args.num_samples, args.batch_size, args.reference, args.reference_split, args.seed, args.device, args.revision, timestep_spacing=args.timestep_spacing
         )
         paths = write_sweep(results, output_dir, f"FID vs sampling cost: {os.path.basename(os.path.normpath(args.model))}")
-        write_eval_json(output_dir, {"runs": results}, section="sweep")
+        RunFolder(output_dir).write_eval({"runs": results}, section="sweep")
         print(sweep_table(sweep_rows(results)))
         note_small_sample_bias(args.num_samples)
         print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']} and {os.path.join(output_dir, 'eval.json')}")
         return
     if args.metric == "nll":
         result = evaluate_nll(args.model, args.dataset, args.split, args.num_images, args.batch_size, args.timestep_stride, args.seed, args.device, args.revision, args.image_column)
-        path = write_eval_json(output_dir, result, section="nll")
+        path = RunFolder(output_dir).write_eval(result, section="nll")
         exact = "exact bound over all T terms" if result["exact_sum_over_t"] else f"KL sum estimated with --timestep_stride {args.timestep_stride}"
         print(
             f"NLL bound: {result['bits_per_dim']:.4f} +- {result['bits_per_dim_stderr']:.4f} bits/dim on {result['num_images']} images of {args.dataset} ({args.split}); "
@@ -496,7 +361,7 @@ def run_evaluate(args) -> None:
         args.model, args.num_samples, args.scheduler, args.steps, args.batch_size, args.reference, args.reference_split, args.seed, args.kid, args.device, args.revision,
         timestep_spacing=args.timestep_spacing,
     )
-    path = write_eval_json(output_dir, result)
+    path = RunFolder(output_dir).write_eval(result)
     reference = result["reference_details"]
     kid = f", KID {result['kid']:.5f} +- {result['kid_std']:.5f}" if "kid" in result else ""
     print(
@@ -572,7 +437,7 @@ def add_cli(subparsers) -> None:
     group.add_argument("--num_samples", type=int, default=50_000, help="Generated images (50,000 for numbers comparable with papers).")
     group.add_argument("--scheduler", choices=SAMPLERS, default="ddpm", help="Sampler: ddpm (ancestral), ddim (eta = 0) or dpmsolver (DPM-Solver++ 2M).")
     group.add_argument("--steps", type=int, default=None, help="Denoising steps K (default: T for ddpm; required for ddim and dpmsolver).")
-    group.add_argument("--timestep_spacing", choices=("leading", "trailing", "linspace"), default=None, help="Which K of the T timesteps (default: the model's).")
+    group.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None, help="Which K of the T timesteps (default: the model's).")
     group.add_argument(
         "--reference",
         default="cifar10-train",

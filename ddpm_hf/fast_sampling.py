@@ -15,7 +15,7 @@ noise to the device and waits for it. `FastSampler` instead
 Hence, in float32 eager mode, `FastSampler(...).sample(n, generator=g)` returns the very images of
 `DDPMPipeline(unet, scheduler)(n, generator=g, output_type="pt")` (and likewise DDIM with
 `DDIMPipeline`), bit for bit on CPU; with `batch_size`, those of calling the stock pipeline once per
-batch with one generator, as `ddpm_hf.sampling.generate` does. In bf16 (state and noise stay float32,
+batch with one generator, as `ddpm_hf.sampling.generate_images` does. In bf16 (state and noise stay float32,
 only the UNet runs in bf16) they agree up to bf16 rounding of the network's output.
 
     sampler = FastSampler(pipeline.unet, pipeline.scheduler, num_inference_steps=1000, dtype="bf16", compile="auto", cuda_graphs="auto")
@@ -470,7 +470,7 @@ def to_pil(images: torch.Tensor) -> list:
 
 
 def fast_generate(pipeline, num_images: int, steps: int, seed: int, batch_size: int | None = None, **options) -> list:
-    """`ddpm_hf.sampling.generate` with the fast sampler: PIL images, same seed -> same images (fp32)."""
+    """`ddpm_hf.sampling.generate_images` with the fast sampler: PIL images, same seed -> same images (fp32)."""
     sampler = FastSampler(pipeline.unet, pipeline.scheduler, num_inference_steps=steps, **options)
     generator = torch.Generator("cpu").manual_seed(seed)
     return sampler.sample(num_images, generator=generator, batch_size=batch_size, output_type="pil")

@@ -14,17 +14,15 @@ a training loop. Timesteps are 0-based as in diffusers (t = 0 .. T-1).
 from __future__ import annotations
 
 import copy
-import glob
-import json
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .run_folder import LOSS_FIGURE, PROGRESS_FIGURE, RunFolder
 
 FORWARD_TIMESTEPS = (0, 50, 100, 250, 500, 750, 999)
 COMPARED_SCHEDULES = ("linear", "squaredcos_cap_v2")  # shown side by side in the forward figure
@@ -32,7 +30,6 @@ SCHEDULE_NAMES = {"linear": "linear", "squaredcos_cap_v2": "cosine", "scaled_lin
 DPI = 100
 LOSS_FIGSIZE = (8.0, 4.5)  # inches: loss.png is 800 x 450 pixels
 MAX_PROGRESS_GRIDS = 8  # progress.png shows at most this many sample grids, evenly spread over training
-LOSS_FIGURE, PROGRESS_FIGURE = "loss.png", "progress.png"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,21 +261,6 @@ def reverse_figure(chain: ReverseChain):
 # ---------------------------------------------------------------------------------------------
 
 
-def read_loss_history(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, losses) from loss_history.jsonl, sorted by step. A resumed run repeats steps: the last line wins.
-    Unreadable lines (a run killed mid-write) are skipped."""
-    by_step: dict[int, float] = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-                by_step[int(record["step"])] = float(record["loss"])
-            except (ValueError, KeyError, TypeError):
-                continue
-    steps = np.array(sorted(by_step), dtype=np.int64)
-    return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
-
-
 def smooth(values: np.ndarray, span: int) -> np.ndarray:
     """Exponential moving average with alpha = 2 / (span + 1), debiased at the start (as Adam debiases its moments)."""
     alpha = 2.0 / (max(1, span) + 1.0)
@@ -307,16 +289,6 @@ def loss_figure(steps: np.ndarray, losses: np.ndarray, title: str = "Training lo
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     return figure
-
-
-def sample_grid_steps(samples_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of samples/step_XXXXXXX.png, by step."""
-    found = []
-    for path in glob.glob(os.path.join(samples_dir, "step_*.png")):
-        match = re.fullmatch(r"step_(\d+)\.png", os.path.basename(path))
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
 
 
 def spread(items: list, count: int) -> list:
@@ -354,23 +326,21 @@ def write_training_figures(output_dir: str) -> None:
     written (disk full, a damaged grid) is a warning, not the end of a training run."""
     import warnings
 
-    from .training import LOSS_HISTORY_FILE
-
-    def attempt(name, draw):
-        try:
-            save_figure(draw(), os.path.join(output_dir, name))
-        except (OSError, UserError) as e:
-            warnings.warn(f"could not write {os.path.join(output_dir, name)} ({e}); training goes on without it.")
-
-    history = os.path.join(output_dir, LOSS_HISTORY_FILE)
-    if os.path.isfile(history):
-        steps, losses = read_loss_history(history)
-        if len(steps):
-            run_name = os.path.basename(os.path.abspath(output_dir))
-            attempt(LOSS_FIGURE, lambda: loss_figure(steps, losses, title=f"Training loss ({run_name})"))
-    grids = sample_grid_steps(os.path.join(output_dir, "samples"))
+    folder = RunFolder(output_dir)
+    history = folder.loss_history()
+    grids = folder.sample_grids()
+    figures = []
+    if history:
+        steps, losses = np.array([s for s, _ in history], dtype=np.int64), np.array([loss for _, loss in history], dtype=np.float64)
+        run_name = os.path.basename(os.path.abspath(output_dir))
+        figures.append((LOSS_FIGURE, loss_figure, (steps, losses), {"title": f"Training loss ({run_name})"}))
     if grids:
-        attempt(PROGRESS_FIGURE, lambda: progress_figure(grids))
+        figures.append((PROGRESS_FIGURE, progress_figure, (grids,), {}))
+    for name, draw, arguments, options in figures:
+        try:
+            save_figure(draw(*arguments, **options), folder.file(name))
+        except (OSError, UserError) as e:
+            warnings.warn(f"could not write {folder.file(name)} ({e}); training goes on without it.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,19 +376,18 @@ def parse_int_list(text: str, option: str) -> list[int]:
 
 
 def run_forward(args) -> None:
-    from .config import config_from_dict
+    from diffusers import DDPMScheduler
+
     from .data import decode_images, load_image_dataset
-    from .models import build_scheduler
 
     if args.num_images <= 0:
         raise UserError(f"--num_images must be positive, got {args.num_images}.")
-    config = config_from_dict(
-        dict(
-            beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end,
-            num_train_timesteps=args.num_train_timesteps, sample_steps=min(100, max(1, args.num_train_timesteps)),
-        )
-    )
-    scheduler = build_scheduler(config)
+    if args.num_train_timesteps < 2:
+        raise UserError(f"--num_train_timesteps must be at least 2, got {args.num_train_timesteps}.")
+    if not 0.0 < args.beta_start < args.beta_end < 1.0:
+        raise UserError(f"need 0 < --beta_start < --beta_end < 1, got {args.beta_start} and {args.beta_end}.")
+    # Only the forward process is drawn: the noise schedule is all it needs.
+    scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end)
     last = args.num_train_timesteps - 1
     timesteps = parse_int_list(args.timesteps, "--timesteps") if args.timesteps else [t for t in FORWARD_TIMESTEPS if t < last] + [last]
     check_timesteps(timesteps, args.num_train_timesteps, "--timesteps")

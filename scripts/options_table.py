@@ -11,26 +11,35 @@ import typing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_hf.config import PRESETS, TrainingConfig  # noqa: E402
+from ddpm_hf.config import PRESETS, TrainingConfig, bounds_text, value_type  # noqa: E402
 
 BEGIN, END = "<!-- options:begin -->", "<!-- options:end -->"
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
-def _type_name(annotation) -> str:
-    if typing.get_origin(annotation) is typing.Literal:
-        return " \\| ".join(str(a) for a in typing.get_args(annotation))
-    text = str(annotation)
-    return text.replace("typing.", "").replace("Optional[", "").rstrip("]") if "Optional" in text else getattr(annotation, "__name__", text)
+# The path kinds validate() checks before a run starts (the others are checked when the data, weights or checkpoint load).
+_CHECKED_PATHS = {"file": "existing file", "output": "writable folder"}
+
+
+def _type_name(name: str) -> str:
+    kind = value_type(name)
+    if typing.get_origin(kind) is typing.Literal:
+        return " \\| ".join(str(a) for a in typing.get_args(kind))
+    return kind.__name__
 
 
 def table() -> str:
-    hints = typing.get_type_hints(TrainingConfig, include_extras=False)
-    lines = ["| option | type | default (cifar10) | quickstart | what it does |", "|---|---|---|---|---|"]
+    """One row per TrainingConfig field, everything read from the field and its metadata (see config.option)."""
+    lines = [
+        "| option | type | valid | default (cifar10) | quickstart | may change on resume | what it does |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for f in dataclasses.fields(TrainingConfig):
         default = PRESETS["cifar10"].get(f.name, f.default)
-        quick = PRESETS["quickstart"].get(f.name, "")
-        lines.append(f"| `--{f.name}` | {_type_name(hints[f.name])} | `{default}` | {f'`{quick}`' if quick != '' else ''} | {f.metadata['help']} |")
+        quick = f"`{PRESETS['quickstart'][f.name]}`" if f.name in PRESETS["quickstart"] else ""
+        valid = bounds_text(f.name) or _CHECKED_PATHS.get(f.metadata["path"], "")
+        resumable = "yes" if f.metadata["resumable"] else ""
+        lines.append(f"| `--{f.name}` | {_type_name(f.name)} | {valid} | `{default}` | {quick} | {resumable} | {f.metadata['help']} |")
     return "\n".join(lines)
 
 

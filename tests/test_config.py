@@ -58,7 +58,7 @@ def test_scheduler_variants_reach_the_scheduler(flags):
         (["--learning_rat", "1"], "unrecognized"),
         (["--preset", "nope"], "unknown preset"),
         (["--beta_schedule", "cubic"], "invalid choice"),
-        (["--train_batch_size", "0"], "must be positive"),
+        (["--train_batch_size", "0"], "--train_batch_size must be >= 1, got 0"),
         (["--sample_steps", "2000"], "exceeds"),
     ],
 )

@@ -25,6 +25,7 @@ from ddpm_hf import evaluation, fid, nll
 from ddpm_hf.errors import UserError
 from ddpm_hf.losses import DDPMLoss
 from ddpm_hf.models import build_unet
+from ddpm_hf.sampling import make_sampler, resolve_sampler
 
 CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 needs_cifar10 = pytest.mark.skipif(not (CIFAR10 / "test-00000-of-00001.parquet").is_file(), reason="needs ../shared/data/cifar10")
@@ -254,8 +255,9 @@ def test_fid_evaluator_samples_in_eval_mode_and_is_reproducible():
     evaluator = evaluation.FIDEvaluator(cifar_images(8, resolution=16), device="cpu", batch_size=8)
     modes = []
     unet.register_forward_pre_hook(lambda module, args: modes.append(module.training))
-    first = evaluator.fid_of(unet, scheduler, num_samples=4, num_inference_steps=3, seed=1, batch_size=4)
-    second = evaluator.fid_of(unet, scheduler, num_samples=4, num_inference_steps=3, seed=1, batch_size=4)
+    sampler = make_sampler(scheduler, "auto", 3)
+    first = evaluator.fid_of(unet, sampler, num_samples=4, seed=1, batch_size=4)
+    second = evaluator.fid_of(unet, sampler, num_samples=4, seed=1, batch_size=4)
     assert math.isfinite(first) and first > 0
     assert first == pytest.approx(second, rel=1e-6)
     assert modes and not any(modes) and unet.training  # sampled in eval mode, training mode restored
@@ -301,9 +303,9 @@ def test_command_line_mistakes_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="SAMPLER:STEPS"):
         evaluation.parse_sweep("ddpm:1000,euler:10")
     with pytest.raises(UserError, match="needs --steps"):
-        evaluation.check_steps("ddim", None, 1000)
+        resolve_sampler("ddim", None, 1000)
     with pytest.raises(UserError, match="between 1 and"):
-        evaluation.check_steps("ddpm", 2000, 1000)
+        resolve_sampler("ddpm", 2000, 1000)
     with pytest.raises(UserError, match="no such statistics file"):
         fid.FIDStatistics.load(str(tmp_path / "missing.npz"))
     with pytest.raises(UserError, match="holds 32x32 images"):

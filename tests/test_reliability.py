@@ -212,7 +212,7 @@ def test_entry_point_prints_one_line_and_exits_2(tmp_path, argv, message):
 def test_unknown_sampler_and_non_pipeline_model_dir(tmp_path):
     from ddpm_hf.sampling import load_pipeline
 
-    with pytest.raises(UserError, match="unknown scheduler. Choose one of: ddpm, ddim"):
+    with pytest.raises(UserError, match="unknown sampler. Choose one of: auto, ddpm, ddim, dpmsolver"):
         load_pipeline(str(tmp_path), "euler")
     with pytest.raises(UserError, match="not a saved pipeline"):
         load_pipeline(str(tmp_path), "ddpm")

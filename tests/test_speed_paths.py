@@ -97,15 +97,16 @@ def test_fast_ddim_reproduces_ddim_pipeline(unet, eta):
 
 
 def test_batches_give_what_sampling_generate_gives(unet, tmp_path):
-    """With batch_size, the images of the stock pipeline called once per batch with one generator,
-    as `ddpm-hf sample --batch_size` makes them; PIL output rounds as diffusers does."""
+    """With batch_size, the images `ddpm-hf sample --batch_size` makes without --fast (one generator for all
+    batches); PIL output rounds as diffusers does."""
     from diffusers import DDPMPipeline
 
-    from ddpm_hf.sampling import generate
+    from ddpm_hf.sampling import generate_images, make_sampler, to_pil
 
     pipeline = DDPMPipeline(unet=unet, scheduler=ddpm_scheduler())
     pipeline.set_progress_bar_config(disable=True)
-    expected = generate(pipeline, 5, STEPS, seed=11, batch_size=2)
+    sampler = make_sampler(pipeline.scheduler, "ddpm", STEPS)
+    expected = [image for batch in generate_images(unet, sampler, 5, seed=11, batch_size=2) for image in to_pil(batch)]
     images = fast_generate(pipeline, 5, STEPS, seed=11, batch_size=2)
     assert len(images) == 5
     for got, want in zip(images, expected):

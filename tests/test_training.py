@@ -161,6 +161,11 @@ def test_eval_every_logs_fid_and_keeps_the_best_pipeline(tmp_path, micro_unet_co
     train_in_process(**quick_options(output_dir, micro_unet_config, max_train_steps=4, eval_every=2, eval_num_samples=8, sample_steps=3, max_train_samples=32))
     best = json.loads((output_dir / "best" / "eval.json").read_text())
     assert best["step"] in (2, 4) and np.isfinite(best["fid"]) and best["fid"] > 0
+    # The schema `ddpm-hf evaluate` writes (ddpm_hf/run_folder.py), so a card pushed from best/ names its sampler.
+    from ddpm_hf.run_folder import FID_RESULT_KEYS
+
+    assert set(FID_RESULT_KEYS) <= set(best)
+    assert (best["scheduler"], best["steps"], best["nfe"], best["num_samples"]) == ("ddpm", 3, 3, 8)  # the quickstart grids' sampler
     from diffusers import DDPMPipeline
 
     assert DDPMPipeline.from_pretrained(str(output_dir / "best")).unet.config.sample_size == 16
@@ -200,3 +205,15 @@ def test_training_compile_failure_falls_back_with_a_warning(tmp_path, micro_unet
     a = load_file(str(tmp_path / "plain" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "fallback" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_resolution_the_unet_cannot_take_fails_before_any_image_is_decoded(tmp_path, micro_unet_config, train_in_process, monkeypatch):
+    from ddpm_hf import data
+
+    def decode_images(*args, **kwargs):
+        raise AssertionError("decoded the dataset before checking the resolution")
+
+    monkeypatch.setattr(data, "decode_images", decode_images)
+    with pytest.raises(UserError, match="--resolution 17 does not divide by 2"):
+        train_in_process(**quick_options(tmp_path / "run", micro_unet_config, resolution=17, sample_steps=3))  # MICRO_UNET: 2 levels
+    assert not (tmp_path / "run").exists()

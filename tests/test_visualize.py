@@ -14,6 +14,7 @@ from PIL import Image
 
 from ddpm_hf import visualize
 from ddpm_hf.cli import main
+from ddpm_hf.run_folder import RunFolder
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -219,9 +220,9 @@ def test_training_figures_from_a_real_run(tmp_path, micro_unet_config, train_in_
     loss_png, progress_png = os.path.join(output_dir, visualize.LOSS_FIGURE), os.path.join(output_dir, visualize.PROGRESS_FIGURE)
     assert png_size(loss_png) == (800, 450)
     assert_not_blank(loss_png, montage=False)
-    steps, losses = visualize.read_loss_history(os.path.join(output_dir, "loss_history.jsonl"))
-    assert steps.tolist() == [1, 2, 3, 4, 5, 6] and np.isfinite(losses).all()
-    grids = visualize.sample_grid_steps(os.path.join(output_dir, "samples"))
+    history = RunFolder(output_dir).loss_history()
+    assert [s for s, _ in history] == [1, 2, 3, 4, 5, 6] and np.isfinite([loss for _, loss in history]).all()
+    grids = RunFolder(output_dir).sample_grids()
     assert [s for s, _ in grids] == [2, 4, 6]
     figure = visualize.progress_figure(grids)
     assert_labelled(figure)
@@ -233,8 +234,7 @@ def test_loss_history_keeps_the_last_value_of_a_repeated_step(tmp_path):
     path = tmp_path / "loss_history.jsonl"
     lines = [{"step": 10, "loss": 1.0}, {"step": 20, "loss": 0.5}, {"step": 30, "loss": 0.4}, {"step": 20, "loss": 0.45}, {"step": 30, "loss": 0.3}]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 40, "lo')  # resumed at 10; killed mid-line
-    steps, losses = visualize.read_loss_history(str(path))
-    assert steps.tolist() == [10, 20, 30] and losses.tolist() == [1.0, 0.45, 0.3]
+    assert RunFolder(tmp_path).loss_history() == [(10, 1.0), (20, 0.45), (30, 0.3)]
 
 
 def test_loss_figure_is_labelled_and_log_scaled_when_the_loss_spans_decades(tmp_path):
@@ -264,7 +264,7 @@ def test_progress_figure_subsamples_evenly_and_labels_steps(tmp_path):
         size = 64 if k < 12 else 96  # a resumed run may change --num_sample_images
         Image.fromarray(generator.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(samples / f"step_{k * 1000:07d}.png")
     (samples / "notes.png").write_bytes(b"not a grid")
-    grids = visualize.sample_grid_steps(str(samples))
+    grids = RunFolder(tmp_path).sample_grids()
     assert [s for s, _ in grids] == [k * 1000 for k in range(1, 13)]
     figure = visualize.progress_figure(grids)
     labels = [t.get_text() for t in figure.get_axes()[0].get_xticklabels()]

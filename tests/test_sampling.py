@@ -1,0 +1,103 @@
+"""The one sampler factory (ddpm_hf.sampling.make_sampler) and `ddpm-hf sample`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import MICRO_UNET
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from PIL import Image
+
+from ddpm_hf.cli import main
+from ddpm_hf.config import config_from_dict
+from ddpm_hf.errors import UserError
+from ddpm_hf.sampling import generate_images, make_sampler, resolve_sampler
+
+
+def micro_pipeline(folder, **scheduler_options):
+    torch.manual_seed(0)
+    unet = UNet2DModel(**MICRO_UNET, sample_size=16)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=50, **scheduler_options)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_auto_is_ddpm_with_all_steps_and_ddim_with_fewer():
+    assert resolve_sampler("auto", None, 1000) == ("ddpm", 1000)
+    assert resolve_sampler("auto", 1000, 1000) == ("ddpm", 1000)
+    assert resolve_sampler("auto", 50, 1000) == ("ddim", 50)
+    assert resolve_sampler("dpmsolver", 20, 1000) == ("dpmsolver", 20)
+    with pytest.raises(UserError, match="needs --steps"):
+        resolve_sampler("dpmsolver", None, 1000)
+    with pytest.raises(UserError, match="unknown sampler"):
+        resolve_sampler("euler", 10, 1000)
+
+
+def test_the_factory_keeps_the_trained_schedule():
+    trained = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="linspace")
+    for name in ("ddpm", "ddim", "dpmsolver"):
+        sampler = make_sampler(trained, name, 10)
+        assert sampler.name == name and sampler.nfe == 10
+        assert sampler.scheduler.config.prediction_type == "v_prediction" and sampler.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+        torch.testing.assert_close(sampler.scheduler.alphas_cumprod, trained.alphas_cumprod)
+
+
+def test_ddpm_with_trailing_spacing_and_fewer_steps_is_refused_everywhere(tmp_path):
+    """diffusers' DDPMScheduler adds noise whenever t > 0, and trailing spacing ends above 0: the image keeps
+    noise of std ~0.3 (shown first), so the factory refuses that combination, and so do training and the CLI."""
+    trained = DDPMScheduler(num_train_timesteps=1000, timestep_spacing="trailing", variance_type="fixed_large")  # the paper's sigma_t^2 = beta_t
+    stock = DDPMScheduler.from_config(trained.config)
+    stock.set_timesteps(10)
+    last_t = int(stock.timesteps[-1])
+    assert last_t > 0
+    x_0 = torch.zeros(1, 3, 8, 8)
+    noise_left = stock.step(torch.zeros_like(x_0), last_t, x_0, generator=torch.Generator().manual_seed(0)).prev_sample
+    assert noise_left.std() > 0.2  # what the refusal prevents
+
+    with pytest.raises(UserError, match="trailing"):
+        make_sampler(trained, "ddpm", 10)
+    assert make_sampler(trained, "ddpm", 1000).nfe == 1000 and make_sampler(trained, "ddim", 10).nfe == 10  # these are fine
+    small = DDPMScheduler.from_config(trained.config, variance_type="fixed_small")  # beta-tilde is 0 at the last step: fine too
+    assert make_sampler(small, "ddpm", 10).nfe == 10
+    with pytest.raises(UserError, match="trailing"):
+        config_from_dict(dict(preset="quickstart", output_dir=str(tmp_path / "run"), timestep_spacing="trailing", sample_scheduler="ddpm", sample_steps=10))
+    model = micro_pipeline(tmp_path / "model", timestep_spacing="trailing", variance_type="fixed_large")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--model", model, "--steps", "5", "--out", str(tmp_path / "s.png"), "--device", "cpu"])
+    assert exit_info.value.code == 2 and not (tmp_path / "s.png").exists()
+
+
+def test_sample_with_dpmsolver_and_each_sampler_gives_images(tmp_path, one_thread):
+    model = micro_pipeline(tmp_path / "model")
+    grids = {}
+    for name in ("ddpm", "ddim", "dpmsolver"):
+        out = tmp_path / f"{name}.png"
+        main(["sample", "--model", model, "--scheduler", name, "--steps", "4", "--num_images", "4", "--out", str(out), "--device", "cpu", "--save_individual"])
+        grids[name] = np.asarray(Image.open(out))
+        assert grids[name].shape == (32, 32, 3) and len(list((tmp_path / name).glob("*.png"))) == 4
+    assert not np.array_equal(grids["ddim"], grids["dpmsolver"])  # really two samplers
+
+
+def test_generate_images_is_the_stock_pipeline(tmp_path, one_thread):
+    """The one sampling loop gives what diffusers' DDPMPipeline gives for the same seed."""
+    pipeline = DDPMPipeline.from_pretrained(micro_pipeline(tmp_path / "model"))
+    pipeline.set_progress_bar_config(disable=True)
+    expected = pipeline(batch_size=3, generator=torch.Generator().manual_seed(5), num_inference_steps=6, output_type="np").images
+    sampler = make_sampler(pipeline.scheduler, "ddpm", 6)
+    (images,) = list(generate_images(pipeline.unet, sampler, 3, seed=5, batch_size=3))
+    assert torch.equal(images.permute(0, 2, 3, 1), torch.from_numpy((expected * 255).round().astype(np.uint8)))
+
+
+def test_sample_out_that_cannot_be_created_is_a_one_line_error_before_any_work(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpm_hf", "sample", "--model", str(tmp_path / "no-model"), "--out", str(blocker / "sub" / "grid.png")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --out") and "Traceback" not in result.stderr
