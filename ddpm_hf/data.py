@@ -8,12 +8,16 @@ memory-mapped .npy file in the user cache and batches are gathered from it.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import io
 import logging
+import math
 import os
 import re
+import shutil
+import socket
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -28,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# `datasets` builders whose rows can hold images (a folder of .txt or .csv files is not a dataset to train on).
+_IMAGE_MODULES = ("parquet", "imagefolder", "arrow", "webdataset")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,13 +65,13 @@ def load_image_dataset(name: str, split: str = "train", config_name: str | None 
             raise UserError(f"{option} {name} is a file but not a .parquet file. Pass a parquet file, or a folder of images or parquet files.")
         return _load_parquet_files({split: [path]}, split, name, option)
     if os.path.isdir(path):
-        return _load_local_folder(path, split, name, option)
+        return _load_local_folder(path, split, name, option, config_name)
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1) or not _HUB_ID.match(name):
         raise UserError(f"{option} {name}: no such file or folder. Check the path, or give a Hub dataset id like uoft-cs/cifar10.")
     return _load_hub_dataset(name, split, config_name, option)
 
 
-def _load_local_folder(path: str, split: str, name: str, option: str):
+def _load_local_folder(path: str, split: str, name: str, option: str, config_name: str | None = None):
     import datasets
 
     if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
@@ -76,35 +82,22 @@ def _load_local_folder(path: str, split: str, name: str, option: str):
             return loaded[split]
         return loaded
 
-    parquet_files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
-    if parquet_files:
-        return _load_parquet_files(_group_by_split(parquet_files, path), split, name, option)
-
-    has_images = any(f.lower().endswith(_IMAGE_EXTENSIONS) for _, _, files in os.walk(path) for f in files)
-    if not has_images:
-        raise UserError(f"{option} {name} holds no images, parquet files or save_to_disk dataset. Point it at a folder of images or parquet files.")
-    loaded = datasets.load_dataset("imagefolder", data_dir=path)
-    if split not in loaded:
-        raise UserError(f"{option} {name} has no split {split!r}; it has: {', '.join(loaded)}. Pass --split NAME.")
-    return loaded[split]
-
-
-def _group_by_split(files: list[str], root: str) -> dict[str, list[str]]:
-    """Hub naming: `train-00000-of-00003.parquet`, `data/test-*.parquet` or `train/*.parquet`.
-    Files that name no split all count as `train`."""
-    groups: dict[str, list[str]] = {}
-    for f in files:
-        relative = os.path.relpath(f, root)
-        match = re.match(r"^([A-Za-z][\w]*?)[-_]\d+(-of-\d+)?\.parquet$", os.path.basename(f))
-        parts = relative.split(os.sep)
-        if match:
-            split_name = match.group(1)
-        elif len(parts) > 1 and parts[-2] not in ("data",):
-            split_name = parts[-2]
-        else:
-            split_name = "train"
-        groups.setdefault(split_name, []).append(f)
-    return groups
+    # The splits are the ones `datasets.load_dataset(path)` finds (its file-name conventions, README configs):
+    # the same folder must mean the same training set here and there.
+    no_data = f"{option} {name} holds no images, parquet files or save_to_disk dataset. Point it at a folder of images or parquet files."
+    try:
+        builder = datasets.load_dataset_builder(path, config_name)
+    except FileNotFoundError:  # datasets' EmptyDatasetError: no data file at all
+        raise UserError(no_data) from None
+    except ValueError as e:  # e.g. several configs in its README and none chosen
+        raise UserError(f"{option} {name}: {e} Pass --dataset_config NAME.") from None
+    if builder.name not in _IMAGE_MODULES:
+        raise UserError(no_data)
+    splits = builder.config.data_files or {}
+    if split not in splits:
+        raise UserError(f"{option} {name} has no split {split!r}; it has: {', '.join(sorted(map(str, splits)))}. Pass --split NAME.")
+    # Only this split's files: building the other splits would cost time and disk for nothing.
+    return datasets.load_dataset(path, config_name, data_files={split: list(splits[split])}, split=split)
 
 
 def _load_parquet_files(groups: dict[str, list[str]], split: str, name: str, option: str):
@@ -151,36 +144,81 @@ def find_image_column(dataset, override: str | None = None) -> str:
     import datasets
 
     columns = list(dataset.column_names)
+    image_features = [c for c, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
     if override is not None:
         if override not in columns:
             raise UserError(f"--image_column {override}: no such column; the dataset has: {', '.join(columns)}.")
+        holds = _what_column_holds(dataset, override)
+        if holds is not None:
+            listing = f"its Image columns are: {', '.join(image_features)}" if image_features else f"it has no Image column; its columns are: {', '.join(columns)}"
+            raise UserError(f"--image_column {override}: column {override!r} is not an image column (it holds {holds}); {listing}. Pass --image_column NAME.")
         return override
     for candidate in ("img", "image"):
         if candidate in columns:
             return candidate
-    image_features = [c for c, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
     if len(image_features) == 1:
         return image_features[0]
     found = f"several Image columns ({', '.join(image_features)})" if image_features else "no image column"
     raise UserError(f"found {found} in the dataset; its columns are: {', '.join(columns)}. Pass --image_column NAME.")
 
 
-def to_rgb(image):
-    """Any PIL mode -> RGB. Transparent pixels become white, not whatever colour they happen to hold."""
+def _what_column_holds(dataset, column: str) -> str | None:
+    """None for a column that `_open_image` can decode (an Image feature, or encoded bytes or file paths),
+    else what it holds, for the error message. Only the first value of a non-Image column is looked at."""
+    import datasets
     from PIL import Image
 
-    if image.mode == "RGB":
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.Image):
+        return None
+    is_bytes_or_text = isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary", "string", "large_string")
+    is_image_dict = isinstance(feature, dict) and ("bytes" in feature or "path" in feature)
+    if not (is_bytes_or_text or is_image_dict):
+        return f"{feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__} values"
+    if len(dataset) == 0:
+        return None  # nothing to look at: decode_images reports the empty split
+    value = dataset.select_columns([column])[0][column]
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if value is None:
+        return None  # an empty first cell: decoding names the row
+    if isinstance(value, str):
+        return None if value.lower().endswith(_IMAGE_EXTENSIONS) or os.path.isfile(value) else "text that is not an image path"
+    try:
+        Image.open(io.BytesIO(value))  # reads the header only
+    except (OSError, ValueError, TypeError):  # UnidentifiedImageError is an OSError
+        return "bytes that are not an image"
+    return None
+
+
+_EXIF_ORIENTATION = 0x0112
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image):
+    """Any PIL image -> upright RGB, as `datasets`' Image feature decodes it, then converted to RGB.
+
+    EXIF orientation is applied (phone photos store the sensor's orientation and a tag to turn it by).
+    16-bit samples are scaled by the type's range (65535 -> 255), whatever one image's own maximum.
+    Transparent pixels become white, not whatever colour they happen to hold.
+    """
+    from PIL import Image, ImageOps
+
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)  # drops the tag: applying it twice is a no-op
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in _SIXTEEN_BIT_MODES:  # 16-bit PNG / TIFF ("I" is how Pillow opens some of them)
+        array = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":  # floats: PIL's own convention, 0..255
+        return Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" or (image.mode in ("L", "RGB") and "transparency" in image.info):
+        image = image.convert("RGBA")  # a palette or a colour key may mark pixels transparent
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8))
     return image.convert("RGB")
 
 
@@ -216,7 +254,6 @@ def decode_images(
 ) -> DecodedImages:
     """Decode every image once into uint8 N x 3 x R x R."""
     import datasets
-    from PIL import Image
     from tqdm.auto import tqdm
 
     column = find_image_column(dataset, image_column)
@@ -228,6 +265,7 @@ def decode_images(
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     column_data = dataset.select_columns([column])
 
+    shape = (count, 3, resolution, resolution)
     size_gb = count * 3 * resolution * resolution / 1e9
     memory_mapped = size_gb > max_in_memory_gb
     cache_path = _decoded_cache_path(dataset, column, resolution, on_corrupt)
@@ -236,34 +274,39 @@ def decode_images(
         storage, skipped, upscaled = cached
         _warn_about(skipped, upscaled, count, len(storage), resolution)
         return _as_decoded_images(storage, skipped, upscaled, memory_mapped)
-    partial_path = cache_path + ".partial.npy"
+    partial_path = None
     if memory_mapped:
-        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        storage = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.uint8, shape=(count, 3, resolution, resolution))
+        storage, partial_path = _create_memory_map(cache_path, shape)
         logger.info("dataset is %.1f GB decoded: memory-mapping it from %s", size_gb, cache_path)
     else:
         # Stored channels-first, as the model reads it: loading the cache is then a plain read, no transpose.
-        storage = np.empty((count, 3, resolution, resolution), dtype=np.uint8)
+        storage = np.empty(shape, dtype=np.uint8)
 
     kept, skipped, upscaled = 0, [], 0
-    for row, item in enumerate(tqdm(column_data, total=count, desc="Decoding images", disable=not progress, unit="img")):
-        value = item[column]
-        try:
-            image = _open_image(value)
-            image.load()
-        except Exception as e:
-            if on_corrupt == "skip":
-                skipped.append(row)
-                continue
-            raise UserError(f"row {row} of the dataset holds an image that cannot be decoded ({type(e).__name__}: {e}). Fix or drop it, or pass --on_corrupt_image skip.") from None
-        if min(image.size) < resolution:
-            upscaled += 1
-        storage[kept] = np.asarray(resize_and_crop(to_rgb(image), resolution)).transpose(2, 0, 1)
-        kept += 1
-    if kept == 0:
-        raise UserError(f"none of the {count} images could be decoded. Check --dataset and --image_column.")
+    try:
+        for row, item in enumerate(tqdm(column_data, total=count, desc="Decoding images", disable=not progress, unit="img")):
+            try:
+                image = _open_image(item[column])
+                image.load()
+                image = to_rgb(image)
+            except Exception as e:
+                if on_corrupt == "skip":
+                    skipped.append(row)
+                    continue
+                raise UserError(f"row {row} of the dataset holds an image that cannot be decoded ({type(e).__name__}: {e}). Fix or drop it, or pass --on_corrupt_image skip.") from None
+            if min(image.size) < resolution:
+                upscaled += 1
+            storage[kept] = np.asarray(resize_and_crop(image, resolution)).transpose(2, 0, 1)
+            kept += 1
+        if kept == 0:
+            raise UserError(f"none of the {count} images could be decoded. Check --dataset and --image_column.")
+    except BaseException:
+        if partial_path is not None:  # an error or Ctrl-C: leave no half-written file behind
+            del storage
+            _remove_quietly(partial_path)
+        raise
     _warn_about(skipped, upscaled, count, kept, resolution)
-    storage = _save_decoded(storage, kept, partial_path, cache_path, skipped, upscaled, memory_mapped)
+    storage = _save_decoded(storage, kept, partial_path, cache_path, skipped, upscaled)
     return _as_decoded_images(storage, skipped, upscaled, memory_mapped)
 
 
@@ -279,17 +322,64 @@ def _as_decoded_images(storage: np.ndarray, skipped: list[int], upscaled: int, m
     return DecodedImages(images=images, skipped_rows=skipped, upscaled=upscaled, memory_mapped=memory_mapped)
 
 
-# The decoded cache: <cache>/decoded/<key>.npy (N x 3 x R x R uint8) and <key>.json, written last, so that a
-# file without its .json (a run killed while decoding) is never read. The key is the dataset's fingerprint,
-# which `datasets` derives from the data files, plus every setting that changes the decoded pixels.
+# The decoded cache: <cache>/decoded/<key>.npy (N x 3 x R x R uint8, or more rows when some were skipped on the
+# memory-mapped path: the first `kept` count) and <key>.json, written last, so that a file without its .json (a
+# run killed while decoding) is never read. Several processes may decode the same dataset at once (the ranks of
+# a run, two runs): each writes its own uniquely named file and renames it onto <key>.npy, which readers then
+# see whole, old or new, never half-written. The key is the dataset's fingerprint, which `datasets` derives from
+# the data files, the size and modification time of every image file the rows only reference by path, and
+# every setting that changes the decoded pixels.
+
+
+def _cache_root() -> str:
+    from huggingface_hub.constants import HF_HOME
+
+    return os.environ.get("DDPM_HF_CACHE", os.path.join(HF_HOME, "ddpm_hf"))
 
 
 def _decoded_cache_path(dataset, column: str, resolution: int, on_corrupt: str) -> str:
-    from huggingface_hub.constants import HF_HOME
+    referenced = _referenced_files_digest(dataset, column)
+    key = hashlib.sha256(f"{dataset._fingerprint}-{referenced}-{column}-{resolution}-{on_corrupt}-v3".encode()).hexdigest()[:24]
+    return os.path.join(_cache_root(), "decoded", key)
 
-    key = hashlib.sha256(f"{dataset._fingerprint}-{column}-{resolution}-{on_corrupt}-v2".encode()).hexdigest()[:24]
-    folder = os.path.join(os.environ.get("DDPM_HF_CACHE", os.path.join(HF_HOME, "ddpm_hf")), "decoded")
-    return os.path.join(folder, key)
+
+def _referenced_files_digest(dataset, column: str) -> str:
+    """A digest of (path, size, mtime) of the image files that rows reference by path without their bytes.
+
+    The dataset's fingerprint covers only its own data files (a parquet of paths, an imagefolder's file list):
+    an image edited in place behind such a path would otherwise be served stale from the cache.
+    """
+    paths = _path_only_cells(dataset.data.column(column))  # over the whole table: no bytes are read
+    if paths is None or paths.null_count == len(paths):
+        return "-"
+    if dataset._indices is not None:  # a select()ed or shuffled dataset: its own rows only
+        paths = paths.take(dataset._indices.column(0))
+    digest = hashlib.sha256()
+    for path in paths.to_pylist():
+        if path is not None:
+            try:
+                stat = os.stat(path)
+                digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{os.path.abspath(path)}\0missing\n".encode())
+    return digest.hexdigest()
+
+
+def _path_only_cells(column):
+    """The path of each cell that holds a path and no bytes (null elsewhere), or None for a column of neither."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = column.type  # a ChunkedArray, worked on chunk by chunk: the image bytes are never copied
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return column
+    if not pa.types.is_struct(kind) or kind.get_field_index("path") < 0:
+        return None
+    paths = pc.struct_field(column, "path")
+    if kind.get_field_index("bytes") >= 0:
+        has_bytes = pc.fill_null(pc.greater(pc.binary_length(pc.struct_field(column, "bytes")), 0), False)
+        paths = pc.if_else(has_bytes, pa.scalar(None, paths.type), paths)
+    return paths
 
 
 def _load_decoded(cache_path: str, memory_mapped: bool):
@@ -301,36 +391,108 @@ def _load_decoded(cache_path: str, memory_mapped: bool):
         storage = np.load(cache_path + ".npy", mmap_mode="c" if memory_mapped else None, allow_pickle=False)
     except (OSError, ValueError):
         return None
-    if storage.ndim != 4 or storage.shape[:2] != (meta["kept"], 3):
+    if storage.ndim != 4 or storage.shape[0] < meta["kept"] or storage.shape[1] != 3:
         return None
-    return storage, meta["skipped_rows"], meta["upscaled"]
+    return storage[: meta["kept"]], meta["skipped_rows"], meta["upscaled"]
 
 
-def _save_decoded(storage: np.ndarray, kept: int, partial_path: str, cache_path: str, skipped: list[int], upscaled: int, memory_mapped: bool) -> np.ndarray:
-    """Keep the decoded images for the next run; a cache that cannot be written only costs that speed-up."""
+def _unique_name(cache_path: str, suffix: str) -> str:
+    """<key>.partial-<host>-<pid>-<random><suffix>: no two writers share it (other hosts, other threads)."""
+    return f"{cache_path}.partial-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}{suffix}"
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _remove_orphans(cache_path: str) -> None:
+    """Remove the partial files of dead processes of this host (a run killed while decoding): with unique names,
+    nothing else would ever overwrite them."""
+    if os.name != "posix":
+        return
+    for path in glob.glob(glob.escape(cache_path) + ".partial-*"):
+        match = re.search(r"\.partial-(.+)-(\d+)-[0-9a-f]+\.[a-z]+$", path)
+        if match is None or match.group(1) != socket.gethostname():
+            continue
+        try:
+            os.kill(int(match.group(2)), 0)
+        except ProcessLookupError:
+            _remove_quietly(path)
+        except OSError:
+            pass  # alive, another user's
+
+
+def _create_memory_map(cache_path: str, shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
+    """A new, uniquely named .npy file mapped for writing, its disk space reserved: a full disk is an error now,
+    not a SIGBUS when a page of a sparse file is first written, hours into decoding."""
+    folder = os.path.dirname(cache_path)
+    needed_gb = math.prod(shape) / 1e9
+    fixes = f"Set DDPM_HF_CACHE to a writable folder with {needed_gb:.1f} GB free, free disk space, or raise --max_in_memory_gb above {needed_gb:.1f} to decode into memory."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        _remove_orphans(cache_path)
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        raise UserError(f"cannot write the memory-mapped dataset to {folder} ({e.strerror or e}). {fixes}") from None
+    if free < math.prod(shape):
+        raise UserError(f"{folder} has {free / 1e9:.1f} GB free but the memory-mapped dataset needs {needed_gb:.1f} GB. {fixes}")
+    partial_path = _unique_name(cache_path, ".npy")
+    try:
+        storage = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.uint8, shape=shape)
+        if hasattr(os, "posix_fallocate"):
+            with open(partial_path, "r+b") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    # not supported by this file system: the free-space check above stands in
+    except OSError as e:
+        _remove_quietly(partial_path)
+        raise UserError(f"cannot write the memory-mapped dataset to {folder} ({e.strerror or e}). {fixes}") from None
+    return storage, partial_path
+
+
+def _save_decoded(storage: np.ndarray, kept: int, partial_path: str | None, cache_path: str, skipped: list[int], upscaled: int) -> np.ndarray:
+    """Keep the decoded images for the next run.
+
+    In memory (`partial_path` None), a cache that cannot be written only costs that speed-up. Memory-mapped,
+    `partial_path` is the decoded file: it is renamed into the cache and mapped again, copy-on-write.
+    """
     import json
 
+    memory_mapped = partial_path is not None
+    folder = os.path.dirname(cache_path)
+    written = [partial_path] if memory_mapped else []
     try:
-        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         if memory_mapped:
             storage.flush()
-            if kept < storage.shape[0]:  # skipped rows: keep only the decoded ones
-                np.save(partial_path + ".trim.npy", storage[:kept])
-                os.replace(partial_path + ".trim.npy", partial_path)
-            del storage
         else:
             storage = storage[:kept]
-            np.save(partial_path, storage)
+            os.makedirs(folder, exist_ok=True)
+            partial_path = _unique_name(cache_path, ".npy")
+            written.append(partial_path)
+            with open(partial_path, "wb") as f:
+                np.save(f, storage)
         os.replace(partial_path, cache_path + ".npy")
-        with open(cache_path + ".json.partial", "w") as f:
+        meta_path = _unique_name(cache_path, ".json")
+        written.append(meta_path)
+        with open(meta_path, "w") as f:
             json.dump({"kept": kept, "skipped_rows": skipped, "upscaled": upscaled}, f)
-        os.replace(cache_path + ".json.partial", cache_path + ".json")
+        os.replace(meta_path, cache_path + ".json")
     except OSError as e:
-        warnings.warn(f"could not cache the decoded images in {os.path.dirname(cache_path)} ({e}); the next run decodes them again.")
+        for path in written:
+            _remove_quietly(path)
         if memory_mapped:
-            raise UserError(f"could not write the memory-mapped dataset to {os.path.dirname(cache_path)} ({e}). Free disk space, set DDPM_HF_CACHE, or raise --max_in_memory_gb.") from None
+            raise UserError(f"could not write the memory-mapped dataset to {folder} ({e.strerror or e}). Free disk space, set DDPM_HF_CACHE to a writable folder, or raise --max_in_memory_gb.") from None
+        warnings.warn(f"could not cache the decoded images in {folder} ({e.strerror or e}); the next run decodes them again. Set DDPM_HF_CACHE to a writable folder to keep them.")
+        return storage
     if memory_mapped:
-        return np.load(cache_path + ".npy", mmap_mode="c")
+        # Another process may have renamed its identical file onto the same name since: either is whole.
+        return np.load(cache_path + ".npy", mmap_mode="c")[:kept]
     return storage
 
 

@@ -183,15 +183,23 @@ class FIDStatistics:
     factor: np.ndarray | None = None
 
     def save(self, path: str) -> None:
+        """Write `path` atomically: a uniquely named temporary file (per process and call) renamed onto it, so
+        that a reader never sees half a file and two processes saving the same statistics never interleave."""
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         info = {k: v for k, v in self.info.items() if k not in ("file", "cache_path")}
         arrays = dict(mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images), info=np.array(json.dumps(info)))
         if self.features is not None:
             arrays["features"] = self.features
-        temporary = path + ".partial.npz"
-        np.savez(temporary, **arrays)
-        os.replace(temporary, path)
+        temporary = f"{path}.partial-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            with open(temporary, "wb") as f:  # a file object: np.savez adds no ".npz" to the name
+                np.savez(f, **arrays)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+            raise
 
     @classmethod
     def load(cls, path: str) -> "FIDStatistics":
@@ -524,8 +532,15 @@ def resolve_statistics(
     if resolution is not None and not recompute:
         cached = stats_cache_path(source, split, resolution, max_images, name)
         if os.path.isfile(cached):
-            stats = FIDStatistics.load(cached)
-            if keep_features <= 0 or (stats.features is not None and len(stats.features) >= min(keep_features, stats.num_images)):
+            import warnings
+            import zipfile
+
+            try:
+                stats = FIDStatistics.load(cached)
+            except (UserError, zipfile.BadZipFile) as error:  # e.g. half-written before writes were atomic: recompute
+                warnings.warn(f"ignoring the unreadable cached statistics {cached} ({error}); computing them again.")
+                stats = None
+            if stats is not None and (keep_features <= 0 or (stats.features is not None and len(stats.features) >= min(keep_features, stats.num_images))):
                 return stats
     try:
         images = load_dataset_images(source, split, resolution, image_column, max_images, progress, option)
@@ -543,6 +558,11 @@ def resolve_statistics(
     stats = compute_statistics(images, batch_size, device, keep_features, progress, desc=f"Inception features ({split})", info=info, extractor=extractor)
     if write_cache:
         path = stats_cache_path(source, split, resolution, max_images, name)
-        stats.save(path)
-        stats.info["file"] = path
+        try:
+            stats.save(path)
+            stats.info["file"] = path
+        except OSError as e:  # a read-only or full cache only costs the next run the computation
+            import warnings
+
+            warnings.warn(f"could not cache the FID statistics in {os.path.dirname(path)} ({e.strerror or e}); the next run computes them again. Set DDPM_HF_CACHE to a writable folder to keep them.")
     return stats

@@ -15,6 +15,12 @@ from ddpm_hf.errors import UserError
 SHARED_CIFAR10 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10")
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Decoded images are cached per test, not in the user's cache."""
+    monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path / "cache"))
+
+
 def _image(mode, size=(40, 30), seed=0):
     rng = np.random.default_rng(seed)
     channels = {"L": 1, "RGB": 3, "RGBA": 4, "CMYK": 4}[mode]
@@ -82,6 +88,26 @@ def test_missing_image_column_lists_the_columns():
         find_image_column(dataset)
     with pytest.raises(UserError, match="--image_column pixels: no such column"):
         find_image_column(dataset, "pixels")
+
+
+def test_image_column_that_holds_no_images_is_refused_naming_the_image_columns(tmp_path):
+    picture = {"bytes": _png_bytes(_image("RGB", (8, 8))), "path": None}
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    dataset = datasets.Dataset.from_dict(
+        {"img": [picture], "label": [3], "caption": ["a red car"], "file": [str(tmp_path / "a.png")], "png": [picture["bytes"]], "blob": [b"not an image"]},
+        features=datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)]), "caption": datasets.Value("string"), "file": datasets.Value("string"), "png": datasets.Value("binary"), "blob": datasets.Value("binary")}),
+    )
+    for column, holds in (("label", "ClassLabel values"), ("caption", "text that is not an image path"), ("blob", "bytes that are not an image")):
+        with pytest.raises(UserError, match=rf"^--image_column {column}: column '{column}' is not an image column \(it holds {holds}\); its Image columns are: img\. Pass --image_column NAME\.$"):
+            find_image_column(dataset, column)
+    with pytest.raises(UserError, match="column 'label' is not an image column"):  # not "row 0 ... cannot be decoded"
+        decode_images(dataset, 8, image_column="label", progress=False)
+    for column in ("img", "file", "png"):  # an Image feature, file paths, encoded bytes
+        assert find_image_column(dataset, column) == column
+        assert decode_images(dataset, 8, image_column=column, progress=False).images.shape == (1, 3, 8, 8)
+    numbers = datasets.Dataset.from_dict({"x": [1.5]})
+    with pytest.raises(UserError, match=r"column 'x' is not an image column \(it holds float64 values\); it has no Image column; its columns are: x\."):
+        find_image_column(numbers, "x")
 
 
 def test_corrupt_image_stops_naming_the_row_or_is_skipped():
