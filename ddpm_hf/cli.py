@@ -15,11 +15,18 @@ from .errors import UserError, exit_with
 COMMAND_MODULES = ("sampling", "hub", "evaluation", "visualize")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose mistakes are the one-line error (exit 2) of every other mistake, not usage + message."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}. Run `{self.prog} --help` for the options.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="ddpm-hf", description="Sample, evaluate, visualise and share DDPM pipelines.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = OneLineErrorParser(prog="ddpm-hf", description="Sample, evaluate, visualise and share DDPM pipelines.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"ddpm_hf.{name}").add_cli(subparsers)
     return parser
@@ -27,11 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
     try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
         args.func(args)
     except UserError as error:
         exit_with(error)

@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .arguments import Bounds, writable_location_problem
 from .errors import UserError
 
 # A dataset name starting with this prefix is a file shipped inside the package (see ddpm_hf/assets/).
@@ -209,28 +210,14 @@ def value_type(name: str) -> Any:
     return hint
 
 
+def field_bounds(name: str) -> Bounds:
+    meta = TrainingConfig.__dataclass_fields__[name].metadata
+    return Bounds(gt=meta["gt"], ge=meta["ge"], lt=meta["lt"], le=meta["le"])
+
+
 def bounds_text(name: str) -> str | None:
     """The valid range of a numeric option as written in messages and the README, e.g. '> 0' or 'in [0, 1)'."""
-    meta = TrainingConfig.__dataclass_fields__[name].metadata
-    low = ("(", meta["gt"]) if meta["gt"] is not None else ("[", meta["ge"]) if meta["ge"] is not None else None
-    high = (")", meta["lt"]) if meta["lt"] is not None else ("]", meta["le"]) if meta["le"] is not None else None
-    if low and high:
-        return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
-    if low:
-        return f"{'>' if low[0] == '(' else '>='} {low[1]}"
-    if high:
-        return f"{'<' if high[0] == ')' else '<='} {high[1]}"
-    return None
-
-
-def _in_bounds(value: float, meta: Any) -> bool:
-    """False for NaN too, which fails every comparison."""
-    return (
-        (meta["gt"] is None or value > meta["gt"])
-        and (meta["ge"] is None or value >= meta["ge"])
-        and (meta["lt"] is None or value < meta["lt"])
-        and (meta["le"] is None or value <= meta["le"])
-    )
+    return field_bounds(name).text()
 
 
 def resumable_options() -> set[str]:
@@ -359,16 +346,10 @@ def config_from_dict(values: dict[str, Any]) -> TrainingConfig:
 
 
 def _check_output_dir(path: str) -> None:
-    """OUTPUT_DIR is a folder we can write into, or can be made: its nearest existing ancestor is one. Creates nothing."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--output_dir {path} is a file. Choose a folder.")
-    ancestor = os.path.abspath(path)
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise UserError(f"--output_dir {path} cannot be created: {ancestor} is a file. Choose a folder elsewhere.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"--output_dir {path}: {ancestor} is not writable. Choose a folder you can write to.")
+    """OUTPUT_DIR is a folder we can write into, or can be made. Creates nothing."""
+    problem = writable_location_problem(path, folder=True)
+    if problem:
+        raise UserError(f"--output_dir {problem}. Choose a folder you can write to.")
 
 
 def validate(config: TrainingConfig) -> None:
@@ -386,7 +367,7 @@ def validate(config: TrainingConfig) -> None:
             raise UserError(f"--{name} must be a whole number, got {value!r}.")
         elif kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
             raise UserError(f"--{name} must be a finite number, got {value!r}.")
-        if kind in (int, float) and not _in_bounds(value, meta):
+        if kind in (int, float) and not field_bounds(name).contains(value):
             raise UserError(f"--{name} must be {bounds_text(name)}, got {value}.")
         if meta["path"] == "file" and not (isinstance(value, str) and os.path.isfile(value)):
             raise UserError(f"--{name} {value}: no such file. Give the path of an existing file.")

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from .arguments import bounded, local_path_or_hub_id, output_file, output_folder
+from .arguments import device as device_type
 from .errors import UserError
 from .run_folder import RunFolder
 from .sampling import SAMPLERS, TIMESTEP_SPACINGS, Sampler, generate_images, load_pipeline, make_sampler
@@ -426,61 +428,62 @@ def add_cli(subparsers) -> None:
         help="FID/KID of a pipeline's samples, its NLL bound in bits/dim, or a sampler sweep; writes OUTPUT/eval.json.",
         description="Evaluate a saved pipeline (folder or Hub id). The FID protocol is described in docs/evaluation.md.",
     )
-    parser.add_argument("--model", required=True, help="Training OUTPUT_DIR (a saved pipeline) or Hub id (user/name).")
+    parser.add_argument("--model", required=True, type=local_path_or_hub_id, help="Training OUTPUT_DIR (a saved pipeline) or Hub id (user/name).")
     parser.add_argument("--metric", choices=("fid", "nll"), default="fid", help="fid: sample and compare with --reference; nll: the variational bound on --dataset.")
-    parser.add_argument("--output", default=None, help="Folder for eval.json (default: the model folder, or ./eval-<name>/ for a Hub id).")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=None, help="Images per forward pass (default: 256 on GPU, 32 on CPU; 16 for nll on CPU).")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+    parser.add_argument("--output", default=None, type=output_folder, help="Folder for eval.json (default: the model folder, or ./eval-<name>/ for a Hub id).")
+    parser.add_argument("--seed", type=bounded(int, ge=0), default=0)
+    parser.add_argument("--batch_size", type=bounded(int, ge=1), default=None, help="Images per forward pass (default: 256 on GPU, 32 on CPU; 16 for nll on CPU).")
+    parser.add_argument("--device", type=device_type, default=None, help="cpu or cuda (default: cuda when available).")
     parser.add_argument("--revision", default=None, help="Hub revision of --model.")
     group = parser.add_argument_group("FID")
-    group.add_argument("--num_samples", type=int, default=50_000, help="Generated images (50,000 for numbers comparable with papers).")
+    group.add_argument("--num_samples", type=bounded(int, ge=2), default=50_000, help="Generated images (50,000 for numbers comparable with papers).")
     group.add_argument("--scheduler", choices=SAMPLERS, default="ddpm", help="Sampler: ddpm (ancestral), ddim (eta = 0) or dpmsolver (DPM-Solver++ 2M).")
-    group.add_argument("--steps", type=int, default=None, help="Denoising steps K (default: T for ddpm; required for ddim and dpmsolver).")
+    group.add_argument("--steps", type=bounded(int, ge=1), default=None, help="Denoising steps K (default: T for ddpm; required for ddim and dpmsolver).")
     group.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None, help="Which K of the T timesteps (default: the model's).")
     group.add_argument(
         "--reference",
         default="cifar10-train",
+        type=local_path_or_hub_id,
         help=f"Reference set: {', '.join(REFERENCE_ALIASES)}, a statistics .npz, a dataset (statistics cached) or a folder of images.",
     )
     group.add_argument("--reference_split", default="train", help="Split of --reference when it is a dataset.")
     group.add_argument("--kid", action="store_true", help="Also compute KID (Binkowski et al. 2018) from 5,000 features per set.")
     group.add_argument("--sweep", default=None, metavar="SAMPLER:STEPS,...", help='Several samplers on one model, e.g. "ddpm:1000,ddim:50,ddim:100,dpmsolver:20": table + plot.')
     group = parser.add_argument_group("NLL (--metric nll)")
-    group.add_argument("--dataset", default="uoft-cs/cifar10", help="Dataset for the bound (Hub id, parquet folder, ...).")
+    group.add_argument("--dataset", default="uoft-cs/cifar10", type=local_path_or_hub_id, help="Dataset for the bound (Hub id, parquet folder, ...).")
     group.add_argument("--split", default="test", help="Split for the bound (the paper: the CIFAR-10 test set).")
-    group.add_argument("--num_images", type=int, default=None, help="First N images of the split (default: all).")
+    group.add_argument("--num_images", type=bounded(int, ge=1), default=None, help="First N images of the split (default: all).")
     group.add_argument("--image_column", default=None)
     group.add_argument(
-        "--timestep_stride", type=int, default=1, help="1: the exact bound over all T terms. k > 1: an unbiased estimate from about k + T/k terms (faster, noisier)."
+        "--timestep_stride", type=bounded(int, ge=1), default=1, help="1: the exact bound over all T terms. k > 1: an unbiased estimate from about k + T/k terms (faster, noisier)."
     )
     parser.set_defaults(func=run_evaluate)
 
     # ---- fid ----
     parser = subparsers.add_parser("fid", help="FID between two image sets: folders of images, datasets or statistics .npz files.")
-    parser.add_argument("path_a", metavar="PATH_A", help="Folder of images, dataset (parquet folder, Hub id, builtin:...), reference alias or .npz statistics.")
-    parser.add_argument("path_b", metavar="PATH_B", help="The same kinds as PATH_A.")
+    parser.add_argument("path_a", metavar="PATH_A", type=local_path_or_hub_id, help="Folder of images, dataset (parquet folder, Hub id, builtin:...), reference alias or .npz statistics.")
+    parser.add_argument("path_b", metavar="PATH_B", type=local_path_or_hub_id, help="The same kinds as PATH_A.")
     parser.add_argument("--split", default="train", help="Split of a dataset argument.")
     parser.add_argument("--split_b", default=None, help="Split of PATH_B when it differs (e.g. --split test --split_b train).")
-    parser.add_argument("--resolution", type=int, default=None, help="Resize images to R x R first (default: keep their size).")
-    parser.add_argument("--max_images", type=int, default=None, help="Use only the first N images of each set.")
+    parser.add_argument("--resolution", type=bounded(int, ge=1), default=None, help="Resize images to R x R first (default: keep their size).")
+    parser.add_argument("--max_images", type=bounded(int, ge=2), default=None, help="Use only the first N images of each set.")
     parser.add_argument("--image_column", default=None)
-    parser.add_argument("--batch_size", type=int, default=50)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch_size", type=bounded(int, ge=1), default=50)
+    parser.add_argument("--device", type=device_type, default=None)
     parser.add_argument("--kid", action="store_true", help="Also print KID.")
     parser.set_defaults(func=run_fid)
 
     # ---- fid-stats ----
     parser = subparsers.add_parser("fid-stats", help="Compute and cache the FID reference statistics of a dataset split.")
-    parser.add_argument("--dataset", required=True, help=f"Hub id, parquet folder, image folder, builtin:..., or {', '.join(REFERENCE_ALIASES)}.")
+    parser.add_argument("--dataset", required=True, type=local_path_or_hub_id, help=f"Hub id, parquet folder, image folder, builtin:..., or {', '.join(REFERENCE_ALIASES)}.")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--resolution", type=int, default=None, help="Decode images at R x R (default: their own size; 32 for CIFAR-10).")
-    parser.add_argument("--max_images", type=int, default=None, help="Only the first N images.")
+    parser.add_argument("--resolution", type=bounded(int, ge=1), default=None, help="Decode images at R x R (default: their own size; 32 for CIFAR-10).")
+    parser.add_argument("--max_images", type=bounded(int, ge=2), default=None, help="Only the first N images.")
     parser.add_argument("--image_column", default=None)
     parser.add_argument("--name", default=None, help="Cache under this dataset name instead, e.g. uoft-cs/cifar10 for a local copy of it.")
-    parser.add_argument("--keep_features", type=int, default=KID_FEATURES, help="Random feature rows kept in the file for KID (0: none).")
-    parser.add_argument("--output", default=None, help="Also write the statistics to this .npz file.")
+    parser.add_argument("--keep_features", type=bounded(int, ge=0), default=KID_FEATURES, help="Random feature rows kept in the file for KID (0: none).")
+    parser.add_argument("--output", default=None, type=output_file, help="Also write the statistics to this .npz file.")
     parser.add_argument("--overwrite", action="store_true", help="Recompute even if cached.")
-    parser.add_argument("--batch_size", type=int, default=50)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch_size", type=bounded(int, ge=1), default=50)
+    parser.add_argument("--device", type=device_type, default=None)
     parser.set_defaults(func=run_fid_stats)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .arguments import bounded, local_path_or_hub_id, output_file
+from .arguments import device as device_type
 from .errors import UserError
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
@@ -180,8 +182,6 @@ def load_pipeline(model: str, scheduler: str = "ddpm", device: str | None = None
 def run_sample(args) -> None:
     from diffusers.utils import make_image_grid
 
-    if args.num_images <= 0 or (args.steps is not None and args.steps <= 0) or (args.batch_size is not None and args.batch_size <= 0):
-        raise UserError("--num_images, --steps and --batch_size must be positive.")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     try:  # before any sampling: a bad --out costs nothing
         os.makedirs(out_dir, exist_ok=True)
@@ -213,17 +213,17 @@ def run_sample(args) -> None:
 
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser("sample", help="Generate a grid of images from a saved pipeline (folder or Hub id).")
-    parser.add_argument("--model", required=True, help="Training OUTPUT_DIR or Hub id (user/name).")
-    parser.add_argument("--num_images", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=None, help="Denoising steps K (default: T for ddpm; ddim and dpmsolver need it, e.g. 50 and 20).")
+    parser.add_argument("--model", required=True, type=local_path_or_hub_id, help="Training OUTPUT_DIR or Hub id (user/name).")
+    parser.add_argument("--num_images", type=bounded(int, ge=1), default=16)
+    parser.add_argument("--steps", type=bounded(int, ge=1), default=None, help="Denoising steps K (default: T for ddpm; ddim and dpmsolver need it, e.g. 50 and 20).")
     parser.add_argument(
         "--scheduler", default="ddpm", choices=SAMPLER_CHOICES, help="ddpm (the paper's ancestral sampler), ddim, dpmsolver (DPM-Solver++ 2M), or auto (ddpm with T steps, else ddim)."
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=None, help="Images per forward pass (default: all at once).")
-    parser.add_argument("--out", default="samples.png", help="Where to write the grid (PNG).")
+    parser.add_argument("--seed", type=bounded(int, ge=0), default=0)
+    parser.add_argument("--batch_size", type=bounded(int, ge=1), default=None, help="Images per forward pass (default: all at once).")
+    parser.add_argument("--out", type=output_file, default="samples.png", help="Where to write the grid (PNG).")
     parser.add_argument("--save_individual", action="store_true", help="Also write each image into a folder named after --out.")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+    parser.add_argument("--device", type=device_type, default=None, help="cpu or cuda (default: cuda when available).")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
     parser.add_argument("--fast", action="store_true", help="Keep the whole chain on the device (ddpm_hf.fast_sampling): the same images as without it in fp32.")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="With --fast: run the UNet under bf16 autocast.")

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .arguments import bounded, local_path_or_hub_id, output_file
+from .arguments import device as device_type
 from .errors import UserError
+from .sampling import SAMPLER_CHOICES
 from .run_folder import LOSS_FIGURE, PROGRESS_FIGURE, RunFolder
 
 FORWARD_TIMESTEPS = (0, 50, 100, 250, 500, 750, 999)
@@ -401,16 +404,17 @@ def run_forward(args) -> None:
 
 
 def run_reverse(args) -> None:
-    from .sampling import load_pipeline
+    from .sampling import load_pipeline, make_sampler
 
     seeds = parse_int_list(args.seeds, "--seeds")
-    pipeline = load_pipeline(args.model, args.scheduler, args.device, args.revision)
+    pipeline = load_pipeline(args.model, device=args.device, revision=args.revision)
     total = pipeline.scheduler.config.num_train_timesteps
-    steps = args.steps if args.steps is not None else (total if args.scheduler == "ddpm" else 50)
+    steps = args.steps if args.steps is not None or args.scheduler in ("ddpm", "auto") else 50
+    sampler = make_sampler(pipeline.scheduler, args.scheduler, steps)
     timesteps = parse_int_list(args.timesteps, "--timesteps") if args.timesteps else sorted({min(t, total - 1) for t in FORWARD_TIMESTEPS}, reverse=True)
-    chain = reverse_chain(pipeline.unet, pipeline.scheduler, seeds, steps, timesteps, pipeline.device)
+    chain = reverse_chain(pipeline.unet, sampler.scheduler, seeds, sampler.steps, timesteps, pipeline.device)
     save_figure(reverse_figure(chain), args.out)
-    print(f"wrote {args.out} (seeds {','.join(map(str, seeds))}, {steps} {args.scheduler} steps, shown at t = {','.join(map(str, chain.timesteps))})")
+    print(f"wrote {args.out} (seeds {','.join(map(str, seeds))}, {sampler.describe()}, shown at t = {','.join(map(str, chain.timesteps))})")
 
 
 def add_cli(subparsers) -> None:
@@ -418,29 +422,29 @@ def add_cli(subparsers) -> None:
     commands = parser.add_subparsers(dest="figure", metavar="FIGURE", required=True)
 
     forward = commands.add_parser("forward", help="Real images noised at t = 0 .. T-1, and abar_t and SNR(t) of the linear and cosine schedules.")
-    forward.add_argument("--dataset", default="builtin:cifar10-1k", help="Like train_ddpm.py --dataset (default: the CIFAR-10 subset shipped with the package).")
+    forward.add_argument("--dataset", default="builtin:cifar10-1k", type=local_path_or_hub_id, help="Like train_ddpm.py --dataset (default: the CIFAR-10 subset shipped with the package).")
     forward.add_argument("--dataset_config", default=None, help="Configuration name of a Hub dataset, if it has several.")
     forward.add_argument("--split", default="train")
     forward.add_argument("--image_column", default=None)
-    forward.add_argument("--num_images", type=int, default=4, help="Rows: images taken in order from --first_image.")
-    forward.add_argument("--first_image", type=int, default=0, help="Index of the first image shown.")
-    forward.add_argument("--resolution", type=int, default=32)
+    forward.add_argument("--num_images", type=bounded(int, ge=1), default=4, help="Rows: images taken in order from --first_image.")
+    forward.add_argument("--first_image", type=bounded(int, ge=0), default=0, help="Index of the first image shown.")
+    forward.add_argument("--resolution", type=bounded(int, ge=1), default=32)
     forward.add_argument("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
-    forward.add_argument("--beta_start", type=float, default=1e-4)
-    forward.add_argument("--beta_end", type=float, default=0.02)
-    forward.add_argument("--num_train_timesteps", type=int, default=1000, help="T.")
+    forward.add_argument("--beta_start", type=bounded(float, gt=0, lt=1), default=1e-4)
+    forward.add_argument("--beta_end", type=bounded(float, gt=0, lt=1), default=0.02)
+    forward.add_argument("--num_train_timesteps", type=bounded(int, ge=2), default=1000, help="T.")
     forward.add_argument("--timesteps", default=None, help="Columns, comma-separated (default: 0,50,100,250,500,750,999).")
-    forward.add_argument("--seed", type=int, default=0, help="Seed of the noise eps (one per image, the same at every t).")
-    forward.add_argument("--out", default="forward.png", help="Where to write the figure (PNG).")
+    forward.add_argument("--seed", type=bounded(int, ge=0), default=0, help="Seed of the noise eps (one per image, the same at every t).")
+    forward.add_argument("--out", type=output_file, default="forward.png", help="Where to write the figure (PNG).")
     forward.set_defaults(func=run_forward)
 
     reverse = commands.add_parser("reverse", help="The reverse chain of a saved pipeline: x_t and the predicted x_0 at chosen steps.")
-    reverse.add_argument("--model", required=True, help="Training OUTPUT_DIR or Hub id (user/name).")
+    reverse.add_argument("--model", required=True, type=local_path_or_hub_id, help="Training OUTPUT_DIR or Hub id (user/name).")
     reverse.add_argument("--seeds", default="0,1,2", help="One pair of rows per seed, comma-separated; seed s gives the image `ddpm-hf sample --seed s --num_images 1` gives.")
-    reverse.add_argument("--scheduler", default="ddpm", help="ddpm (the paper's ancestral sampler) or ddim.")
-    reverse.add_argument("--steps", type=int, default=None, help="Denoising steps (default: T for ddpm, 50 for ddim).")
+    reverse.add_argument("--scheduler", default="ddpm", choices=SAMPLER_CHOICES, help="ddpm (the paper's ancestral sampler), ddim, dpmsolver, or auto.")
+    reverse.add_argument("--steps", type=bounded(int, ge=1), default=None, help="Denoising steps (default: T for ddpm, 50 for ddim).")
     reverse.add_argument("--timesteps", default=None, help="Steps shown, comma-separated; each is moved to the nearest step the sampler visits (default: 999,750,500,250,100,50,0).")
-    reverse.add_argument("--out", default="reverse.png", help="Where to write the figure (PNG).")
-    reverse.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+    reverse.add_argument("--out", type=output_file, default="reverse.png", help="Where to write the figure (PNG).")
+    reverse.add_argument("--device", type=device_type, default=None, help="cpu or cuda (default: cuda when available).")
     reverse.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
     reverse.set_defaults(func=run_reverse)

@@ -22,6 +22,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from PIL import Image
 
 from ddpm_hf import evaluation, fid, nll
+from ddpm_hf.cli import OneLineErrorParser
 from ddpm_hf.errors import UserError
 from ddpm_hf.losses import DDPMLoss
 from ddpm_hf.models import build_unet
@@ -39,8 +40,8 @@ def private_cache(tmp_path, monkeypatch):
 
 def cli(*argv: str) -> None:
     """Run `ddpm-hf <argv>` through this module's own subcommands."""
-    parser = argparse.ArgumentParser(prog="ddpm-hf")
-    evaluation.add_cli(parser.add_subparsers(dest="command"))
+    parser = OneLineErrorParser(prog="ddpm-hf")
+    evaluation.add_cli(parser.add_subparsers(dest="command", parser_class=OneLineErrorParser))
     args = parser.parse_args(list(argv))
     args.func(args)
 
@@ -312,7 +313,7 @@ def test_command_line_mistakes_are_user_errors(tmp_path):
         fid.resolve_statistics("cifar10-train", resolution=64)
     # a missing path is named as the user gave it: a positional PATH_A, or --reference of `evaluate`
     missing = str(tmp_path / "no-such-folder")
-    with pytest.raises(UserError, match=f"^PATH_A {re.escape(missing)}: no such file or folder"):
+    with pytest.raises(UserError, match=f"^argument PATH_A: {re.escape(missing)}: no such file or folder"):
         cli("fid", missing, missing)
     with pytest.raises(UserError, match=f"^--reference {re.escape(missing)}: no such file or folder"):
         evaluation.FIDEvaluator(missing, device="cpu")

@@ -95,9 +95,9 @@ def test_sample_out_that_cannot_be_created_is_a_one_line_error_before_any_work(t
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
     result = subprocess.run(
-        [sys.executable, "-m", "ddpm_hf", "sample", "--model", str(tmp_path / "no-model"), "--out", str(blocker / "sub" / "grid.png")],
+        [sys.executable, "-m", "ddpm_hf", "sample", "--model", "user/model", "--out", str(blocker / "sub" / "grid.png")],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --out") and "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: argument --out") and "cannot be created" in lines[0] and "Traceback" not in result.stderr

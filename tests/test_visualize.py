@@ -128,7 +128,7 @@ def test_forward_cli_writes_a_labelled_figure_one_row_per_image(tmp_path, capsys
     [
         (["--timesteps", "0,1000"], "timesteps run from 0 to 999"),
         (["--timesteps", "0,a"], "whole numbers"),
-        (["--num_images", "0"], "--num_images must be positive"),
+        (["--num_images", "0"], "--num_images: must be >= 1, got 0"),
         (["--dataset", "./no/such/folder"], "no such file or folder"),
         (["--beta_start", "0.5"], "beta_start"),
     ],
@@ -152,7 +152,7 @@ def test_reverse_chain_is_the_stock_pipelines_chain(tmp_path, capsys, micro_unet
 
     output_dir = train_micro(train_in_process, tmp_path, micro_unet_config)
     for scheduler, pipeline_class, steps in (("ddpm", DDPMPipeline, 10), ("ddim", DDIMPipeline, 5)):
-        pipeline = load_pipeline(output_dir, scheduler, device="cpu")
+        pipeline = load_pipeline(output_dir, scheduler, device="cpu", steps=steps)
         chain = visualize.reverse_chain(pipeline.unet, pipeline.scheduler, seeds=[3, 5], num_inference_steps=steps, timesteps=(999, 480, 0))
         pipeline.scheduler.set_timesteps(steps)
         visited = [int(t) for t in pipeline.scheduler.timesteps]
@@ -185,10 +185,10 @@ def test_reverse_chain_is_the_stock_pipelines_chain(tmp_path, capsys, micro_unet
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--steps", "5000"], "give 1 to 1000"),
+        (["--steps", "5000"], "must be between 1 and the model's T = 1000"),
         (["--seeds", ""], "--seeds is empty"),
         (["--timesteps", "-1"], "timesteps run from 0 to 999"),
-        (["--scheduler", "euler"], "unknown scheduler"),
+        (["--scheduler", "euler"], "invalid choice: 'euler'"),
     ],
 )
 def test_reverse_cli_errors_say_what_to_fix(tmp_path, capsys, micro_unet_config, arguments, message):
