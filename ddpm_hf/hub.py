@@ -3,7 +3,10 @@
 What goes up is what a user needs to load and judge the model, and nothing else (`ALLOWED`): the pipeline
 (`model_index.json`, `unet/`, `scheduler/`), the model card `README.md`, the latest sample grid,
 `training_config.json`, `eval.json` when an evaluation has run, and the custom pipeline file
-`ddpm_trajectory.py`. Checkpoints, optimizer state, logs and tokens never leave the machine.
+`ddpm_trajectory.py`. Checkpoints, optimizer state, logs and tokens never leave the machine, and neither do the
+machine's paths: `training_config.json`, `eval.json` and the card carry only the names of local files and
+folders (`public_training_config`, `public_eval`). A push makes the repo's `ALLOWED` files exactly those of the
+run pushed.
 
 The repo stays a stock diffusers repo: `DDPMPipeline.from_pretrained("user/name")` and
 `DDIMPipeline.from_pretrained("user/name")` load it with no extra code, and
@@ -16,31 +19,39 @@ loads it at the same revision as the weights).
     pusher = HubPusher(repo_id, token, private, output_dir)
     pusher.check()                  # before the first training step: token, repo id, create the repo
     pusher.push_in_background(step) # every --push_every steps, after saving the pipeline: never waits on the network
-    pusher.push_final(step)         # at the end: blocking, retried; a failure is a `UserError`
+    pusher.push_final(step)         # at the end: blocking, retried; a failure, Ctrl-C or SIGTERM is a `UserError`
+
+The run folder's file names and the reading of its JSON files belong to `run_folder.RunFolder`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
+import signal
 import struct
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .arguments import existing_folder
 from .errors import UserError
+from .run_folder import EVAL_FILE, SAMPLE_GRID_GLOB, TRAINING_CONFIG, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +61,8 @@ CUSTOM_PIPELINE_NAME = "ddpm_trajectory"
 CUSTOM_PIPELINE_FILENAME = f"{CUSTOM_PIPELINE_NAME}.py"
 CUSTOM_PIPELINE_CLASS = "DDPMTrajectoryPipeline"
 
-# Everything a push may put in the repo. Only the latest `samples/step_*.png` goes up; older grids are deleted
-# from the repo so that the card's image is the current one.
+# Everything a push may put in the repo. A push deletes from the repo every file matching these that it does not
+# upload itself (an older sample grid, the eval.json of another run), and leaves other files alone.
 ALLOWED = (
     "model_index.json",
     "unet/config.json",
@@ -59,12 +70,11 @@ ALLOWED = (
     "unet/*.safetensors.index.json",
     "scheduler/scheduler_config.json",
     "README.md",
-    "samples/step_*.png",
-    "training_config.json",
-    "eval.json",
+    SAMPLE_GRID_GLOB,
+    TRAINING_CONFIG,
+    EVAL_FILE,
     CUSTOM_PIPELINE_FILENAME,
 )
-SAMPLES_GLOB = "samples/step_*.png"
 
 # The files `save_pretrained` writes that a pipeline cannot load without.
 REQUIRED = ("model_index.json", "unet/config.json", "unet/*.safetensors", "scheduler/scheduler_config.json")
@@ -72,9 +82,24 @@ REQUIRED = ("model_index.json", "unet/config.json", "unet/*.safetensors", "sched
 # The hub datasets that our built-in datasets are subsets of, for the card's `datasets` metadata.
 BUILTIN_DATASET_SOURCES = {"builtin:cifar10-1k": "uoft-cs/cifar10"}
 
+# The machine's paths stay on the machine. In training_config.json and eval.json, the values of the *_LOCAL_KEYS
+# are always files or folders there: only their last part goes up. The values of the *_HUB_OR_LOCAL_KEYS are a
+# Hub id, a local path or a plain name (`cifar10-train`): a local path goes up as LOCAL_PREFIX + its last part, so
+# that nobody takes it for a Hub id. Paths in any other text go the same way.
+CONFIG_LOCAL_KEYS = ("output_dir", "config", "model_config", "resume_from_checkpoint", "logging_dir")
+CONFIG_HUB_OR_LOCAL_KEYS = ("dataset", "init_from")
+EVAL_LOCAL_KEYS = ("file",)
+EVAL_HUB_OR_LOCAL_KEYS = ("model", "reference", "spec", "dataset", "source")
+LOCAL_PREFIX = "local:"
+
 DEFAULT_LICENSE = "apache-2.0"
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
-_STEP_RE = re.compile(r"step_(\d+)\.png$")
+DEFAULT_REPO_NAME = "ddpm"  # when nothing of the output folder's name is usable
+
+# "namespace/name" with the characters the Hub allows; `hub_id` adds the rest of the rules.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# A word of free text that may be a path: it holds a slash, a backslash or a ~.
+_PATH_TOKEN = re.compile(r"[^\s()\[\]{},;'\"`]*[/\\~][^\s()\[\]{},;'\"`]*")
 
 
 # ---- what is uploaded -----------------------------------------------------------------------------
@@ -90,31 +115,26 @@ def default_custom_pipeline_file() -> Optional[Path]:
     return None
 
 
-def latest_sample(output_dir: Union[str, os.PathLike]) -> Optional[Path]:
-    """The sample grid of the highest step in `output_dir/samples/`, or None."""
-    grids = []
-    for path in Path(output_dir).glob("samples/step_*.png"):
-        match = _STEP_RE.search(path.name)
-        if match and path.is_file():
-            grids.append((int(match.group(1)), path))
-    return max(grids)[1] if grids else None
-
-
 def _local_files(output_dir: Path, custom_pipeline_file: Optional[Path]) -> dict[str, Path]:
     """Repo path -> local file for everything uploaded from disk (the card, README.md, is generated)."""
     files: dict[str, Path] = {}
     for pattern in ALLOWED:
-        if pattern in ("README.md", SAMPLES_GLOB, CUSTOM_PIPELINE_FILENAME):
+        if pattern in ("README.md", SAMPLE_GRID_GLOB, CUSTOM_PIPELINE_FILENAME):
             continue
         for path in sorted(output_dir.glob(pattern)):
             if path.is_file():
                 files[path.relative_to(output_dir).as_posix()] = path
-    sample = latest_sample(output_dir)
+    sample = RunFolder(output_dir).latest_sample_grid()
     if sample is not None:
-        files[sample.relative_to(output_dir).as_posix()] = sample
+        files[Path(sample).relative_to(output_dir).as_posix()] = Path(sample)
     if custom_pipeline_file is not None:
         files[CUSTOM_PIPELINE_FILENAME] = Path(custom_pipeline_file)
     return files
+
+
+def is_allowed(repo_path: str) -> bool:
+    """Whether `repo_path` is one of the files a push manages (`ALLOWED`)."""
+    return any(fnmatch.fnmatchcase(repo_path, pattern) for pattern in ALLOWED)
 
 
 def files_to_upload(output_dir: Union[str, os.PathLike], custom_pipeline_file: Optional[Union[str, os.PathLike]] = None) -> list[str]:
@@ -139,14 +159,120 @@ def check_pipeline_folder(output_dir: Union[str, os.PathLike]) -> None:
         )
 
 
+# ---- Hub ids and local paths ----------------------------------------------------------------------
+
+
+def _search_folders(run_dir: Optional[Union[str, os.PathLike]]) -> list[Path]:
+    """Where a relative path recorded in a run folder may have been resolved from.
+
+    Training ran in some folder we do not know; it is usually one above the run folder (the default OUTPUT_DIR
+    is relative to it), so those count, whatever folder the push runs from. The current folder counts too: a
+    path that exists from here is not a Hub id.
+    """
+    folders = [Path.cwd()]
+    if run_dir is not None:
+        folders += Path(run_dir).resolve().parents
+    return folders
+
+
+def _last_part(path: str) -> str:
+    parts = [p for p in re.split(r"[\\/]+", os.path.expanduser(path)) if p]
+    return parts[-1] if parts else path
+
+
+def local_path_name(value: str, run_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[str]:
+    """The last part of `value` ("imgs" for "data/imgs") when `value` is a path on this machine, else None.
+
+    A path is absolute, starts with ~, ./ or ../, holds a backslash, or exists relative to a folder of
+    `_search_folders(run_dir)`. A relative path that exists nowhere any more is not recognised.
+    """
+    text = value.strip()
+    if not text:
+        return None
+    if text.startswith(("/", "~", "./", "../")) or "\\" in text or re.match(r"[A-Za-z]:[\\/]", text):
+        return _last_part(text)
+    for folder in _search_folders(run_dir):
+        try:
+            if (folder / text).exists():
+                return _last_part(text)
+        except (OSError, ValueError):  # a name the file system cannot hold is no path here
+            pass
+    return None
+
+
+def hub_id(value: Any, run_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[str]:
+    """`value` if it is a Hub repo id, "namespace/name", and not a path on this machine; else None.
+
+    The one test in this module for "Hub id or local path". `run_dir` is the run folder the value was recorded
+    in: a relative path is recognised from it and the folders above it, where training usually ran, so that
+    pushing from another folder does not turn `data/imgs` into a Hub id.
+    """
+    if not isinstance(value, str) or not _HUB_ID.fullmatch(value):
+        return None
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return None
+    return None if local_path_name(value, run_dir) is not None else value
+
+
+def _without_paths(values: dict[str, Any], run_dir, local_keys: tuple[str, ...], hub_or_local_keys: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of `values` in which the training machine's paths are reduced to their last part (see the keys above)."""
+
+    def public_text(text: str) -> str:
+        def replace(match: re.Match) -> str:
+            name = local_path_name(match.group(0), run_dir)
+            return match.group(0) if name is None else LOCAL_PREFIX + name
+
+        return _PATH_TOKEN.sub(replace, text)
+
+    def public(key: Optional[str], value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: public(k, v) for k, v in value.items() if k != "hub_token"}  # the token never goes up
+        if isinstance(value, list):
+            return [public(key, v) for v in value]
+        if not isinstance(value, str):
+            return value
+        if key in local_keys:
+            return _last_part(value)
+        if key in hub_or_local_keys and hub_id(value, run_dir) is None:
+            name = local_path_name(value, run_dir)
+            if name is not None:
+                return LOCAL_PREFIX + name
+        return public_text(value)
+
+    return public(None, values)
+
+
+def public_training_config(values: dict[str, Any], run_dir: Optional[Union[str, os.PathLike]] = None) -> dict[str, Any]:
+    """training_config.json as uploaded: `--output_dir /home/me/runs/a` becomes "a", `--dataset data/imgs` (a local
+    folder) "local:imgs"; a Hub id stays. `run_dir` is the run folder it was read from. Never the token."""
+    return _without_paths(values, run_dir, CONFIG_LOCAL_KEYS, CONFIG_HUB_OR_LOCAL_KEYS)
+
+
+def public_eval(values: dict[str, Any], run_dir: Optional[Union[str, os.PathLike]] = None) -> dict[str, Any]:
+    """eval.json as uploaded: the evaluated model, the reference and its statistics file without their paths."""
+    return _without_paths(values, run_dir, EVAL_LOCAL_KEYS, EVAL_HUB_OR_LOCAL_KEYS)
+
+
+def _hub_datasets(dataset: Optional[str], run_dir: Optional[Union[str, os.PathLike]] = None) -> list[str]:
+    """The Hub dataset ids a training dataset refers to (none for a local folder or file)."""
+    if dataset in BUILTIN_DATASET_SOURCES:
+        return [BUILTIN_DATASET_SOURCES[dataset]]
+    found = hub_id(dataset, run_dir)
+    return [found] if found is not None else []
+
+
 # ---- model card -----------------------------------------------------------------------------------
 
 
 def _read_json(path: Path) -> Optional[dict]:
-    if not path.is_file():
+    """A pipeline part's config (unet/config.json, scheduler/scheduler_config.json), or None."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError):
         return None
-    with open(path) as f:
-        value = json.load(f)
     return value if isinstance(value, dict) else None
 
 
@@ -164,17 +290,6 @@ def count_parameters(unet_dir: Union[str, os.PathLike]) -> int:
                     count *= dim
                 total += count
     return total
-
-
-def _hub_datasets(dataset: Optional[str]) -> list[str]:
-    """The Hub dataset ids a training dataset name refers to (none for a local folder or file)."""
-    if not dataset:
-        return []
-    if dataset in BUILTIN_DATASET_SOURCES:
-        return [BUILTIN_DATASET_SOURCES[dataset]]
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", dataset) and not os.path.exists(dataset):
-        return [dataset]
-    return []
 
 
 def _architecture(unet: dict) -> str:
@@ -197,6 +312,34 @@ def _architecture(unet: dict) -> str:
     return text
 
 
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "not recorded" if value is None else str(value)
+
+
+def fid_setup(evaluation: dict[str, Any]) -> str:
+    """How a FID of eval.json was measured, e.g. "ddpm 100 steps" (with the network evaluations when they differ)."""
+    sampler, steps, nfe = evaluation.get("scheduler"), evaluation.get("steps"), evaluation.get("nfe")
+    if sampler is None and steps is None:
+        return "sampler not recorded"
+    text = " ".join(part for part in (sampler, f"{steps} steps" if steps is not None else None) if part is not None)
+    if nfe is not None and nfe != steps:
+        text += f" ({nfe} network evaluations)"
+    return text
+
+
+def _dataset_text(dataset: Any, hub_datasets: list[str]) -> str:
+    if isinstance(dataset, str) and dataset.startswith(LOCAL_PREFIX):
+        return f"`{dataset[len(LOCAL_PREFIX):]}` (a local dataset, not on the Hub)"
+    if isinstance(dataset, str) and dataset in hub_datasets:
+        return f"[`{dataset}`](https://huggingface.co/datasets/{dataset})"
+    return f"`{dataset}`"
+
+
+def load_arguments(repo_id: str, revision: Optional[str] = None) -> str:
+    """The arguments of `from_pretrained` that load `repo_id` at `revision`: '"user/name", revision="dev"'."""
+    return f'"{repo_id}"' + (f', revision="{revision}"' if revision and revision != "main" else "")
+
+
 def build_model_card(
     output_dir: Union[str, os.PathLike],
     repo_id: str,
@@ -205,33 +348,42 @@ def build_model_card(
     hardware: Optional[str] = None,
     license: str = DEFAULT_LICENSE,
     custom_pipeline: bool = True,
+    revision: Optional[str] = None,
+    run_dir: Optional[Union[str, os.PathLike]] = None,
 ) -> ModelCard:
-    """The model card (README.md) of the pipeline in `output_dir` as pushed to `repo_id`.
+    """The model card (README.md) of the pipeline in `output_dir` as pushed to `repo_id` at `revision`.
 
-    Reads `unet/config.json`, `scheduler/scheduler_config.json`, `training_config.json` and `eval.json` when
-    present. `step` is the training step of the weights (default: the configured `max_train_steps`);
-    `hardware` is a free text such as "1 x NVIDIA A100".
+    Reads `unet/config.json`, `scheduler/scheduler_config.json`, training_config.json and eval.json when
+    present, without the machine's paths (`public_training_config`, `public_eval`). `step` is the training step
+    of the weights (default: the step eval.json's FID was measured at, as in best/, else the configured
+    `max_train_steps`); `hardware` is a free text such as "1 x NVIDIA A100". `run_dir` is where the run folder
+    lives when `output_dir` is a snapshot of it.
     """
     output_dir = Path(output_dir)
+    run_dir = Path(run_dir) if run_dir is not None else output_dir
+    folder = RunFolder(output_dir)
     unet = _read_json(output_dir / "unet" / "config.json") or {}
     scheduler = _read_json(output_dir / "scheduler" / "scheduler_config.json") or {}
-    config = _read_json(output_dir / "training_config.json") or {}
-    evaluation = _read_json(output_dir / "eval.json")
-    sample = latest_sample(output_dir)
-    datasets = _hub_datasets(config.get("dataset"))
+    config = public_training_config(folder.read_training_config() or {}, run_dir)
+    evaluation = public_eval(folder.read_eval(), run_dir)
+    fid = evaluation if "fid" in evaluation else None
+    grids = folder.sample_grids()
+    datasets = _hub_datasets(config.get("dataset"), run_dir)
     name = repo_id.split("/")[-1]
+    load = load_arguments(repo_id, revision)
 
     eval_results = None
-    if evaluation is not None and "fid" in evaluation:
+    if fid is not None:
+        reference = str(fid.get("reference", "unknown"))
         eval_results = [
             EvalResult(
                 task_type="unconditional-image-generation",
                 task_name="Unconditional Image Generation",
-                dataset_type=datasets[0] if datasets else str(evaluation.get("reference", "unknown")),
-                dataset_name=str(evaluation.get("reference", config.get("dataset", "unknown"))),
+                dataset_type=datasets[0] if datasets else reference,
+                dataset_name=reference,
                 metric_type="fid",
-                metric_name=f"FID ({evaluation.get('num_samples')} samples, {evaluation.get('scheduler')} {evaluation.get('steps')} steps)",
-                metric_value=float(evaluation["fid"]),
+                metric_name=f"FID ({_count(fid.get('num_samples'))} samples, {fid_setup(fid)})",
+                metric_value=float(fid["fid"]),
             )
         ]
     card_data = ModelCardData(
@@ -244,6 +396,8 @@ def build_model_card(
         eval_results=eval_results,
     )
 
+    if step is None and fid is not None and isinstance(fid.get("step"), int):
+        step = fid["step"]  # best/: the weights are those the FID was measured on
     steps_text = f"{step:,}" if step is not None else f"{config['max_train_steps']:,} (configured)" if "max_train_steps" in config else "unknown"
     rows = [
         ("Architecture", _architecture(unet) if unet else "`UNet2DModel`"),
@@ -258,7 +412,7 @@ def build_model_card(
     ]
     if config:
         rows += [
-            ("Dataset", f"`{config.get('dataset')}`" + (f" (split {config.get('split')}, {config.get('resolution')}px)" if config.get("split") else "")),
+            ("Dataset", _dataset_text(config.get("dataset"), datasets) + (f" (split {config.get('split')}, {config.get('resolution')}px)" if config.get("split") else "")),
             ("Batch size", f"{config.get('train_batch_size')} (global)"),
             (
                 "Optimizer",
@@ -279,18 +433,18 @@ def build_model_card(
         "`DDPMPipeline`: no code from this repo is needed to use it.",
         "## Training\n\n" + table,
     ]
-    if sample is not None:
-        sample_step = int(_STEP_RE.search(sample.name).group(1))
-        sample_path = sample.relative_to(output_dir).as_posix()
-        sections.append(f"## Samples\n\nSamples at training step {sample_step:,}:\n\n![samples]({sample_path})")
+    if grids:
+        sample_step, sample = grids[-1]
+        sections.append(f"## Samples\n\nSamples at training step {sample_step:,}:\n\n![samples]({Path(sample).relative_to(output_dir).as_posix()})")
+    cli_revision = f" --revision {revision}" if revision and revision != "main" else ""
     usage = (
         "## Usage\n\n```python\nimport torch\nfrom diffusers import DDIMPipeline, DDPMPipeline\n\n"
-        f'pipeline = DDPMPipeline.from_pretrained("{repo_id}")\n'
+        f"pipeline = DDPMPipeline.from_pretrained({load})\n"
         "images = pipeline(batch_size=16, generator=torch.Generator().manual_seed(0)).images\n\n"
         "# faster: DDIM with 50 steps on the same weights\n"
-        f'pipeline = DDIMPipeline.from_pretrained("{repo_id}")\n'
+        f"pipeline = DDIMPipeline.from_pretrained({load})\n"
         "images = pipeline(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images\n```\n\n"
-        f"or from the command line: `ddpm-hf sample --model {repo_id}`."
+        f"or from the command line: `ddpm-hf sample --model {repo_id}{cli_revision}`."
     )
     sections.append(usage)
     if custom_pipeline:
@@ -298,15 +452,16 @@ def build_model_card(
             "### The denoising trajectory\n\n"
             f"`{CUSTOM_PIPELINE_FILENAME}` in this repo is a custom pipeline ({CUSTOM_PIPELINE_CLASS}) that also returns every "
             "step of the reverse process:\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
-            f'pipeline = DiffusionPipeline.from_pretrained("{repo_id}", custom_pipeline="{CUSTOM_PIPELINE_NAME}", trust_remote_code=True)\n'
+            f'pipeline = DiffusionPipeline.from_pretrained({load}, custom_pipeline="{CUSTOM_PIPELINE_NAME}", trust_remote_code=True)\n'
             "output = pipeline(batch_size=4, num_inference_steps=50, return_trajectory=True)\n"
             "output.trajectory_x_t  # one tensor per step\n```"
         )
-    if evaluation is not None and "fid" in evaluation:
+    if fid is not None:
+        measured_at = f"step {fid['step']:,}" if isinstance(fid.get("step"), int) else "these weights"
         sections.append(
-            "## Evaluation\n\n| Metric | Value | Samples | Sampler | Reference |\n|---|---|---|---|---|\n"
-            f"| FID | {float(evaluation['fid']):.2f} | {evaluation.get('num_samples')} | {evaluation.get('scheduler')}, "
-            f"{evaluation.get('steps')} steps | {evaluation.get('reference')} |"
+            "## Evaluation\n\n| Metric | Value | Samples | Sampler | Seed | Reference | Weights |\n|---|---|---|---|---|---|---|\n"
+            f"| FID | {float(fid['fid']):.2f} | {_count(fid.get('num_samples'))} | {fid_setup(fid)} | {_count(fid.get('seed'))} | "
+            f"{fid.get('reference', 'not recorded')} | {measured_at} |"
         )
     content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
     return ModelCard(content)
@@ -369,17 +524,54 @@ def _describe(error: BaseException) -> str:
 # ---- pushing --------------------------------------------------------------------------------------
 
 
+def default_repo_name(output_dir: Union[str, os.PathLike]) -> str:
+    """A valid repo name from the output folder's name: "my run (v2)" -> "my-run-v2".
+
+    Letters are reduced to ASCII, every other run of characters the Hub refuses becomes one '-', '--' and '..'
+    are collapsed, and the ends are trimmed; "ddpm" when nothing is left.
+    """
+    name = unicodedata.normalize("NFKD", Path(output_dir).resolve().name).encode("ascii", "ignore").decode()
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+    name = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", name))
+    name = name[:96].strip("-._")
+    if name.endswith(".git"):
+        name = name[: -len(".git")].strip("-._")
+    return name or DEFAULT_REPO_NAME
+
+
+class _Terminated(BaseException):
+    """SIGTERM during a blocking push. Raised in the main thread instead of dying at once, so that `finally`
+    removes the snapshot folders (a full pipeline copy each). A BaseException, like KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    # Only the main thread may set handlers, and a handler someone else installed (training's graceful stop) wins.
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handle(signum, frame):
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @dataclass
 class _Upload:
     """What one push sends: repo path -> local file or content. `folder` is a snapshot to delete afterwards."""
 
     step: Optional[int]
     contents: dict[str, Union[Path, bytes]]
-    folder: Optional[tempfile.TemporaryDirectory] = field(default=None, repr=False)
+    folder: Optional[Path] = None
 
     def cleanup(self) -> None:
         if self.folder is not None:
-            self.folder.cleanup()
+            shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
 
 
@@ -387,7 +579,7 @@ class HubPusher:
     """Pushes the pipeline in `output_dir` to the Hub repo `repo_id`, with the same token for every call.
 
     Args:
-        repo_id: "user/name" or "org/name"; None: "<your user name>/<basename of output_dir>".
+        repo_id: "user/name" or "org/name"; None: "<your user name>/<output_dir's name made valid>".
         token: a Hub token; None: `HF_TOKEN`, then the token saved by `hf auth login`.
         private: create the repo as private (an existing repo keeps its visibility).
         output_dir: the training run's OUTPUT_DIR.
@@ -399,7 +591,8 @@ class HubPusher:
         max_retries, backoff: the final push retries transient errors `max_retries` times, waiting
             `backoff`, 2 * `backoff`, 4 * `backoff`... seconds.
         custom_pipeline_file: the custom pipeline uploaded as `ddpm_trajectory.py`; None: the package's.
-        repo_flag, token_flag: the option names that error messages tell the user to change.
+        command: "training" (train_ddpm.py --push_to_hub) or "push" (`ddpm-hf push`): what error messages advise.
+        repo_flag, token_flag: the option names that error messages tell the user to change; None: those of `command`.
     """
 
     def __init__(
@@ -417,9 +610,12 @@ class HubPusher:
         max_retries: int = 5,
         backoff: float = 2.0,
         custom_pipeline_file: Optional[Union[str, os.PathLike]] = None,
-        repo_flag: str = "--hub_model_id",
-        token_flag: str = "--hub_token",
+        command: str = "training",
+        repo_flag: Optional[str] = None,
+        token_flag: Optional[str] = None,
     ):
+        if command not in ("training", "push"):
+            raise ValueError(f"command must be 'training' or 'push', not {command!r}")
         self.repo_id = repo_id
         self.token = token
         self.private = private
@@ -430,22 +626,36 @@ class HubPusher:
         self.license = license
         self.max_retries = max_retries
         self.backoff = backoff
-        self.repo_flag = repo_flag
-        self.token_flag = token_flag
+        self.command = command
+        self.repo_flag = repo_flag or ("--repo_id" if command == "push" else "--hub_model_id")
+        self.token_flag = token_flag or ("--token" if command == "push" else "--hub_token")
         self.custom_pipeline_file = Path(custom_pipeline_file) if custom_pipeline_file is not None else default_custom_pipeline_file()
         if self.custom_pipeline_file is None:
             logger.warning(f"{CUSTOM_PIPELINE_FILENAME} was not found in the package: the push will not include the custom pipeline.")
         self.api = HfApi(endpoint=endpoint)
         self.user: Optional[str] = None
-        self._token_source = "given with " + token_flag if token else None
+        self._token_source = "given with " + self.token_flag if token else None
         self._checked = False
         self._cond = threading.Condition()
         self._pending: Optional[_Upload] = None
         self._worker: Optional[threading.Thread] = None
+        # Every snapshot of a background push lives in this one temporary folder, so that one rmtree removes them all.
+        self._snapshots: Optional[tempfile.TemporaryDirectory] = None
 
     @property
     def url(self) -> str:
         return f"{self.api.endpoint}/{self.repo_id}"
+
+    def retry_command(self) -> str:
+        """The `ddpm-hf push` command that pushes `output_dir` again, for messages."""
+        command = ["ddpm-hf", "push", str(self.output_dir)]
+        if self.repo_id is not None:
+            command += ["--repo_id", self.repo_id]
+        if self.revision != "main":
+            command += ["--revision", self.revision]
+        if self.license != DEFAULT_LICENSE:
+            command += ["--license", self.license]
+        return shlex.join(command)
 
     # ---- before training ------------------------------------------------------------------------
     def check(self) -> str:
@@ -473,7 +683,7 @@ class HubPusher:
             )
 
         if self.repo_id is None:
-            self.repo_id = f"{self.user}/{self.output_dir.resolve().name}"
+            self.repo_id = f"{self.user}/{default_repo_name(self.output_dir)}"
         elif "/" not in self.repo_id:
             self.repo_id = f"{self.user}/{self.repo_id}"
         try:
@@ -531,15 +741,14 @@ class HubPusher:
             )
         if status == 400:
             return UserError(f"the Hub refused {self.repo_flag} {self.repo_id} ({_describe(error)}). Choose another name.")
+        # What to do meanwhile depends on the command: a training run can go on without the Hub, a push cannot.
+        if self.command == "push":
+            later = f"then run `{self.retry_command()}` again"
+        else:
+            later = "or train without --push_to_hub and push later with `ddpm-hf push OUTPUT_DIR`"
         if is_transient(error):
-            return UserError(
-                f"cannot reach the Hub at {self.api.endpoint} ({_describe(error)}). Check the network (and HF_ENDPOINT), "
-                "or train without --push_to_hub and push later with `ddpm-hf push OUTPUT_DIR`."
-            )
-        return UserError(
-            f"the Hub check for {self.repo_id or 'the repo'} failed ({_describe(error)}). Fix the cause, or train without "
-            "--push_to_hub and push later with `ddpm-hf push OUTPUT_DIR`."
-        )
+            return UserError(f"cannot reach the Hub at {self.api.endpoint} ({_describe(error)}). Check the network (and HF_ENDPOINT), {later}.")
+        return UserError(f"the Hub check for {self.repo_id or 'the repo'} failed ({_describe(error)}). Fix the cause, {later}.")
 
     # ---- pushes ---------------------------------------------------------------------------------
     def push_in_background(self, step: int) -> None:
@@ -573,26 +782,35 @@ class HubPusher:
     def push_final(self, step: Optional[int] = None) -> str:
         """Push the pipeline in `output_dir` and wait for it, retrying transient errors; returns the commit sha.
 
-        Waits for background pushes first. Raises `UserError` when the push fails for good: the local output
-        is untouched and the message says how to push it again.
+        Waits for background pushes first. Raises `UserError` when the push fails for good, or is stopped by Ctrl-C
+        or SIGTERM: the local output is untouched and the message says how to push it again. The snapshots of
+        background pushes are gone when it returns or raises.
         """
-        self.wait()
-        if not self._checked:
-            self.check()
-        check_pipeline_folder(self.output_dir)
-        upload = _Upload(step, self._contents(self.output_dir, step))
-        try:
-            return self._with_retries(lambda: self._commit(upload), f"pushing to {self.repo_id}", None)
-        except UserError:
-            raise
-        except Exception as error:
-            retry = f"ddpm-hf push {self.output_dir} --repo_id {self.repo_id}"
-            if self.revision != "main":
-                retry += f" --revision {self.revision}"
-            raise UserError(
-                f"pushing to {self.url} failed ({_describe(error)}). The local output in {self.output_dir} is "
-                f"intact; push it again with `{retry}`."
-            ) from error
+        with _sigterm_raises():
+            try:
+                self.wait()
+                if not self._checked:
+                    self.check()
+                check_pipeline_folder(self.output_dir)
+                upload = _Upload(step, self._contents(self.output_dir, step))
+                try:
+                    return self._with_retries(lambda: self._commit(upload), f"pushing to {self.repo_id}", None)
+                except UserError:
+                    raise
+                except Exception as error:
+                    raise UserError(
+                        f"pushing to {self.url} failed ({_describe(error)}). The local output in {self.output_dir} is "
+                        f"intact; push it again with `{self.retry_command()}`."
+                    ) from error
+            except (KeyboardInterrupt, _Terminated) as stop:
+                # One line that says how to finish the job, instead of a traceback.
+                by = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
+                raise UserError(
+                    f"the push to {self.url} was stopped by {by}. The local output in {self.output_dir} is intact; push "
+                    f"it again with `{self.retry_command()}`."
+                ) from None
+            finally:
+                self._discard_snapshots()
 
     # ---- internals ------------------------------------------------------------------------------
     def _require_checked(self) -> None:
@@ -600,28 +818,52 @@ class HubPusher:
             raise RuntimeError("HubPusher.check() must run (before training starts) before pushing.")
 
     def _contents(self, folder: Path, step: Optional[int]) -> dict[str, Union[Path, bytes]]:
+        """Repo path -> file or content of a push of `folder` (the output folder or a snapshot of it)."""
         contents: dict[str, Union[Path, bytes]] = dict(_local_files(folder, self.custom_pipeline_file))
-        if "training_config.json" in contents:
-            # Belt and braces: training_config.json never holds the token, but make sure none goes up.
-            config = json.loads(Path(contents["training_config.json"]).read_text())
-            config.pop("hub_token", None)
-            contents["training_config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        run = RunFolder(folder)
+        # The JSON files go up without the machine's paths; paths are judged from where the run lives.
+        for name, read, public in ((TRAINING_CONFIG, run.read_training_config, public_training_config), (EVAL_FILE, run.read_eval, public_eval)):
+            if name in contents:
+                values = read()
+                if values:
+                    contents[name] = (json.dumps(public(values, self.output_dir), indent=2, sort_keys=True) + "\n").encode()
+                else:
+                    logger.warning(f"Hub: {name} in {folder} is not a JSON object; it is not uploaded.")
+                    del contents[name]
         card = build_model_card(
             folder, self.repo_id, step=step, hardware=self.hardware, license=self.license,
-            custom_pipeline=self.custom_pipeline_file is not None,
+            custom_pipeline=self.custom_pipeline_file is not None, revision=self.revision, run_dir=self.output_dir,
         )
         contents["README.md"] = str(card).encode()
         return contents
 
     def _snapshot(self, step: int) -> _Upload:
         check_pipeline_folder(self.output_dir)
-        folder = tempfile.TemporaryDirectory(prefix="ddpm-hf-push-")
-        root = Path(folder.name)
-        for repo_path, source in _local_files(self.output_dir, None).items():
-            target = root / repo_path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-        return _Upload(step, self._contents(root, step), folder)
+        with self._cond:
+            if self._snapshots is None:
+                self._snapshots = tempfile.TemporaryDirectory(prefix="ddpm-hf-push-")
+            root = Path(tempfile.mkdtemp(prefix=f"step-{step}-", dir=self._snapshots.name))
+        upload = _Upload(step, {}, root)
+        try:
+            for repo_path, source in _local_files(self.output_dir, None).items():
+                target = root / repo_path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+            upload.contents = self._contents(root, step)
+        except BaseException:
+            upload.cleanup()
+            raise
+        return upload
+
+    def _discard_snapshots(self) -> None:
+        """Remove every snapshot, the one a background push may still be sending included (it then fails)."""
+        with self._cond:
+            if self._pending is not None:
+                self._pending.cleanup()
+                self._pending = None
+            snapshots, self._snapshots = self._snapshots, None
+        if snapshots is not None:
+            snapshots.cleanup()
 
     def _work(self) -> None:
         while True:
@@ -646,12 +888,10 @@ class HubPusher:
             CommitOperationAdd(path_in_repo=path, path_or_fileobj=value if isinstance(value, bytes) else str(value))
             for path, value in sorted(upload.contents.items())
         ]
+        # The repo's ALLOWED files become exactly this push's: an older grid, or the eval.json and
+        # training_config.json of another run, would describe other weights. Files added by hand stay.
         remote = self.api.list_repo_files(self.repo_id, revision=self.revision, token=self.token)
-        operations += [
-            CommitOperationDelete(path_in_repo=path)
-            for path in remote
-            if fnmatch.fnmatch(path, SAMPLES_GLOB) and path not in upload.contents
-        ]
+        operations += [CommitOperationDelete(path_in_repo=path) for path in remote if is_allowed(path) and path not in upload.contents]
         message = self.commit_message or (f"Upload pipeline (step {upload.step})" if upload.step is not None else "Upload pipeline")
         info = self.api.create_commit(
             self.repo_id, operations, commit_message=message, revision=self.revision, token=self.token
@@ -689,13 +929,17 @@ def run_push(args: argparse.Namespace) -> None:
         revision=args.revision,
         commit_message=args.commit_message,
         license=args.license,
-        repo_flag="--repo_id",
-        token_flag="--token",
+        command="push",
     )
-    pusher.check()
+    try:
+        pusher.check()
+    except KeyboardInterrupt:
+        raise UserError(f"stopped by Ctrl-C before anything was pushed. Push with `{pusher.retry_command()}`.") from None
     sha = pusher.push_final()
+    load = load_arguments(pusher.repo_id, pusher.revision)
+    cli_revision = f" --revision {pusher.revision}" if pusher.revision != "main" else ""
     print(f"Pushed {args.output_dir} to {pusher.url} (revision {pusher.revision}, commit {sha[:7]}): {len(files_to_upload(args.output_dir, pusher.custom_pipeline_file))} files.")
-    print(f'Load it with DDPMPipeline.from_pretrained("{pusher.repo_id}") or `ddpm-hf sample --model {pusher.repo_id}`.')
+    print(f"Load it with DDPMPipeline.from_pretrained({load}) or `ddpm-hf sample --model {pusher.repo_id}{cli_revision}`.")
 
 
 def add_cli(subparsers) -> None:
@@ -704,11 +948,12 @@ def add_cli(subparsers) -> None:
         help="Upload a finished run's pipeline, model card and latest samples to the Hugging Face Hub.",
         description=(
             "Upload OUTPUT_DIR to a Hub model repo: model_index.json, unet/, scheduler/, a model card (README.md), the "
-            "latest sample grid, training_config.json, eval.json and the custom pipeline ddpm_trajectory.py. "
+            "latest sample grid, training_config.json, eval.json and the custom pipeline ddpm_trajectory.py, without "
+            "the machine's paths. Those files of an earlier push that this one does not have are deleted from the repo. "
             "Checkpoints and logs are never uploaded."
         ),
     )
-    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="The training run's output folder (holds model_index.json).")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", type=existing_folder, help="The training run's output folder (holds model_index.json).")
     parser.add_argument("--repo_id", default=None, help="Hub repo, 'user/name' (default: your user name / the folder name).")
     parser.add_argument("--private", action="store_true", help="Create the repo as private.")
     parser.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or `hf auth login`).")

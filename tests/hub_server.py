@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -129,7 +130,7 @@ class HubServer:
         class Handler(_Handler):
             hub = server
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
         self._thread.start()
@@ -229,6 +230,13 @@ class HubServer:
 
     def _sign(self, repo_id: str, oid: str) -> str:
         return hmac.new(self._secret, f"{repo_id}:{oid}".encode(), "sha256").hexdigest()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # A client that went away mid-request (a test killed it or interrupted it) is no server error.
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

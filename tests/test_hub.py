@@ -10,19 +10,24 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 
+from ddpm_hf.cli import main
 from ddpm_hf.config import config_from_dict
 from ddpm_hf.errors import UserError
 from ddpm_hf.hub import (
@@ -31,8 +36,10 @@ from ddpm_hf.hub import (
     HubPusher,
     build_model_card,
     default_custom_pipeline_file,
+    default_repo_name,
     files_to_upload,
 )
+from ddpm_hf.run_folder import RunFolder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +55,10 @@ EXPECTED_FILES = {
     "eval.json",
     CUSTOM_PIPELINE_FILENAME,
 }
+
+
+# An eval.json FID result as `ddpm-hf evaluate` writes it (run_folder.FID_RESULT_KEYS).
+FID_RESULT = {"fid": 123.4567, "num_samples": 1000, "scheduler": "ddim", "steps": 50, "nfe": 50, "seed": 0, "reference": "uoft-cs/cifar10 train"}
 
 
 def tiny_unet(seed: int) -> UNet2DModel:
@@ -84,8 +95,7 @@ def make_output_dir(path: Path, seed: int = 0, evaluation: bool = True) -> Path:
     (path / "best" / "model_index.json").write_text("{}")
     Image.new("RGB", (8, 8)).save(path / "loss.png")
     if evaluation:
-        result = {"fid": 123.4567, "num_samples": 1000, "scheduler": "ddim", "steps": 50, "reference": "uoft-cs/cifar10 train"}
-        (path / "eval.json").write_text(json.dumps(result))
+        RunFolder(path).write_eval(FID_RESULT)
     return path
 
 
@@ -108,6 +118,17 @@ def run_python(code: str, env: dict, timeout: int = 240) -> subprocess.Completed
 
 def run_cli(args: list[str], env: dict, timeout: int = 240) -> subprocess.CompletedProcess:
     return run_python(f"import sys; from ddpm_hf.cli import main; sys.exit(main({args!r}))", env, timeout)
+
+
+def cli_in_process(args: list[str], endpoint: str, monkeypatch, capsys) -> tuple[int, str, str]:
+    """`ddpm-hf ARGS` in this process against `endpoint`: (exit status, stdout, stderr). Faster than `run_cli`."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)  # what HF_ENDPOINT sets at import
+    try:
+        status = main(args)
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 # ---- what is uploaded -----------------------------------------------------------------------------
@@ -303,6 +324,44 @@ def test_push_to_a_branch(hub_server, tmp_path):
     assert set(hub_server.repo_files("alice/tiny-ddpm", "experiment")) == EXPECTED_FILES | {".gitattributes"}
 
 
+def test_push_to_a_branch_tells_how_to_load_that_branch(hub_server, tmp_path, monkeypatch, capsys):
+    # main holds no pipeline: a snippet without the revision would fail.
+    output_dir = make_output_dir(tmp_path / "run")
+    args = ["push", str(output_dir), "--repo_id", "alice/tiny-ddpm", "--token", hub_server.token, "--revision", "dev"]
+    status, out, err = cli_in_process(args, hub_server.url, monkeypatch, capsys)
+    assert status == 0, err
+    assert 'DDPMPipeline.from_pretrained("alice/tiny-ddpm", revision="dev")' in out
+    assert "`ddpm-hf sample --model alice/tiny-ddpm --revision dev`" in out
+    assert set(hub_server.repo_files("alice/tiny-ddpm", "main")) == {".gitattributes"}
+
+    card = hub_server.repo_files("alice/tiny-ddpm", "dev")["README.md"].decode()
+    loads = re.findall(r"from_pretrained\(([^)]*)\)", card)
+    assert len(loads) == 3  # DDPM, DDIM and the custom pipeline
+    assert all(call.startswith('"alice/tiny-ddpm", revision="dev"') for call in loads), loads
+    assert "`ddpm-hf sample --model alice/tiny-ddpm --revision dev`" in card
+
+    # On main, the snippets stay as short as before.
+    card = str(build_model_card(output_dir, "alice/tiny-ddpm", revision="main"))
+    assert "revision" not in card and 'DDPMPipeline.from_pretrained("alice/tiny-ddpm")' in card
+
+
+@pytest.mark.parametrize(
+    "folder, name",
+    [("my run (v2)", "my-run-v2"), ("Modèle  final!!", "Modele-final"), ("..--..", "ddpm"), ("x" * 120, "x" * 96), ("run.git", "run"), ("ddpm-cifar10", "ddpm-cifar10")],
+)
+def test_default_repo_name_is_a_valid_repo_id(folder, name):
+    assert default_repo_name(Path("/somewhere") / folder) == name
+    validate_repo_id(f"alice/{name}")
+
+
+def test_check_derives_a_valid_repo_id_from_any_folder_name(hub_server, tmp_path):
+    output_dir = make_output_dir(tmp_path / "my run (v2)")
+    hub = pusher(hub_server, output_dir, repo_id=None)
+    assert hub.check() == "alice/my-run-v2"
+    hub.push_final(600)
+    assert "model_index.json" in hub_server.repo_files("alice/my-run-v2")
+
+
 # ---- failures -------------------------------------------------------------------------------------
 
 
@@ -378,6 +437,31 @@ def test_push_needs_a_pipeline_folder(hub_server, tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "not a saved pipeline: missing model_index.json" in result.stderr
     assert hub_server.requests == []
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_unreachable_hub_advice_fits_the_command(hub_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # the retries' back-off
+    output_dir = make_output_dir(tmp_path / "run")
+    unreachable = _closed_port_url()
+
+    # `ddpm-hf push`: there is no training to run without --push_to_hub; push again.
+    args = ["push", str(output_dir), "--repo_id", "alice/tiny-ddpm", "--token", hub_server.token]
+    status, _, err = cli_in_process(args, unreachable, monkeypatch, capsys)
+    assert status == 2 and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: cannot reach the Hub at {unreachable}")
+    assert "--push_to_hub" not in line
+    assert line.endswith(f"then run `ddpm-hf push {output_dir} --repo_id alice/tiny-ddpm` again.")
+
+    # Training: it may go on without the Hub.
+    with pytest.raises(UserError, match=r"cannot reach the Hub.*train without --push_to_hub and push later with `ddpm-hf push OUTPUT_DIR`"):
+        HubPusher("alice/tiny-ddpm", hub_server.token, False, output_dir, endpoint=unreachable, backoff=0.01).check()
 
 
 def test_cli_push_with_a_rejected_token_fails_with_one_line(hub_server, tmp_path):
