@@ -14,6 +14,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 # A Hub repo id: "name" or "namespace/name", letters, digits, '-', '_', '.'; never a path (no './', '~', '/x/y').
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -112,10 +113,49 @@ def output_folder(text: str) -> str:
     return text
 
 
-def is_hub_id(name: str) -> bool:
-    """True when `name` can only mean a Hub repo: it is not an existing local path and has a repo id's form.
-    The one rule the package uses wherever a value may be either (datasets, models, references)."""
-    return not os.path.exists(os.path.expanduser(name)) and _HUB_ID.fullmatch(name) is not None
+def _search_folders(run_dir: str | os.PathLike | None) -> list[Path]:
+    """Where a relative path recorded in a run folder may have been resolved from.
+
+    Training ran in some folder we do not know; it is usually one above the run folder (the default OUTPUT_DIR
+    is relative to it), so those count, whatever folder the push runs from. The current folder counts too: a
+    path that exists from here is not a Hub id.
+    """
+    folders = [Path.cwd()]
+    if run_dir is not None:
+        folders += Path(run_dir).resolve().parents
+    return folders
+
+
+def last_part(path: str) -> str:
+    parts = [p for p in re.split(r"[\\/]+", os.path.expanduser(path)) if p]
+    return parts[-1] if parts else path
+
+
+def local_path_name(value: str, run_dir: str | os.PathLike | None = None) -> str | None:
+    """The last part of `value` ("imgs" for "data/imgs") when `value` is a path on this machine, else None.
+
+    A path is absolute, starts with ~, ./ or ../, holds a backslash, or exists relative to a folder of
+    `_search_folders(run_dir)`. A relative path that exists nowhere any more is not recognised.
+    """
+    text = value.strip()
+    if not text:
+        return None
+    if text.startswith(("/", "~", "./", "../")) or "\\" in text or re.match(r"[A-Za-z]:[\\/]", text):
+        return last_part(text)
+    for folder in _search_folders(run_dir):
+        try:
+            if (folder / text).exists():
+                return last_part(text)
+        except (OSError, ValueError):  # a name the file system cannot hold is no path here
+            pass
+    return None
+
+
+def is_hub_id(name: str, run_dir: str | os.PathLike | None = None) -> bool:
+    """True when `name` can only mean a Hub repo: it has a repo id's form and is no path on this machine
+    (`local_path_name`; `run_dir`: the run folder a value was recorded in). The one rule the package uses
+    wherever a value may be either: datasets, models, FID references, the model card."""
+    return _HUB_ID.fullmatch(name) is not None and local_path_name(name, run_dir) is None
 
 
 def local_path_or_hub_id(text: str) -> str:

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from .config import BUILTIN_DATASET_PREFIX
+from .arguments import is_hub_id
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # `datasets` builders whose rows can hold images (a folder of .txt or .csv files is not a dataset to train on).
 _IMAGE_MODULES = ("parquet", "imagefolder", "arrow", "webdataset")
@@ -66,7 +66,7 @@ def load_image_dataset(name: str, split: str = "train", config_name: str | None 
         return _load_parquet_files({split: [path]}, split, name, option)
     if os.path.isdir(path):
         return _load_local_folder(path, split, name, option, config_name)
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1) or not _HUB_ID.match(name):
+    if not is_hub_id(name):
         raise UserError(f"{option} {name}: no such file or folder. Check the path, or give a Hub dataset id like uoft-cs/cifar10.")
     return _load_hub_dataset(name, split, config_name, option)
 

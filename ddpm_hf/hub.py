@@ -49,7 +49,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResul
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .arguments import existing_folder
+from .arguments import existing_folder, is_hub_id, last_part, local_path_name
 from .errors import UserError
 from .run_folder import EVAL_FILE, SAMPLE_GRID_GLOB, TRAINING_CONFIG, RunFolder
 
@@ -97,7 +97,6 @@ TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 DEFAULT_REPO_NAME = "ddpm"  # when nothing of the output folder's name is usable
 
 # "namespace/name" with the characters the Hub allows; `hub_id` adds the rest of the rules.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # A word of free text that may be a path: it holds a slash, a backslash or a ~.
 _PATH_TOKEN = re.compile(r"[^\s()\[\]{},;'\"`]*[/\\~][^\s()\[\]{},;'\"`]*")
 
@@ -162,44 +161,6 @@ def check_pipeline_folder(output_dir: Union[str, os.PathLike]) -> None:
 # ---- Hub ids and local paths ----------------------------------------------------------------------
 
 
-def _search_folders(run_dir: Optional[Union[str, os.PathLike]]) -> list[Path]:
-    """Where a relative path recorded in a run folder may have been resolved from.
-
-    Training ran in some folder we do not know; it is usually one above the run folder (the default OUTPUT_DIR
-    is relative to it), so those count, whatever folder the push runs from. The current folder counts too: a
-    path that exists from here is not a Hub id.
-    """
-    folders = [Path.cwd()]
-    if run_dir is not None:
-        folders += Path(run_dir).resolve().parents
-    return folders
-
-
-def _last_part(path: str) -> str:
-    parts = [p for p in re.split(r"[\\/]+", os.path.expanduser(path)) if p]
-    return parts[-1] if parts else path
-
-
-def local_path_name(value: str, run_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[str]:
-    """The last part of `value` ("imgs" for "data/imgs") when `value` is a path on this machine, else None.
-
-    A path is absolute, starts with ~, ./ or ../, holds a backslash, or exists relative to a folder of
-    `_search_folders(run_dir)`. A relative path that exists nowhere any more is not recognised.
-    """
-    text = value.strip()
-    if not text:
-        return None
-    if text.startswith(("/", "~", "./", "../")) or "\\" in text or re.match(r"[A-Za-z]:[\\/]", text):
-        return _last_part(text)
-    for folder in _search_folders(run_dir):
-        try:
-            if (folder / text).exists():
-                return _last_part(text)
-        except (OSError, ValueError):  # a name the file system cannot hold is no path here
-            pass
-    return None
-
-
 def hub_id(value: Any, run_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[str]:
     """`value` if it is a Hub repo id, "namespace/name", and not a path on this machine; else None.
 
@@ -207,13 +168,13 @@ def hub_id(value: Any, run_dir: Optional[Union[str, os.PathLike]] = None) -> Opt
     in: a relative path is recognised from it and the folders above it, where training usually ran, so that
     pushing from another folder does not turn `data/imgs` into a Hub id.
     """
-    if not isinstance(value, str) or not _HUB_ID.fullmatch(value):
+    if not isinstance(value, str) or "/" not in value or not is_hub_id(value, run_dir):  # the card wants namespace/name
         return None
     try:
         validate_repo_id(value)
     except HFValidationError:
         return None
-    return None if local_path_name(value, run_dir) is not None else value
+    return value
 
 
 def _without_paths(values: dict[str, Any], run_dir, local_keys: tuple[str, ...], hub_or_local_keys: tuple[str, ...]) -> dict[str, Any]:
@@ -234,7 +195,7 @@ def _without_paths(values: dict[str, Any], run_dir, local_keys: tuple[str, ...],
         if not isinstance(value, str):
             return value
         if key in local_keys:
-            return _last_part(value)
+            return last_part(value)
         if key in hub_or_local_keys and hub_id(value, run_dir) is None:
             name = local_path_name(value, run_dir)
             if name is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .arguments import bounded, local_path_or_hub_id, output_file
+from .arguments import bounded, is_hub_id, local_path_or_hub_id, output_file
 from .arguments import device as device_type
 from .errors import UserError
 
@@ -164,7 +164,7 @@ def load_pipeline(model: str, scheduler: str = "ddpm", device: str | None = None
         raise UserError(f"--scheduler {scheduler}: unknown sampler. Choose one of: {', '.join(SAMPLER_CHOICES)}.")
     if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
         raise UserError(f"--model {model} is a folder but not a saved pipeline (no model_index.json). Point it at a training OUTPUT_DIR.")
-    if not os.path.isdir(model) and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+    if not os.path.isdir(model) and not is_hub_id(model):
         raise UserError(f"--model {model}: no such folder. Give a training OUTPUT_DIR or a Hub id like user/name.")
     try:
         pipeline = DDPMPipeline.from_pretrained(model, revision=revision, use_safetensors=True)
