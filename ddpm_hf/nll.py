@@ -14,6 +14,15 @@ Each term is estimated with one x_t ~ q(x_t | x_0) per image, as in the authors'
 
 Indices here are 0-based like diffusers: paper step t is index t - 1, so index 0 holds the decoder,
 indices 1..T-1 the KL terms L_1..L_{T-1}, and the prior uses abar at index T-1.
+
+Learned variances (Nichol & Dhariwal, "Improved Denoising Diffusion Probabilistic Models", ICML 2021,
+arXiv:2102.09672, Sec. 3.1): with the scheduler's variance_type "learned_range" the network outputs 2C
+channels, [mean parameterisation (eps, x_0 or v as prediction_type says), v], and
+
+    Sigma_theta(x_t, t) = exp(frac log beta_t + (1 - frac) log betatilde_t),   frac = (v + 1) / 2   (Eq. 15)
+
+(the paper's v in [0, 1] is frac here; the network's v is nominally in [-1, 1], as diffusers reads it).
+Every term of the bound then uses the model's own log variance, the decoder L_0 included.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import torch
 from .errors import UserError
 
 FIXED_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+LEARNED_VARIANCES = ("learned_range", "learned")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,26 +55,47 @@ def _log_diff_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # Ho et al. (2020), Eq. 13: p(x_0 | x_1) = prod_i int_{delta_-(x_0^i)}^{delta_+(x_0^i)} N(x; mu^i, sigma_1^2) dx,
 # delta_+(x) = inf if x = 1 else x + 1/255, delta_-(x) = -inf if x = -1 else x - 1/255.
-def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """log p(x) per element, for x on the 256-level grid of [-1, 1] and a Gaussian of mean and std e^log_scale.
 
     Uses log Phi (torch.special.log_ndtr) and the symmetry Phi(u) - Phi(l) = Phi(-l) - Phi(-u), so a bin
-    far in either tail keeps its precision instead of rounding to log 0.
+    far in either tail keeps its precision instead of rounding to log 0. Computed in `dtype`: float64 for
+    the bound; training (losses.HybridLoss) passes float32, which every accelerator has.
     """
-    x, mean, log_scale = x.double(), mean.double(), log_scale.double()
+    x, mean, log_scale = x.to(dtype), mean.to(dtype), log_scale.to(dtype)
     inv_std = torch.exp(-log_scale)
     upper = (x + 1.0 / 255.0 - mean) * inv_std
     lower = (x - 1.0 / 255.0 - mean) * inv_std
     log_cdf_upper = torch.special.log_ndtr(upper)  # log Phi(u): the bin at x = -1 takes all mass below
     log_sf_lower = torch.special.log_ndtr(-lower)  # log (1 - Phi(l)): the bin at x = 1 takes all mass above
-    # Interior bins: log(Phi(u) - Phi(l)), computed in whichever tail the bin lies.
+    # Interior bins: log(Phi(u) - Phi(l)), computed in whichever tail the bin lies. Both tails are evaluated
+    # everywhere and one is kept; where a tail is not kept it gets the harmless bin [-1, 1] instead, so that
+    # under autograd (losses.HybridLoss) its zero gradient stays zero rather than 0 * inf = NaN from log(0).
+    # The values kept are unchanged by this.
+    is_interior = (x >= -0.999) & (x <= 0.999)
     in_upper_tail = lower > 0
-    interior = torch.where(
-        in_upper_tail,
-        _log_diff_exp(torch.special.log_ndtr(-lower), torch.special.log_ndtr(-upper)),
-        _log_diff_exp(log_cdf_upper, torch.special.log_ndtr(lower)),
+    use_upper_tail, use_lower_tail = is_interior & in_upper_tail, is_interior & ~in_upper_tail
+    upper_tail = _log_diff_exp(
+        torch.special.log_ndtr(-torch.where(use_upper_tail, lower, -1.0)), torch.special.log_ndtr(-torch.where(use_upper_tail, upper, 1.0))
     )
+    lower_tail = _log_diff_exp(
+        torch.special.log_ndtr(torch.where(use_lower_tail, upper, 1.0)), torch.special.log_ndtr(torch.where(use_lower_tail, lower, -1.0))
+    )
+    interior = torch.where(in_upper_tail, upper_tail, lower_tail)
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, interior))
+
+
+def learned_range_log_variance(v: torch.Tensor, log_beta: torch.Tensor, log_beta_tilde: torch.Tensor) -> torch.Tensor:
+    """log Sigma_theta = frac log beta_t + (1 - frac) log betatilde_t, frac = (v + 1) / 2   (Nichol & Dhariwal, Eq. 15).
+
+    v is the network's variance output, nominally in [-1, 1] (not clamped, as in diffusers' sampler).
+    `log_beta_tilde` must be the clipped table: betatilde_t is 0 at index 0, so index 0 holds betatilde
+    at index 1 (as in the paper's code). diffusers' `DDPMScheduler._get_variance` instead clamps
+    betatilde_0 to 1e-20 there; its `step` adds no noise at index 0, so sampling never reads that value and
+    the two agree wherever the sampler uses Sigma_theta. Only the decoder L_0 reads index 0.
+    """
+    frac = (v + 1.0) / 2.0
+    return frac * log_beta + (1.0 - frac) * log_beta_tilde
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +109,12 @@ class DiffusionTerms:
     def __init__(self, scheduler, clip_denoised: bool | None = None):
         config = scheduler.config
         variance_type = config.get("variance_type", "fixed_small")
-        if variance_type not in FIXED_VARIANCES:
-            raise UserError(f"the bound is implemented for fixed reverse variances ({', '.join(FIXED_VARIANCES)}); this model has variance_type={variance_type!r}.")
+        if variance_type not in FIXED_VARIANCES + LEARNED_VARIANCES:
+            raise UserError(
+                f"the bound is implemented for the reverse variances {', '.join(FIXED_VARIANCES + LEARNED_VARIANCES)}; this model has variance_type={variance_type!r}."
+            )
+        self.variance_type = variance_type
+        self.learned_variance = variance_type in LEARNED_VARIANCES
         self.large_variance = variance_type.startswith("fixed_large")
         self.prediction_type = config.get("prediction_type", "epsilon")
         self.clip_denoised = bool(config.get("clip_sample", True)) if clip_denoised is None else clip_denoised
@@ -101,6 +136,9 @@ class DiffusionTerms:
         variance = self.betas.clone() if self.large_variance else self.posterior_variance.clone()
         variance[0] = self.posterior_variance[1]
         self.model_log_variance = variance.log()
+        # Nichol & Dhariwal Eq. 15 interpolates between these two: log beta_t and the clipped log betatilde_t.
+        self.log_beta = self.betas.log()
+        self.log_beta_tilde_clipped = torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]).log()
 
     def _at(self, values: torch.Tensor, t: int, like: torch.Tensor) -> torch.Tensor:
         return values[t].to(like.device)
@@ -133,22 +171,49 @@ class DiffusionTerms:
         kl = normal_kl(abar.sqrt() * x_0, (1.0 - abar).log().expand_as(x_0), torch.zeros_like(x_0), torch.zeros_like(x_0))
         return kl.flatten(1).sum(1)
 
-    @torch.no_grad()
-    def term(self, unet, x_0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
-        """L_t per image, in nats: the decoder NLL at t = 0, else the KL between q's and p_theta's posteriors."""
-        x_t = self.q_sample(x_0, t, noise)
-        parameter = next(unet.parameters())
-        timesteps = torch.full((x_0.shape[0],), t, device=parameter.device, dtype=torch.long)
-        model_output = unet(x_t.to(parameter.device, parameter.dtype), timesteps).sample[:, : x_0.shape[1]].to(x_0.device)
-        x_0_hat = self.predict_x0(model_output, x_t, t)
+    def split_output(self, model_output: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The network's output as (mean parameterisation, v): v is the last C of 2C channels for learned variances, else None."""
+        if not self.learned_variance:
+            return model_output[:, :channels], None
+        if model_output.shape[1] != 2 * channels:
+            raise UserError(
+                f"variance_type={self.variance_type!r} needs a network with 2 x {channels} output channels (mean part, then v); this one gives {model_output.shape[1]}."
+            )
+        return model_output[:, :channels], model_output[:, channels:]
+
+    def model_log_variance_of(self, v: torch.Tensor | None, t: int, like: torch.Tensor) -> torch.Tensor:
+        """log sigma_t^2 of p_theta(x_{t-1} | x_t) per element: the fixed table, or the network's own (learned)."""
+        if v is None:
+            return self._at(self.model_log_variance, t, like).expand_as(like)
+        v = v.double()
+        if self.variance_type == "learned":
+            # diffusers' DDPMScheduler.step reads a "learned" output as sigma_t^2 itself (it takes its square root),
+            # not as log sigma_t^2 as the paper's code does; we follow the sampler. A negative output gives NaN there too.
+            return v.log()
+        return learned_range_log_variance(v, self._at(self.log_beta, t, like), self._at(self.log_beta_tilde_clipped, t, like))
+
+    def vb_term(self, model_output: torch.Tensor, x_0: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """L_t per image, in nats, from the network's output at x_t: the decoder NLL at t = 0, else the KL
+        between q(x_{t-1} | x_t, x_0) and p_theta(x_{t-1} | x_t). model_output has C channels (fixed variances) or 2C (learned)."""
+        mean_output, v = self.split_output(model_output, x_0.shape[1])
+        x_0_hat = self.predict_x0(mean_output, x_t, t)
         model_mean = self.posterior_mean(x_0_hat, x_t, t)
-        model_log_variance = self._at(self.model_log_variance, t, x_0).expand_as(x_0)
+        model_log_variance = self.model_log_variance_of(v, t, x_0)
         if t == 0:
             nll = -discretized_gaussian_log_likelihood(x_0, model_mean, 0.5 * model_log_variance)
             return nll.flatten(1).sum(1)
         true_mean = self.posterior_mean(x_0, x_t, t)
         true_log_variance = self._at(self.posterior_variance, t, x_0).log().expand_as(x_0)
         return normal_kl(true_mean, true_log_variance, model_mean, model_log_variance).flatten(1).sum(1)
+
+    @torch.no_grad()
+    def term(self, unet, x_0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+        """L_t per image, in nats, for x_t = q_sample(x_0, t, noise): see `vb_term`."""
+        x_t = self.q_sample(x_0, t, noise)
+        parameter = next(unet.parameters())
+        timesteps = torch.full((x_0.shape[0],), t, device=parameter.device, dtype=torch.long)
+        model_output = unet(x_t.to(parameter.device, parameter.dtype), timesteps).sample.to(x_0.device)
+        return self.vb_term(model_output, x_0, x_t, t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +253,8 @@ def bits_per_dim(
     Returns the mean and standard error over images, and the mean of each part: `prior` (L_T),
     `kl` (sum of L_1..L_{T-1}) and `decoder` (L_0). `timestep_stride` k > 1 estimates the KL sum from
     about k + T/k of its terms (unbiased, see `kl_timesteps`); the default 1 is the exact sum over all T terms.
+    With the scheduler's variance_type "learned_range" (or "learned") the UNet gives 2C channels and each term uses its
+    own Sigma_theta (Nichol & Dhariwal 2021, Eq. 15; see `DiffusionTerms.model_log_variance_of`).
     """
     from tqdm.auto import tqdm
 
@@ -240,5 +307,6 @@ def bits_per_dim(
         "timestep_stride": timestep_stride,
         "exact_sum_over_t": timestep_stride == 1,
         "clip_denoised": terms.clip_denoised,
+        "variance_type": terms.variance_type,
         "per_image_bits_per_dim": total.tolist(),
     }
