@@ -83,13 +83,15 @@ def make_transforms(resolution: int, kind: str = "auto", random_flip: bool = Tru
         try:
             from torchvision import transforms
 
-            return "torchvision", transforms.Compose([
-                transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-                transforms.CenterCrop(resolution),
-                transforms.RandomHorizontalFlip() if random_flip else transforms.Lambda(lambda x: x),
-                transforms.ToTensor(),
-                transforms.Normalize([0.5], [0.5]),
-            ])
+            return "torchvision", transforms.Compose(
+                [
+                    transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+                    transforms.CenterCrop(resolution),
+                    transforms.RandomHorizontalFlip() if random_flip else transforms.Lambda(lambda x: x),
+                    transforms.ToTensor(),
+                    transforms.Normalize([0.5], [0.5]),
+                ]
+            )
         except ImportError:
             if kind == "torchvision":
                 raise
@@ -128,9 +130,19 @@ def reset_accelerate() -> None:
 class ReferenceLoop:
     """Model, optimizer, EMA, data and Accelerator of one reference run; `run(steps)` trains and times."""
 
-    def __init__(self, dataset, model: str = "tiny", resolution: int = 32, batch_size: int = 16, precision: str = "no",
-                 device: str | None = None, transforms: str = "auto", seed: int = 0, logging_dir: str | None = None,
-                 model_config: str | None = None):
+    def __init__(
+        self,
+        dataset,
+        model: str = "tiny",
+        resolution: int = 32,
+        batch_size: int = 16,
+        precision: str = "no",
+        device: str | None = None,
+        transforms: str = "auto",
+        seed: int = 0,
+        logging_dir: str | None = None,
+        model_config: str | None = None,
+    ):
         import torch
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
@@ -146,7 +158,9 @@ class ReferenceLoop:
             self._tmp = tempfile.TemporaryDirectory(prefix="ddpm-ref-")
             logging_dir = self._tmp.name
         self.accelerator = Accelerator(
-            mixed_precision=precision, log_with="tensorboard", cpu=device == "cpu",
+            mixed_precision=precision,
+            log_with="tensorboard",
+            cpu=device == "cpu",
             project_config=ProjectConfiguration(project_dir=logging_dir, logging_dir=os.path.join(logging_dir, "logs")),
         )
         set_seed(seed)
@@ -155,10 +169,18 @@ class ReferenceLoop:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
         self.transforms, self.dataloader = make_dataloader(dataset, resolution, batch_size, transforms=transforms)
         self.lr_scheduler = get_scheduler("cosine", optimizer=self.optimizer, num_warmup_steps=500, num_training_steps=100_000)
-        self.model, self.optimizer, self.dataloader, self.lr_scheduler = self.accelerator.prepare(self.model, self.optimizer, self.dataloader, self.lr_scheduler)
+        self.model, self.optimizer, self.dataloader, self.lr_scheduler = self.accelerator.prepare(
+            self.model, self.optimizer, self.dataloader, self.lr_scheduler
+        )
         self.ema = EMAModel(
-            self.accelerator.unwrap_model(self.model).parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
-            model_cls=UNet2DModel, model_config=self.accelerator.unwrap_model(self.model).config, foreach=False,
+            self.accelerator.unwrap_model(self.model).parameters(),
+            decay=0.9999,
+            use_ema_warmup=True,
+            inv_gamma=1.0,
+            power=3 / 4,
+            model_cls=UNet2DModel,
+            model_config=self.accelerator.unwrap_model(self.model).config,
+            foreach=False,
         )
         self.ema.to(self.accelerator.device)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)

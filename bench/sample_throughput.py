@@ -67,8 +67,14 @@ def make_sampler(variant: str, unet, scheduler, steps: int, device):
     flags = set(variant.split("+"))
     dtype = "bf16" if "bf16" in flags else "fp32"
     return FastSampler(
-        unet, scheduler, num_inference_steps=steps, device=device, dtype=dtype, compile="compile" in flags,
-        cuda_graphs="graphs" in flags, channels_last="no" if "nchw" in flags else "auto",
+        unet,
+        scheduler,
+        num_inference_steps=steps,
+        device=device,
+        dtype=dtype,
+        compile="compile" in flags,
+        cuda_graphs="graphs" in flags,
+        channels_last="no" if "nchw" in flags else "auto",
     )
 
 
@@ -114,7 +120,10 @@ def main(argv=None) -> dict:
         samplers[variant].warmup(args.batch)
         sync(device)
         warmup_seconds[variant] = time.perf_counter() - start
-        print(f"{variant}: set-up {warmup_seconds[variant]:.1f} s; compile: {samplers[variant].compile_status}; CUDA graphs: {samplers[variant].cuda_graphs_status}", flush=True)
+        print(
+            f"{variant}: set-up {warmup_seconds[variant]:.1f} s; compile: {samplers[variant].compile_status}; CUDA graphs: {samplers[variant].cuda_graphs_status}",
+            flush=True,
+        )
 
     times = {name: [] for name in ["stock", *variants]}
     diffs = {}
@@ -136,20 +145,36 @@ def main(argv=None) -> dict:
 
     stock_rate = args.batch / statistics.median(times["stock"])
     print()
-    print(f"model {args.model}, batch {args.batch}, {args.steps} DDPM steps, {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), torch {torch.__version__}")
+    print(
+        f"model {args.model}, batch {args.batch}, {args.steps} DDPM steps, {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), torch {torch.__version__}"
+    )
     print(f"| {'sampler':34s} | {'img/s':>10s} | {'vs stock':>8s} | {'max |diff| vs stock':>19s} | {'set-up s':>8s} |")
     print("|" + "-" * 36 + "|" + "-" * 12 + "|" + "-" * 10 + "|" + "-" * 21 + "|" + "-" * 10 + "|")
     print(f"| {'stock DDPMPipeline (fp32)':34s} | {stock_rate:10.2f} | {1.0:7.2f}x | {0.0:19.2e} | {'':>8s} |")
     rows = {}
     for name in variants:
         rate = args.batch / statistics.median(times[name])
-        rows[name] = {"img_per_s": rate, "ratio": rate / stock_rate, "max_abs_diff": max_diff[name], "setup_seconds": warmup_seconds[name],
-                      "compile": samplers[name].compile_status, "cuda_graphs": samplers[name].cuda_graphs_status, "seconds": times[name]}
+        rows[name] = {
+            "img_per_s": rate,
+            "ratio": rate / stock_rate,
+            "max_abs_diff": max_diff[name],
+            "setup_seconds": warmup_seconds[name],
+            "compile": samplers[name].compile_status,
+            "cuda_graphs": samplers[name].cuda_graphs_status,
+            "seconds": times[name],
+        }
         print(f"| {'fast ' + name:34s} | {rate:10.2f} | {rate / stock_rate:7.2f}x | {max_diff[name]:19.2e} | {warmup_seconds[name]:8.1f} |")
     if args.steps < 1000:
         print(f"(images/s at the full 1000-step chain: divide by {1000 / args.steps:g})")
-    summary = {"model": args.model, "batch": args.batch, "steps": args.steps, "device": str(device), "stock_img_per_s": stock_rate,
-               "stock_seconds": times["stock"], "variants": rows}
+    summary = {
+        "model": args.model,
+        "batch": args.batch,
+        "steps": args.steps,
+        "device": str(device),
+        "stock_img_per_s": stock_rate,
+        "stock_seconds": times["stock"],
+        "variants": rows,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

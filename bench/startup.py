@@ -32,8 +32,6 @@ def child(argv: list[str]) -> None:
     """Run `argv[0]` as __main__ with argv[1:], printing the time of the first optimizer step and exiting."""
     import runpy
 
-    import torch
-
     def first_step(optimizer, args, kwargs):
         print(f"{MARKER} {time.time()!r}", flush=True)
         os._exit(0)
@@ -83,24 +81,66 @@ def main(argv=None) -> dict:
     if args.launcher == "python":
         prefix = [sys.executable, os.path.join(HERE, "startup.py"), "--child"]
     else:
-        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(HERE, "startup.py"), "--child"]
+        prefix = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            os.path.join(HERE, "startup.py"),
+            "--child",
+        ]
 
     with tempfile.TemporaryDirectory(prefix="ddpm-startup-") as tmp:
         commands = {
-            "ours": prefix + [
-                os.path.join(REPO_ROOT, "train_ddpm.py"), "--preset", "quickstart", "--dataset", dataset, "--model", args.model,
-                "--resolution", str(args.resolution), "--train_batch_size", str(args.batch), "--max_train_steps", "5",
-                "--sample_every", "0", "--checkpoint_every", "0", "--output_dir", os.path.join(tmp, "ours"), "--overwrite",
+            "ours": prefix
+            + [
+                os.path.join(REPO_ROOT, "train_ddpm.py"),
+                "--preset",
+                "quickstart",
+                "--dataset",
+                dataset,
+                "--model",
+                args.model,
+                "--resolution",
+                str(args.resolution),
+                "--train_batch_size",
+                str(args.batch),
+                "--max_train_steps",
+                "5",
+                "--sample_every",
+                "0",
+                "--checkpoint_every",
+                "0",
+                "--output_dir",
+                os.path.join(tmp, "ours"),
+                "--overwrite",
             ],
-            "reference": prefix + [
-                os.path.join(HERE, "reference_loop.py"), "--dataset", dataset, "--model", args.model, "--resolution", str(args.resolution),
-                "--batch", str(args.batch), "--steps", "5",
-            ] + (["--device", "cpu"] if args.device == "cpu" else []),
+            "reference": prefix
+            + [
+                os.path.join(HERE, "reference_loop.py"),
+                "--dataset",
+                dataset,
+                "--model",
+                args.model,
+                "--resolution",
+                str(args.resolution),
+                "--batch",
+                str(args.batch),
+                "--steps",
+                "5",
+            ]
+            + (["--device", "cpu"] if args.device == "cpu" else []),
         }
         times = {name: [] for name in commands}
         for r in range(args.rounds):
-            for name in (("reference", "ours") if r % 2 == 0 else ("ours", "reference")):
+            for name in ("reference", "ours") if r % 2 == 0 else ("ours", "reference"):
                 seconds = launch(commands[name], env, args.timeout)
                 times[name].append(seconds)
                 print(f"round {r + 1} {name:9s} {seconds:6.1f} s to the first step", flush=True)
@@ -113,8 +153,16 @@ def main(argv=None) -> dict:
     for label, key, value in (("train_ddpm.py --preset quickstart", "ours", ours), ("bench/reference_loop.py (example-like)", "reference", ref)):
         print(f"| {label:44s} | {value:24.1f} | {', '.join(f'{v:.1f}' for v in times[key]):>18s} |")
     print(f"ratio ours / reference: {ours / ref:.2f} (below 1: we start faster)")
-    summary = {"dataset": shown, "model": args.model, "batch": args.batch, "launcher": args.launcher, "threads": env.get("OMP_NUM_THREADS"), "ours_seconds": times["ours"],
-               "reference_seconds": times["reference"], "ratio": ours / ref}
+    summary = {
+        "dataset": shown,
+        "model": args.model,
+        "batch": args.batch,
+        "launcher": args.launcher,
+        "threads": env.get("OMP_NUM_THREADS"),
+        "ours_seconds": times["ours"],
+        "reference_seconds": times["reference"],
+        "ratio": ours / ref,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -76,9 +76,21 @@ def run_ours(args, dataset: str, output_dir: str, **overrides) -> dict:
 
     reset_accelerate()
     options = dict(
-        dataset=dataset, model=args.model, resolution=args.resolution, train_batch_size=args.batch, max_train_steps=(1 + args.intervals) * args.steps,
-        logging_steps=args.steps, mixed_precision=args.precision, output_dir=output_dir, overwrite=True, sample_every=0, checkpoint_every=0,
-        max_train_samples=args.max_train_samples, lr_warmup_steps=10, compile=args.compile, channels_last=args.channels_last,
+        dataset=dataset,
+        model=args.model,
+        resolution=args.resolution,
+        train_batch_size=args.batch,
+        max_train_steps=(1 + args.intervals) * args.steps,
+        logging_steps=args.steps,
+        mixed_precision=args.precision,
+        output_dir=output_dir,
+        overwrite=True,
+        sample_every=0,
+        checkpoint_every=0,
+        max_train_samples=args.max_train_samples,
+        lr_warmup_steps=10,
+        compile=args.compile,
+        channels_last=args.channels_last,
     )
     options.update(overrides)
     if args.device == "cpu":
@@ -92,8 +104,7 @@ def run_ours(args, dataset: str, output_dir: str, **overrides) -> dict:
     # Process CPU time between the first and the last log: the timed intervals (each log follows a device sync).
     cpu_seconds = logged[-1][2] - next(cpu for step, values, cpu in logged if step == args.steps)
     # Equal images per interval: the mean time per image is the harmonic mean of the rates.
-    return {"img_per_s": len(rates) / sum(1.0 / r for r in rates), "intervals": rates,
-            "cpu_img_per_s": len(rates) * args.steps * args.batch / cpu_seconds}
+    return {"img_per_s": len(rates) / sum(1.0 / r for r in rates), "intervals": rates, "cpu_img_per_s": len(rates) * args.steps * args.batch / cpu_seconds}
 
 
 def run_reference(args, dataset) -> dict:
@@ -165,8 +176,11 @@ def main(argv=None) -> dict:
                     transforms = result["transforms"]
                 results[name].append(result["img_per_s"])
                 cpu_results[name].append(result["cpu_img_per_s"])
-                print(f"round {r + 1} {name:9s} {result['img_per_s']:10.1f} img/s, {result['cpu_img_per_s']:10.1f} img per CPU-second"
-                      f"   (run took {time.perf_counter() - start:.0f} s)", flush=True)
+                print(
+                    f"round {r + 1} {name:9s} {result['img_per_s']:10.1f} img/s, {result['cpu_img_per_s']:10.1f} img per CPU-second"
+                    f"   (run took {time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
         ablation = {}
         for k, variant in enumerate(v for v in args.ablation.split(";") if v.strip()):
             overrides = dict(item.split("=") for item in variant.split(","))
@@ -180,7 +194,9 @@ def main(argv=None) -> dict:
     ours, ref = statistics.median(results["ours"]), statistics.median(results["reference"])
     ratios = [o / f for o, f in zip(results["ours"], results["reference"])]
     print()
-    print(f"model {args.model} ({flops / 1e9:.2f} GFLOP/img per training step), global batch {args.batch}, precision {args.precision}, {describe_device(args.device)}")
+    print(
+        f"model {args.model} ({flops / 1e9:.2f} GFLOP/img per training step), global batch {args.batch}, precision {args.precision}, {describe_device(args.device)}"
+    )
     print(f"data {shown}; reference transforms: {transforms}; {args.rounds} rounds x {args.intervals} x {args.steps} timed steps")
     header = f"| {'loop':34s} | {'img/s (median)':>14s} | {'runs':>24s} |" + (" MFU |" if on_cuda else "")
     print(header)
@@ -196,13 +212,27 @@ def main(argv=None) -> dict:
     cpu_ratios = [o / f for o, f in zip(cpu_results["ours"], cpu_results["reference"])]
     cpu_ours, cpu_ref = statistics.median(cpu_results["ours"]), statistics.median(cpu_results["reference"])
     if not on_cuda:
-        print(f"per second of this process's CPU time (less sensitive to other load on a shared CPU): ours {cpu_ours:.1f}, "
-              f"reference {cpu_ref:.1f} img/s, ratio {cpu_ours / cpu_ref:.2f}x (per round: {', '.join(f'{x:.2f}' for x in cpu_ratios)})")
+        print(
+            f"per second of this process's CPU time (less sensitive to other load on a shared CPU): ours {cpu_ours:.1f}, "
+            f"reference {cpu_ref:.1f} img/s, ratio {cpu_ours / cpu_ref:.2f}x (per round: {', '.join(f'{x:.2f}' for x in cpu_ratios)})"
+        )
     summary = {
-        "model": args.model, "batch": args.batch, "precision": args.precision, "device": describe_device(args.device), "dataset": shown,
-        "reference_transforms": transforms, "flops_per_image": flops, "ours_img_per_s": results["ours"], "reference_img_per_s": results["reference"],
-        "ratio_median": ours / ref, "ratio_per_round": ratios, "ours_cpu_img_per_s": cpu_results["ours"],
-        "reference_cpu_img_per_s": cpu_results["reference"], "cpu_ratio_median": cpu_ours / cpu_ref, "ablation_img_per_s": ablation, "threads": torch.get_num_threads(),
+        "model": args.model,
+        "batch": args.batch,
+        "precision": args.precision,
+        "device": describe_device(args.device),
+        "dataset": shown,
+        "reference_transforms": transforms,
+        "flops_per_image": flops,
+        "ours_img_per_s": results["ours"],
+        "reference_img_per_s": results["reference"],
+        "ratio_median": ours / ref,
+        "ratio_per_round": ratios,
+        "ours_cpu_img_per_s": cpu_results["ours"],
+        "reference_cpu_img_per_s": cpu_results["reference"],
+        "cpu_ratio_median": cpu_ours / cpu_ref,
+        "ablation_img_per_s": ablation,
+        "threads": torch.get_num_threads(),
     }
     if on_cuda:
         summary["mfu_ours"] = ours * flops / (args.peak_tflops * 1e12)

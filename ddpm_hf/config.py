@@ -18,7 +18,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -66,8 +66,8 @@ def option(
 class TrainingConfig:
     # ---- run ------------------------------------------------------------------------------------
     preset: str = option("Defaults to start from: 'cifar10' (the DDPM paper's run) or 'quickstart'.", default="cifar10")
-    config: Optional[str] = option("YAML file of options (keys are these option names); flags override it.", default=None, path="file", resumable=True)
-    output_dir: Optional[str] = option("Where the pipeline, samples, checkpoints and logs go (default: per preset).", default=None, path="output")
+    config: str | None = option("YAML file of options (keys are these option names); flags override it.", default=None, path="file", resumable=True)
+    output_dir: str | None = option("Where the pipeline, samples, checkpoints and logs go (default: per preset).", default=None, path="output")
     overwrite: bool = option("Allow writing into an existing OUTPUT_DIR that holds a run of another configuration.", default=False, resumable=True)
     seed: int = option("Seed for data order, noise, timesteps and dropout: the same seed repeats a run.", default=0, ge=0, le=SEED_MAX)
 
@@ -78,26 +78,28 @@ class TrainingConfig:
         default="uoft-cs/cifar10",
         path="dataset",
     )
-    dataset_config: Optional[str] = option("Configuration name of a Hub dataset, if it has several.", default=None)
+    dataset_config: str | None = option("Configuration name of a Hub dataset, if it has several.", default=None)
     split: str = option("Dataset split to train on.", default="train")
-    image_column: Optional[str] = option("Column holding the images (default: 'img', 'image', or the only Image column).", default=None)
+    image_column: str | None = option("Column holding the images (default: 'img', 'image', or the only Image column).", default=None)
     resolution: int = option("Training resolution: images are resized on the short side, then center-cropped.", default=32, ge=1)
     random_flip: bool = option("Random horizontal flips (the paper uses them for CIFAR-10).", default=True)
-    max_train_samples: Optional[int] = option("Use only the first N images (for quick experiments).", default=None, ge=1)
+    max_train_samples: int | None = option("Use only the first N images (for quick experiments).", default=None, ge=1)
     on_corrupt_image: Literal["error", "skip"] = option("An image that cannot be decoded: stop naming its row, or skip it and count.", default="error")
 
     # ---- model and noise schedule ---------------------------------------------------------------
     model: str = option("UNet architecture: 'ddpm-cifar10' (35.7M parameters, the paper's) or 'tiny' (~0.9M).", default="ddpm-cifar10")
-    model_config: Optional[str] = option("JSON file of UNet2DModel arguments; replaces --model.", default=None, path="file")
-    dropout: Optional[float] = option("Dropout in the UNet's residual blocks (default: the architecture's own).", default=None, ge=0, lt=1)
-    init_from: Optional[str] = option("Start from the UNet weights of a saved pipeline (folder or Hub id), e.g. to fine-tune.", default=None, path="pipeline")
+    model_config: str | None = option("JSON file of UNet2DModel arguments; replaces --model.", default=None, path="file")
+    dropout: float | None = option("Dropout in the UNet's residual blocks (default: the architecture's own).", default=None, ge=0, lt=1)
+    init_from: str | None = option("Start from the UNet weights of a saved pipeline (folder or Hub id), e.g. to fine-tune.", default=None, path="pipeline")
     num_train_timesteps: int = option("T, the number of diffusion steps.", default=1000, ge=1)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = option(
         "Noise schedule: 'linear' (the paper) or 'squaredcos_cap_v2' (cosine, Nichol & Dhariwal 2021).", default="linear"
     )
     beta_start: float = option("beta_1 of the linear schedule.", default=1e-4, gt=0, lt=1)
     beta_end: float = option("beta_T of the linear schedule.", default=0.02, gt=0, lt=1)
-    variance_type: Literal["fixed_large", "fixed_small"] = option("Reverse-process variance: sigma_t^2 = beta_t (large) or beta-tilde_t (small).", default="fixed_large")
+    variance_type: Literal["fixed_large", "fixed_small"] = option(
+        "Reverse-process variance: sigma_t^2 = beta_t (large) or beta-tilde_t (small).", default="fixed_large"
+    )
     clip_sample: bool = option("Clip the predicted x_0 to [-1, 1] when sampling.", default=True)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = option("What the network predicts: the noise (paper), v, or x_0.", default="epsilon")
     timestep_spacing: Literal["leading", "trailing", "linspace"] = option("How sampling picks K of the T timesteps.", default="leading")
@@ -106,7 +108,9 @@ class TrainingConfig:
     train_batch_size: int = option("GLOBAL batch per optimizer step, over all processes and accumulation steps.", default=128, ge=1)
     gradient_accumulation_steps: int = option("Micro-batches per optimizer step.", default=1, ge=1)
     learning_rate: float = option("Peak learning rate.", default=2e-4, gt=0)
-    lr_scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant"] = option("Learning-rate schedule, counted in optimizer steps.", default="constant_with_warmup")
+    lr_scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant"] = option(
+        "Learning-rate schedule, counted in optimizer steps.", default="constant_with_warmup"
+    )
     lr_warmup_steps: int = option("Optimizer steps of linear warm-up.", default=5000, ge=0)
     adam_beta1: float = option("Adam beta_1.", default=0.9, ge=0, lt=1)
     adam_beta2: float = option("Adam beta_2.", default=0.999, ge=0, lt=1)
@@ -125,31 +129,36 @@ class TrainingConfig:
     # ---- speed ----------------------------------------------------------------------------------
     compile: Literal["auto", "yes", "no"] = option("torch.compile the UNet: 'auto' compiles on CUDA only.", default="auto", resumable=True)
     channels_last: Literal["auto", "yes", "no"] = option("channels_last memory format: 'auto' uses it on CUDA only.", default="auto", resumable=True)
-    max_in_memory_gb: float = option("Hold the decoded dataset as a uint8 tensor if it is smaller than this, else memory-map it.", default=8.0, gt=0, resumable=True)
+    max_in_memory_gb: float = option(
+        "Hold the decoded dataset as a uint8 tensor if it is smaller than this, else memory-map it.", default=8.0, gt=0, resumable=True
+    )
 
     # ---- logging, samples, checkpoints ----------------------------------------------------------
     logging_steps: int = option("Log loss, lr, grad norm and img/s every N optimizer steps (one host sync per N).", default=50, ge=1, resumable=True)
     sample_every: int = option("Write a sample grid every N steps (and at the end); 0 turns sampling off.", default=10_000, ge=0, resumable=True)
     sample_steps: int = option("Denoising steps for the sample grid and --eval_every's FID.", default=100, ge=1, resumable=True)
     sample_scheduler: Literal["auto", "ddpm", "ddim", "dpmsolver"] = option(
-        "Sampler of the grids and of --eval_every's FID (ddpm_hf.sampling.make_sampler): 'auto' is DDIM when --sample_steps < T, else DDPM. Briefly trained models look better with ddpm.", default="auto"
+        "Sampler of the grids and of --eval_every's FID (ddpm_hf.sampling.make_sampler): 'auto' is DDIM when --sample_steps < T, else DDPM. Briefly trained models look better with ddpm.",
+        default="auto",
     )
     num_sample_images: int = option("Images in the sample grid.", default=64, ge=1, resumable=True)
     sample_seed: int = option("Seed of the sample grid, fixed so grids over training are comparable.", default=0, ge=0, le=SEED_MAX)
     checkpoint_every: int = option("Write a resumable checkpoint every N steps; 0 turns checkpoints off.", default=5000, ge=0, resumable=True)
-    checkpoints_total_limit: Optional[int] = option("Keep only the newest N checkpoints.", default=3, ge=1, resumable=True)
-    resume_from_checkpoint: Optional[str] = option("'latest' or a checkpoint folder to continue from.", default=None, path="checkpoint", resumable=True)
+    checkpoints_total_limit: int | None = option("Keep only the newest N checkpoints.", default=3, ge=1, resumable=True)
+    resume_from_checkpoint: str | None = option("'latest' or a checkpoint folder to continue from.", default=None, path="checkpoint", resumable=True)
     save_every: int = option("Also save the pipeline every N steps (it is always saved at the end); 0: only at the end.", default=0, ge=0, resumable=True)
 
     # ---- Hub ------------------------------------------------------------------------------------
     push_to_hub: bool = option("Push the pipeline and a model card to the Hub (checked before training starts).", default=False, resumable=True)
-    hub_model_id: Optional[str] = option("Hub repo to push to, 'user/name' (default: your namespace / the output folder name).", default=None, resumable=True)
+    hub_model_id: str | None = option("Hub repo to push to, 'user/name' (default: your namespace / the output folder name).", default=None, resumable=True)
     hub_private_repo: bool = option("Create the Hub repo as private.", default=False, resumable=True)
-    hub_token: Optional[str] = option("Hub token (default: HF_TOKEN or `hf auth login`). Never written to disk.", default=None, resumable=True)
+    hub_token: str | None = option("Hub token (default: HF_TOKEN or `hf auth login`). Never written to disk.", default=None, resumable=True)
     push_every: int = option("Push in the background every N steps; 0: only at the end.", default=0, ge=0, resumable=True)
 
     # ---- evaluation during training -------------------------------------------------------------
-    eval_every: int = option("Compute FID of the EMA model every N steps and keep the best pipeline in OUTPUT_DIR/best/; 0: never.", default=0, ge=0, resumable=True)
+    eval_every: int = option(
+        "Compute FID of the EMA model every N steps and keep the best pipeline in OUTPUT_DIR/best/; 0: never.", default=0, ge=0, resumable=True
+    )
     eval_num_samples: int = option("Generated images per FID evaluation during training (FID needs at least 2).", default=10_000, ge=2, resumable=True)
 
     def to_json_dict(self) -> dict:
@@ -270,7 +279,7 @@ def load_yaml_options(path: str) -> dict[str, Any]:
     return values
 
 
-def _pre_parse(argv: list[str]) -> tuple[str, Optional[str]]:
+def _pre_parse(argv: list[str]) -> tuple[str, str | None]:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset", default="cifar10")
     pre.add_argument("--config", default=None)
@@ -302,7 +311,7 @@ def _argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_training_config(argv: Optional[list[str]] = None) -> TrainingConfig:
+def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
     """Defaults <- preset <- YAML <- flags, then `validate`."""
     import sys
 

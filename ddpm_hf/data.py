@@ -25,8 +25,8 @@ from importlib import resources
 import numpy as np
 import torch
 
-from .config import BUILTIN_DATASET_PREFIX
 from .arguments import is_hub_id
+from .config import BUILTIN_DATASET_PREFIX
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def load_image_dataset(name: str, split: str = "train", config_name: str | None 
     """
     if name.startswith(BUILTIN_DATASET_PREFIX):
         available = builtin_datasets()
-        key = name[len(BUILTIN_DATASET_PREFIX):]
+        key = name[len(BUILTIN_DATASET_PREFIX) :]
         if key not in available:
             raise UserError(f"{option} {name}: no such built-in dataset. Built-in: {', '.join(BUILTIN_DATASET_PREFIX + k for k in available)}.")
         return _load_parquet_files({split: [available[key]]}, split, name, option)
@@ -119,9 +119,13 @@ def _load_hub_dataset(repo_id: str, split: str, config_name: str | None, option:
         try:
             huggingface_hub.HfApi().dataset_info(repo_id, timeout=10)
         except RepositoryNotFoundError:
-            raise UserError(f"{option} {repo_id}: no such dataset on the Hub (or it is private: log in with `hf auth login`). Check the id, or give {option} a local path.") from None
+            raise UserError(
+                f"{option} {repo_id}: no such dataset on the Hub (or it is private: log in with `hf auth login`). Check the id, or give {option} a local path."
+            ) from None
         except HfHubHTTPError as e:
-            raise UserError(f"{option} {repo_id}: the Hub answered {e.response.status_code if e.response is not None else 'an error'}. {offline_hint}") from None
+            raise UserError(
+                f"{option} {repo_id}: the Hub answered {e.response.status_code if e.response is not None else 'an error'}. {offline_hint}"
+            ) from None
         except Exception as e:  # connection refused, DNS failure, timeout...
             raise UserError(f"{option} {repo_id}: cannot reach the Hugging Face Hub ({type(e).__name__}). {offline_hint}") from None
     try:
@@ -150,7 +154,9 @@ def find_image_column(dataset, override: str | None = None) -> str:
             raise UserError(f"--image_column {override}: no such column; the dataset has: {', '.join(columns)}.")
         holds = _what_column_holds(dataset, override)
         if holds is not None:
-            listing = f"its Image columns are: {', '.join(image_features)}" if image_features else f"it has no Image column; its columns are: {', '.join(columns)}"
+            listing = (
+                f"its Image columns are: {', '.join(image_features)}" if image_features else f"it has no Image column; its columns are: {', '.join(columns)}"
+            )
             raise UserError(f"--image_column {override}: column {override!r} is not an image column (it holds {holds}); {listing}. Pass --image_column NAME.")
         return override
     for candidate in ("img", "image"):
@@ -293,7 +299,9 @@ def decode_images(
                 if on_corrupt == "skip":
                     skipped.append(row)
                     continue
-                raise UserError(f"row {row} of the dataset holds an image that cannot be decoded ({type(e).__name__}: {e}). Fix or drop it, or pass --on_corrupt_image skip.") from None
+                raise UserError(
+                    f"row {row} of the dataset holds an image that cannot be decoded ({type(e).__name__}: {e}). Fix or drop it, or pass --on_corrupt_image skip."
+                ) from None
             if min(image.size) < resolution:
                 upscaled += 1
             storage[kept] = np.asarray(resize_and_crop(image, resolution)).transpose(2, 0, 1)
@@ -487,8 +495,12 @@ def _save_decoded(storage: np.ndarray, kept: int, partial_path: str | None, cach
         for path in written:
             _remove_quietly(path)
         if memory_mapped:
-            raise UserError(f"could not write the memory-mapped dataset to {folder} ({e.strerror or e}). Free disk space, set DDPM_HF_CACHE to a writable folder, or raise --max_in_memory_gb.") from None
-        warnings.warn(f"could not cache the decoded images in {folder} ({e.strerror or e}); the next run decodes them again. Set DDPM_HF_CACHE to a writable folder to keep them.")
+            raise UserError(
+                f"could not write the memory-mapped dataset to {folder} ({e.strerror or e}). Free disk space, set DDPM_HF_CACHE to a writable folder, or raise --max_in_memory_gb."
+            ) from None
+        warnings.warn(
+            f"could not cache the decoded images in {folder} ({e.strerror or e}); the next run decodes them again. Set DDPM_HF_CACHE to a writable folder to keep them."
+        )
         return storage
     if memory_mapped:
         # Another process may have renamed its identical file onto the same name since: either is whole.

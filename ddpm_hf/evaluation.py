@@ -13,7 +13,6 @@ During training, --eval_every calls `fid_result`, the same code as `ddpm-hf eval
 from __future__ import annotations
 
 import csv
-import json
 import os
 import platform
 import re
@@ -24,8 +23,6 @@ import torch
 from .arguments import bounded, local_path_or_hub_id, output_file, output_folder
 from .arguments import device as device_type
 from .errors import UserError
-from .run_folder import RunFolder
-from .sampling import SAMPLERS, TIMESTEP_SPACINGS, Sampler, generate_images, load_pipeline, make_sampler
 from .fid import (
     ALIAS_RESOLUTIONS,
     FEATURE_DIM,
@@ -42,6 +39,8 @@ from .fid import (
     load_dataset_images,
     resolve_statistics,
 )
+from .run_folder import RunFolder
+from .sampling import SAMPLERS, TIMESTEP_SPACINGS, Sampler, generate_images, load_pipeline, make_sampler
 
 KID_FEATURES = 5000  # feature rows kept per set for KID (subsets of 1000, as in Binkowski et al.)
 
@@ -78,10 +77,19 @@ class FIDEvaluator:
         if isinstance(reference, FIDStatistics):
             self.reference = reference
         elif isinstance(reference, torch.Tensor):
-            self.reference = compute_statistics(reference, batch_size, keep_features=keep_features, progress=progress, desc="Reference features", extractor=self.extractor)
+            self.reference = compute_statistics(
+                reference, batch_size, keep_features=keep_features, progress=progress, desc="Reference features", extractor=self.extractor
+            )
         elif isinstance(reference, (str, os.PathLike)):
             self.reference = resolve_statistics(
-                os.fspath(reference), reference_split, resolution, batch_size, keep_features=keep_features, progress=progress, extractor=self.extractor, option="--reference"
+                os.fspath(reference),
+                reference_split,
+                resolution,
+                batch_size,
+                keep_features=keep_features,
+                progress=progress,
+                extractor=self.extractor,
+                option="--reference",
             )
         else:
             raise TypeError(f"reference must be uint8 images, FIDStatistics or a path/name, not {type(reference).__name__}")
@@ -103,8 +111,17 @@ class FIDEvaluator:
 
 
 def fid_result(
-    evaluator: FIDEvaluator, unet, sampler: Sampler, num_samples: int, seed: int = 0, batch_size: int | None = None, reference: str = "",
-    reference_split: str = "train", kid: bool = False, progress: bool = False, reference_seconds: float = 0.0,
+    evaluator: FIDEvaluator,
+    unet,
+    sampler: Sampler,
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int | None = None,
+    reference: str = "",
+    reference_split: str = "train",
+    kid: bool = False,
+    progress: bool = False,
+    reference_seconds: float = 0.0,
 ) -> dict:
     """FID (and KID) of `unet`'s samples as the dict eval.json holds (see ddpm_hf/run_folder.py).
     `ddpm-hf evaluate` and training's --eval_every both compute it here."""
@@ -114,7 +131,9 @@ def fid_result(
     result = {"fid": fid_from_statistics(generated, evaluator.reference)}
     if kid:
         if evaluator.reference.features is None:
-            raise UserError("--kid needs reference features, but the reference statistics hold none. Recompute them with `ddpm-hf fid-stats --keep_features 5000`, or drop --kid.")
+            raise UserError(
+                "--kid needs reference features, but the reference statistics hold none. Recompute them with `ddpm-hf fid-stats --keep_features 5000`, or drop --kid."
+            )
         result["kid"], result["kid_std"] = kernel_inception_distance(generated.features, evaluator.reference.features)
     result.update(
         num_samples=num_samples,
@@ -128,7 +147,11 @@ def fid_result(
         reference_details=_reference_description(evaluator.reference, reference, reference_split),
         protocol=PROTOCOL,
         protocol_description=PROTOCOL_DESCRIPTION,
-        timing={"reference_seconds": round(reference_seconds, 2), "sampling_and_features_seconds": round(seconds, 2), "images_per_second": round(num_samples / max(seconds, 1e-9), 2)},
+        timing={
+            "reference_seconds": round(reference_seconds, 2),
+            "sampling_and_features_seconds": round(seconds, 2),
+            "images_per_second": round(num_samples / max(seconds, 1e-9), 2),
+        },
         environment=_environment(evaluator.device),
     )
     return result
@@ -192,7 +215,9 @@ def evaluate_fid(
     unet, scheduler = load_model(model, str(device), revision)
     chosen = make_sampler(scheduler, sampler, steps, timestep_spacing)
     batch_size = batch_size or (256 if device.type == "cuda" else 32)
-    evaluator = FIDEvaluator(reference, device, batch_size, reference_split, unet.config.sample_size, keep_features=KID_FEATURES if kid else 0, progress=progress)
+    evaluator = FIDEvaluator(
+        reference, device, batch_size, reference_split, unet.config.sample_size, keep_features=KID_FEATURES if kid else 0, progress=progress
+    )
     reference_seconds = time.time() - started
     result = fid_result(evaluator, unet, chosen, num_samples, seed, batch_size, reference, reference_split, kid, progress, reference_seconds)
     return dict(result, model=model)
@@ -210,7 +235,7 @@ def parse_sweep(text: str) -> list[tuple[str, int]]:
         item = item.strip()
         match = re.fullmatch(r"([a-z]+):(\d+)", item)
         if not match or match.group(1) not in SAMPLERS:  # "auto" is no sampler of its own
-            raise UserError(f"--sweep: {item!r} is not SAMPLER:STEPS with SAMPLER one of {', '.join(SAMPLERS)}; e.g. --sweep \"ddpm:1000,ddim:50,dpmsolver:20\".")
+            raise UserError(f'--sweep: {item!r} is not SAMPLER:STEPS with SAMPLER one of {", ".join(SAMPLERS)}; e.g. --sweep "ddpm:1000,ddim:50,dpmsolver:20".')
         runs.append((match.group(1), int(match.group(2))))
     return runs
 
@@ -236,7 +261,10 @@ def evaluate_sweep(
     batch_size = batch_size or (256 if device.type == "cuda" else 32)
     evaluator = FIDEvaluator(reference, device, batch_size, reference_split, unet.config.sample_size, progress=progress)
     reference_seconds = time.time() - started
-    return [dict(fid_result(evaluator, unet, chosen, num_samples, seed, batch_size, reference, reference_split, False, progress, reference_seconds), model=model) for chosen in samplers]
+    return [
+        dict(fid_result(evaluator, unet, chosen, num_samples, seed, batch_size, reference, reference_split, False, progress, reference_seconds), model=model)
+        for chosen in samplers
+    ]
 
 
 def write_sweep(results: list[dict], output_dir: str, title: str) -> dict[str, str]:
@@ -331,7 +359,9 @@ def evaluate_nll(
 def note_small_sample_bias(num_images: int) -> None:
     """FID is biased upwards, the more so the fewer the images: say so where a number could mislead."""
     if num_images < FEATURE_DIM:  # below D images the covariance has rank < D: the bias is large
-        print(f"note: fewer than {FEATURE_DIM} images in a set: FID is strongly biased upwards. Compare it only between sets of equal size; papers use 50,000 samples.")
+        print(
+            f"note: fewer than {FEATURE_DIM} images in a set: FID is strongly biased upwards. Compare it only between sets of equal size; papers use 50,000 samples."
+        )
     elif num_images < 50_000:
         print(f"note: {num_images:,} samples give a higher FID than the 50,000 papers use: compare only with FIDs of {num_images:,} samples.")
 
@@ -341,7 +371,16 @@ def run_evaluate(args) -> None:
     if args.sweep is not None:
         runs = parse_sweep(args.sweep)
         results = evaluate_sweep(
-            args.model, runs, args.num_samples, args.batch_size, args.reference, args.reference_split, args.seed, args.device, args.revision, timestep_spacing=args.timestep_spacing
+            args.model,
+            runs,
+            args.num_samples,
+            args.batch_size,
+            args.reference,
+            args.reference_split,
+            args.seed,
+            args.device,
+            args.revision,
+            timestep_spacing=args.timestep_spacing,
         )
         paths = write_sweep(results, output_dir, f"FID vs sampling cost: {os.path.basename(os.path.normpath(args.model))}")
         RunFolder(output_dir).write_eval({"runs": results}, section="sweep")
@@ -350,7 +389,18 @@ def run_evaluate(args) -> None:
         print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']} and {os.path.join(output_dir, 'eval.json')}")
         return
     if args.metric == "nll":
-        result = evaluate_nll(args.model, args.dataset, args.split, args.num_images, args.batch_size, args.timestep_stride, args.seed, args.device, args.revision, args.image_column)
+        result = evaluate_nll(
+            args.model,
+            args.dataset,
+            args.split,
+            args.num_images,
+            args.batch_size,
+            args.timestep_stride,
+            args.seed,
+            args.device,
+            args.revision,
+            args.image_column,
+        )
         path = RunFolder(output_dir).write_eval(result, section="nll")
         exact = "exact bound over all T terms" if result["exact_sum_over_t"] else f"KL sum estimated with --timestep_stride {args.timestep_stride}"
         print(
@@ -360,7 +410,17 @@ def run_evaluate(args) -> None:
         print(f"wrote {path}")
         return
     result = evaluate_fid(
-        args.model, args.num_samples, args.scheduler, args.steps, args.batch_size, args.reference, args.reference_split, args.seed, args.kid, args.device, args.revision,
+        args.model,
+        args.num_samples,
+        args.scheduler,
+        args.steps,
+        args.batch_size,
+        args.reference,
+        args.reference_split,
+        args.seed,
+        args.kid,
+        args.device,
+        args.revision,
         timestep_spacing=args.timestep_spacing,
     )
     path = RunFolder(output_dir).write_eval(result)
@@ -380,8 +440,16 @@ def run_fid(args) -> None:
     for option, source, split in (("PATH_A", args.path_a, args.split), ("PATH_B", args.path_b, args.split_b or args.split)):
         stats.append(
             resolve_statistics(
-                source, split, args.resolution, args.batch_size, args.device, args.max_images, args.image_column,
-                keep_features=KID_FEATURES if args.kid else 0, write_cache=False, option=option,
+                source,
+                split,
+                args.resolution,
+                args.batch_size,
+                args.device,
+                args.max_images,
+                args.image_column,
+                keep_features=KID_FEATURES if args.kid else 0,
+                write_cache=False,
+                option=option,
             )
         )
     line = f"FID: {fid_from_statistics(*stats):.4f}"
@@ -401,7 +469,9 @@ def run_fid_stats(args) -> None:
     dataset, split, resolution = args.dataset, args.split, args.resolution
     if dataset in REFERENCE_ALIASES:
         if resolution not in (None, ALIAS_RESOLUTIONS[dataset]):
-            raise UserError(f"--dataset {dataset} holds {ALIAS_RESOLUTIONS[dataset]}x{ALIAS_RESOLUTIONS[dataset]} images; drop --resolution or pass the dataset itself.")
+            raise UserError(
+                f"--dataset {dataset} holds {ALIAS_RESOLUTIONS[dataset]}x{ALIAS_RESOLUTIONS[dataset]} images; drop --resolution or pass the dataset itself."
+            )
         (dataset, split), resolution = REFERENCE_ALIASES[dataset], ALIAS_RESOLUTIONS[dataset]
     if resolution is not None and not args.overwrite:
         path = stats_cache_path(dataset, split, resolution, args.max_images, args.name)
@@ -412,7 +482,16 @@ def run_fid_stats(args) -> None:
                 print(f"wrote {args.output}")
             return
     stats = resolve_statistics(
-        dataset, split, resolution, args.batch_size, args.device, args.max_images, args.image_column, keep_features=args.keep_features, name=args.name, recompute=True
+        dataset,
+        split,
+        resolution,
+        args.batch_size,
+        args.device,
+        args.max_images,
+        args.image_column,
+        keep_features=args.keep_features,
+        name=args.name,
+        recompute=True,
     )
     print(f"statistics of {stats.num_images} images of {dataset} ({split}), protocol {PROTOCOL}")
     print(f"cached at {stats.info['file']}")
@@ -429,10 +508,14 @@ def add_cli(subparsers) -> None:
         description="Evaluate a saved pipeline (folder or Hub id). The FID protocol is described in docs/evaluation.md.",
     )
     parser.add_argument("--model", required=True, type=local_path_or_hub_id, help="Training OUTPUT_DIR (a saved pipeline) or Hub id (user/name).")
-    parser.add_argument("--metric", choices=("fid", "nll"), default="fid", help="fid: sample and compare with --reference; nll: the variational bound on --dataset.")
+    parser.add_argument(
+        "--metric", choices=("fid", "nll"), default="fid", help="fid: sample and compare with --reference; nll: the variational bound on --dataset."
+    )
     parser.add_argument("--output", default=None, type=output_folder, help="Folder for eval.json (default: the model folder, or ./eval-<name>/ for a Hub id).")
     parser.add_argument("--seed", type=bounded(int, ge=0), default=0)
-    parser.add_argument("--batch_size", type=bounded(int, ge=1), default=None, help="Images per forward pass (default: 256 on GPU, 32 on CPU; 16 for nll on CPU).")
+    parser.add_argument(
+        "--batch_size", type=bounded(int, ge=1), default=None, help="Images per forward pass (default: 256 on GPU, 32 on CPU; 16 for nll on CPU)."
+    )
     parser.add_argument("--device", type=device_type, default=None, help="cpu or cuda (default: cuda when available).")
     parser.add_argument("--revision", default=None, help="Hub revision of --model.")
     group = parser.add_argument_group("FID")
@@ -448,20 +531,33 @@ def add_cli(subparsers) -> None:
     )
     group.add_argument("--reference_split", default="train", help="Split of --reference when it is a dataset.")
     group.add_argument("--kid", action="store_true", help="Also compute KID (Binkowski et al. 2018) from 5,000 features per set.")
-    group.add_argument("--sweep", default=None, metavar="SAMPLER:STEPS,...", help='Several samplers on one model, e.g. "ddpm:1000,ddim:50,ddim:100,dpmsolver:20": table + plot.')
+    group.add_argument(
+        "--sweep",
+        default=None,
+        metavar="SAMPLER:STEPS,...",
+        help='Several samplers on one model, e.g. "ddpm:1000,ddim:50,ddim:100,dpmsolver:20": table + plot.',
+    )
     group = parser.add_argument_group("NLL (--metric nll)")
     group.add_argument("--dataset", default="uoft-cs/cifar10", type=local_path_or_hub_id, help="Dataset for the bound (Hub id, parquet folder, ...).")
     group.add_argument("--split", default="test", help="Split for the bound (the paper: the CIFAR-10 test set).")
     group.add_argument("--num_images", type=bounded(int, ge=1), default=None, help="First N images of the split (default: all).")
     group.add_argument("--image_column", default=None)
     group.add_argument(
-        "--timestep_stride", type=bounded(int, ge=1), default=1, help="1: the exact bound over all T terms. k > 1: an unbiased estimate from about k + T/k terms (faster, noisier)."
+        "--timestep_stride",
+        type=bounded(int, ge=1),
+        default=1,
+        help="1: the exact bound over all T terms. k > 1: an unbiased estimate from about k + T/k terms (faster, noisier).",
     )
     parser.set_defaults(func=run_evaluate)
 
     # ---- fid ----
     parser = subparsers.add_parser("fid", help="FID between two image sets: folders of images, datasets or statistics .npz files.")
-    parser.add_argument("path_a", metavar="PATH_A", type=local_path_or_hub_id, help="Folder of images, dataset (parquet folder, Hub id, builtin:...), reference alias or .npz statistics.")
+    parser.add_argument(
+        "path_a",
+        metavar="PATH_A",
+        type=local_path_or_hub_id,
+        help="Folder of images, dataset (parquet folder, Hub id, builtin:...), reference alias or .npz statistics.",
+    )
     parser.add_argument("path_b", metavar="PATH_B", type=local_path_or_hub_id, help="The same kinds as PATH_A.")
     parser.add_argument("--split", default="train", help="Split of a dataset argument.")
     parser.add_argument("--split_b", default=None, help="Split of PATH_B when it differs (e.g. --split test --split_b train).")
@@ -475,7 +571,9 @@ def add_cli(subparsers) -> None:
 
     # ---- fid-stats ----
     parser = subparsers.add_parser("fid-stats", help="Compute and cache the FID reference statistics of a dataset split.")
-    parser.add_argument("--dataset", required=True, type=local_path_or_hub_id, help=f"Hub id, parquet folder, image folder, builtin:..., or {', '.join(REFERENCE_ALIASES)}.")
+    parser.add_argument(
+        "--dataset", required=True, type=local_path_or_hub_id, help=f"Hub id, parquet folder, image folder, builtin:..., or {', '.join(REFERENCE_ALIASES)}."
+    )
     parser.add_argument("--split", default="train")
     parser.add_argument("--resolution", type=bounded(int, ge=1), default=None, help="Decode images at R x R (default: their own size; 32 for CIFAR-10).")
     parser.add_argument("--max_images", type=bounded(int, ge=2), default=None, help="Only the first N images.")

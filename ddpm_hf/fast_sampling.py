@@ -27,8 +27,9 @@ from __future__ import annotations
 import queue
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -81,9 +82,16 @@ class SamplingPlan:
     noise_scale: torch.Tensor
     use_clipped_model_output: bool = False
 
-    def to(self, device: torch.device) -> "SamplingPlan":
+    def to(self, device: torch.device) -> SamplingPlan:
         tensors = {k: getattr(self, k).to(device) for k in ("timesteps", "sqrt_abar", "sqrt_one_minus_abar", "coef_x0", "coef_xt", "noise_scale")}
-        return SamplingPlan(self.method, self.prediction_type, adds_noise=self.adds_noise, clip_range=self.clip_range, use_clipped_model_output=self.use_clipped_model_output, **tensors)
+        return SamplingPlan(
+            self.method,
+            self.prediction_type,
+            adds_noise=self.adds_noise,
+            clip_range=self.clip_range,
+            use_clipped_model_output=self.use_clipped_model_output,
+            **tensors,
+        )
 
     def __len__(self) -> int:
         return len(self.adds_noise)
@@ -100,9 +108,7 @@ def _check_supported(config: dict, method: str) -> None:
     if config.get("prediction_type", "epsilon") not in ("epsilon", "sample", "v_prediction"):
         raise UserError(f"unknown prediction_type {config.get('prediction_type')!r}.")
     if method == "ddpm" and config.get("variance_type", "fixed_small") not in _DDPM_VARIANCES:
-        raise UserError(
-            f"the fast sampler supports variance_type {', '.join(_DDPM_VARIANCES)}, not {config.get('variance_type')!r}; use the stock pipeline."
-        )
+        raise UserError(f"the fast sampler supports variance_type {', '.join(_DDPM_VARIANCES)}, not {config.get('variance_type')!r}; use the stock pipeline.")
 
 
 def ddpm_plan(scheduler, num_inference_steps: int | None = None) -> SamplingPlan:
@@ -136,17 +142,21 @@ def ddpm_plan(scheduler, num_inference_steps: int | None = None) -> SamplingPlan
         beta_t_again = 1 - abar_t / abar_prev
         posterior = torch.clamp((1 - abar_prev) / (1 - abar_t) * beta_t_again, min=1e-20)
         if variance_type == "fixed_small":
-            scale = posterior ** 0.5
+            scale = posterior**0.5
         elif variance_type == "fixed_large":
-            scale = beta_t_again ** 0.5
+            scale = beta_t_again**0.5
         else:  # fixed_small_log: the scheduler multiplies the noise by exp(0.5 log var) directly
             scale = torch.exp(0.5 * torch.log(posterior))
         rows.append((abar_t ** (0.5), beta_prod_t ** (0.5), coef_x0, coef_xt, scale))
         adds_noise.append(t > 0)
     columns = [torch.stack([row[k] for row in rows]).float() for k in range(5)]
     return SamplingPlan(
-        "ddpm", config.get("prediction_type", "epsilon"), timesteps, adds_noise,
-        config.get("clip_sample_range", 1.0) if config.get("clip_sample", True) else None, *columns,
+        "ddpm",
+        config.get("prediction_type", "epsilon"),
+        timesteps,
+        adds_noise,
+        config.get("clip_sample_range", 1.0) if config.get("clip_sample", True) else None,
+        *columns,
     )
 
 
@@ -175,7 +185,12 @@ def ddim_plan(scheduler, num_inference_steps: int = 50, eta: float = 0.0, use_cl
     columns = [torch.stack([torch.as_tensor(row[k]) for row in rows]).float() for k in range(5)]
     clip = schedule.config.clip_sample_range if schedule.config.clip_sample else None
     return SamplingPlan(
-        "ddim", schedule.config.prediction_type, timesteps, [eta > 0] * len(timesteps), clip, *columns,
+        "ddim",
+        schedule.config.prediction_type,
+        timesteps,
+        [eta > 0] * len(timesteps),
+        clip,
+        *columns,
         use_clipped_model_output=bool(use_clipped_model_output),
     )
 
@@ -217,8 +232,9 @@ class _NoiseStream:
     randn_tensor. Host draws bound for a CUDA device are made ahead by a thread into pinned memory.
     """
 
-    def __init__(self, sizes: list[int], sample_shape: tuple, generator: torch.Generator | None, device: torch.device, prefetch: int = 3,
-                 threaded: bool | None = None):
+    def __init__(
+        self, sizes: list[int], sample_shape: tuple, generator: torch.Generator | None, device: torch.device, prefetch: int = 3, threaded: bool | None = None
+    ):
         self.sizes, self.shape, self.generator, self.device = sizes, tuple(sample_shape), generator, device
         self.draw_device = generator.device if generator is not None else device
         self.threaded = (self.draw_device.type == "cpu" and device.type == "cuda") if threaded is None else threaded
@@ -284,9 +300,19 @@ class FastSampler:
     """
 
     def __init__(
-        self, unet, scheduler, method: str | None = None, num_inference_steps: int | None = None, eta: float = 0.0,
-        use_clipped_model_output: bool = False, device: str | torch.device | None = None, dtype: str | torch.dtype = "fp32",
-        compile: Any = False, cuda_graphs: Any = False, channels_last: Any = "auto", compile_backend: str = "inductor",
+        self,
+        unet,
+        scheduler,
+        method: str | None = None,
+        num_inference_steps: int | None = None,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "fp32",
+        compile: Any = False,
+        cuda_graphs: Any = False,
+        channels_last: Any = "auto",
+        compile_backend: str = "inductor",
         compile_mode: str | None = None,
     ):
         from diffusers import DDIMScheduler
@@ -349,7 +375,9 @@ class FastSampler:
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
         self.compile_status = f"failed, running eager: {type(error).__name__}: {first_line}"
         self._compiled = None
-        warnings.warn(f"torch.compile of the UNet failed ({type(error).__name__}: {first_line}); sampling with the eager UNet instead.", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"torch.compile of the UNet failed ({type(error).__name__}: {first_line}); sampling with the eager UNet instead.", RuntimeWarning, stacklevel=3
+        )
 
     def _call_unet(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self._compiled is not None:
@@ -442,7 +470,7 @@ class FastSampler:
         noise = _NoiseStream(self.noise_sizes(num_images, batch_size), sample_shape, generator, self.device)
         outputs = []
         try:
-            for start in range(0, num_images, batch_size):
+            for _ in range(0, num_images, batch_size):
                 x = noise.next()
                 for i in range(len(self.plan)):
                     model_output = self.model_output(x, i)

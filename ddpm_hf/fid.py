@@ -75,7 +75,7 @@ def inception_path() -> str:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _check_inception_file(path: str) -> None:
     sha1 = hashlib.sha1()
     with open(path, "rb") as f:
@@ -202,7 +202,7 @@ class FIDStatistics:
             raise
 
     @classmethod
-    def load(cls, path: str) -> "FIDStatistics":
+    def load(cls, path: str) -> FIDStatistics:
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such statistics file. Make one with `ddpm-hf fid-stats`.")
         try:
@@ -217,7 +217,9 @@ class FIDStatistics:
             raise UserError(f"{path}: expected mu of shape ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, {FEATURE_DIM}), got {mu.shape} and {sigma.shape}.")
         protocol = info.get("protocol")
         if protocol is not None and protocol != PROTOCOL:
-            raise UserError(f"{path} was computed with protocol {protocol!r}, not {PROTOCOL!r}: the numbers would not be comparable. Recompute it with `ddpm-hf fid-stats`.")
+            raise UserError(
+                f"{path} was computed with protocol {protocol!r}, not {PROTOCOL!r}: the numbers would not be comparable. Recompute it with `ddpm-hf fid-stats`."
+            )
         info["file"] = os.path.abspath(path)
         return cls(mu=mu, sigma=sigma, num_images=num_images, features=features, info=info)
 
@@ -523,7 +525,9 @@ def resolve_statistics(
     if source in REFERENCE_ALIASES:
         native = ALIAS_RESOLUTIONS[source]
         if resolution is not None and resolution != native:
-            raise UserError(f"the reference {source} holds {native}x{native} images but the images to compare are {resolution}x{resolution}. Pass --reference with a dataset or statistics at {resolution}x{resolution}.")
+            raise UserError(
+                f"the reference {source} holds {native}x{native} images but the images to compare are {resolution}x{resolution}. Pass --reference with a dataset or statistics at {resolution}x{resolution}."
+            )
         alias, (source, split), resolution = source, REFERENCE_ALIASES[source], native
     if is_image_folder(source):
         images = load_image_folder(source, resolution, max_images, progress)
@@ -564,5 +568,7 @@ def resolve_statistics(
         except OSError as e:  # a read-only or full cache only costs the next run the computation
             import warnings
 
-            warnings.warn(f"could not cache the FID statistics in {os.path.dirname(path)} ({e.strerror or e}); the next run computes them again. Set DDPM_HF_CACHE to a writable folder to keep them.")
+            warnings.warn(
+                f"could not cache the FID statistics in {os.path.dirname(path)} ({e.strerror or e}); the next run computes them again. Set DDPM_HF_CACHE to a writable folder to keep them."
+            )
     return stats

@@ -41,9 +41,10 @@ import tempfile
 import threading
 import time
 import unicodedata
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
@@ -104,7 +105,7 @@ _PATH_TOKEN = re.compile(r"[^\s()\[\]{},;'\"`]*[/\\~][^\s()\[\]{},;'\"`]*")
 # ---- what is uploaded -----------------------------------------------------------------------------
 
 
-def default_custom_pipeline_file() -> Optional[Path]:
+def default_custom_pipeline_file() -> Path | None:
     """The custom pipeline file: `ddpm_hf/pipelines/` in an installed wheel (setup.cfg maps `pipelines/` there),
     `pipelines/` beside the package in a source checkout or editable install; None if neither has it."""
     package = Path(__file__).resolve().parent
@@ -114,7 +115,7 @@ def default_custom_pipeline_file() -> Optional[Path]:
     return None
 
 
-def _local_files(output_dir: Path, custom_pipeline_file: Optional[Path]) -> dict[str, Path]:
+def _local_files(output_dir: Path, custom_pipeline_file: Path | None) -> dict[str, Path]:
     """Repo path -> local file for everything uploaded from disk (the card, README.md, is generated)."""
     files: dict[str, Path] = {}
     for pattern in ALLOWED:
@@ -136,7 +137,7 @@ def is_allowed(repo_path: str) -> bool:
     return any(fnmatch.fnmatchcase(repo_path, pattern) for pattern in ALLOWED)
 
 
-def files_to_upload(output_dir: Union[str, os.PathLike], custom_pipeline_file: Optional[Union[str, os.PathLike]] = None) -> list[str]:
+def files_to_upload(output_dir: str | os.PathLike, custom_pipeline_file: str | os.PathLike | None = None) -> list[str]:
     """The repo paths a push of `output_dir` uploads, sorted: `ALLOWED` applied to the folder, plus README.md.
 
     `custom_pipeline_file` defaults to the package's `pipelines/ddpm_trajectory.py`.
@@ -145,7 +146,7 @@ def files_to_upload(output_dir: Union[str, os.PathLike], custom_pipeline_file: O
     return sorted([*_local_files(Path(output_dir), custom), "README.md"])
 
 
-def check_pipeline_folder(output_dir: Union[str, os.PathLike]) -> None:
+def check_pipeline_folder(output_dir: str | os.PathLike) -> None:
     """Raise `UserError` unless `output_dir` holds a saved pipeline (what `DDPMPipeline.save_pretrained` writes)."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -161,7 +162,7 @@ def check_pipeline_folder(output_dir: Union[str, os.PathLike]) -> None:
 # ---- Hub ids and local paths ----------------------------------------------------------------------
 
 
-def hub_id(value: Any, run_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[str]:
+def hub_id(value: Any, run_dir: str | os.PathLike | None = None) -> str | None:
     """`value` if it is a Hub repo id, "namespace/name", and not a path on this machine; else None.
 
     The one test in this module for "Hub id or local path". `run_dir` is the run folder the value was recorded
@@ -187,7 +188,7 @@ def _without_paths(values: dict[str, Any], run_dir, local_keys: tuple[str, ...],
 
         return _PATH_TOKEN.sub(replace, text)
 
-    def public(key: Optional[str], value: Any) -> Any:
+    def public(key: str | None, value: Any) -> Any:
         if isinstance(value, dict):
             return {k: public(k, v) for k, v in value.items() if k != "hub_token"}  # the token never goes up
         if isinstance(value, list):
@@ -205,18 +206,18 @@ def _without_paths(values: dict[str, Any], run_dir, local_keys: tuple[str, ...],
     return public(None, values)
 
 
-def public_training_config(values: dict[str, Any], run_dir: Optional[Union[str, os.PathLike]] = None) -> dict[str, Any]:
+def public_training_config(values: dict[str, Any], run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """training_config.json as uploaded: `--output_dir /home/me/runs/a` becomes "a", `--dataset data/imgs` (a local
     folder) "local:imgs"; a Hub id stays. `run_dir` is the run folder it was read from. Never the token."""
     return _without_paths(values, run_dir, CONFIG_LOCAL_KEYS, CONFIG_HUB_OR_LOCAL_KEYS)
 
 
-def public_eval(values: dict[str, Any], run_dir: Optional[Union[str, os.PathLike]] = None) -> dict[str, Any]:
+def public_eval(values: dict[str, Any], run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """eval.json as uploaded: the evaluated model, the reference and its statistics file without their paths."""
     return _without_paths(values, run_dir, EVAL_LOCAL_KEYS, EVAL_HUB_OR_LOCAL_KEYS)
 
 
-def _hub_datasets(dataset: Optional[str], run_dir: Optional[Union[str, os.PathLike]] = None) -> list[str]:
+def _hub_datasets(dataset: str | None, run_dir: str | os.PathLike | None = None) -> list[str]:
     """The Hub dataset ids a training dataset refers to (none for a local folder or file)."""
     if dataset in BUILTIN_DATASET_SOURCES:
         return [BUILTIN_DATASET_SOURCES[dataset]]
@@ -227,7 +228,7 @@ def _hub_datasets(dataset: Optional[str], run_dir: Optional[Union[str, os.PathLi
 # ---- model card -----------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path) -> dict | None:
     """A pipeline part's config (unet/config.json, scheduler/scheduler_config.json), or None."""
     try:
         with open(path) as f:
@@ -237,7 +238,7 @@ def _read_json(path: Path) -> Optional[dict]:
     return value if isinstance(value, dict) else None
 
 
-def count_parameters(unet_dir: Union[str, os.PathLike]) -> int:
+def count_parameters(unet_dir: str | os.PathLike) -> int:
     """Parameters in the safetensors files of `unet_dir`, from their headers (no weights are read)."""
     total = 0
     for path in sorted(Path(unet_dir).glob("*.safetensors")):
@@ -290,27 +291,27 @@ def fid_setup(evaluation: dict[str, Any]) -> str:
 
 def _dataset_text(dataset: Any, hub_datasets: list[str]) -> str:
     if isinstance(dataset, str) and dataset.startswith(LOCAL_PREFIX):
-        return f"`{dataset[len(LOCAL_PREFIX):]}` (a local dataset, not on the Hub)"
+        return f"`{dataset[len(LOCAL_PREFIX) :]}` (a local dataset, not on the Hub)"
     if isinstance(dataset, str) and dataset in hub_datasets:
         return f"[`{dataset}`](https://huggingface.co/datasets/{dataset})"
     return f"`{dataset}`"
 
 
-def load_arguments(repo_id: str, revision: Optional[str] = None) -> str:
+def load_arguments(repo_id: str, revision: str | None = None) -> str:
     """The arguments of `from_pretrained` that load `repo_id` at `revision`: '"user/name", revision="dev"'."""
     return f'"{repo_id}"' + (f', revision="{revision}"' if revision and revision != "main" else "")
 
 
 def build_model_card(
-    output_dir: Union[str, os.PathLike],
+    output_dir: str | os.PathLike,
     repo_id: str,
     *,
-    step: Optional[int] = None,
-    hardware: Optional[str] = None,
+    step: int | None = None,
+    hardware: str | None = None,
     license: str = DEFAULT_LICENSE,
     custom_pipeline: bool = True,
-    revision: Optional[str] = None,
-    run_dir: Optional[Union[str, os.PathLike]] = None,
+    revision: str | None = None,
+    run_dir: str | os.PathLike | None = None,
 ) -> ModelCard:
     """The model card (README.md) of the pipeline in `output_dir` as pushed to `repo_id` at `revision`.
 
@@ -373,7 +374,11 @@ def build_model_card(
     ]
     if config:
         rows += [
-            ("Dataset", _dataset_text(config.get("dataset"), datasets) + (f" (split {config.get('split')}, {config.get('resolution')}px)" if config.get("split") else "")),
+            (
+                "Dataset",
+                _dataset_text(config.get("dataset"), datasets)
+                + (f" (split {config.get('split')}, {config.get('resolution')}px)" if config.get("split") else ""),
+            ),
             ("Batch size", f"{config.get('train_batch_size')} (global)"),
             (
                 "Optimizer",
@@ -466,7 +471,7 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
-def _status(error: BaseException) -> Optional[int]:
+def _status(error: BaseException) -> int | None:
     for e in _causes(error):
         if isinstance(e, HfHubHTTPError) and e.response is not None:
             return e.response.status_code
@@ -485,7 +490,7 @@ def _describe(error: BaseException) -> str:
 # ---- pushing --------------------------------------------------------------------------------------
 
 
-def default_repo_name(output_dir: Union[str, os.PathLike]) -> str:
+def default_repo_name(output_dir: str | os.PathLike) -> str:
     """A valid repo name from the output folder's name: "my run (v2)" -> "my-run-v2".
 
     Letters are reduced to ASCII, every other run of characters the Hub refuses becomes one '-', '--' and '..'
@@ -526,9 +531,9 @@ def _sigterm_raises() -> Iterator[None]:
 class _Upload:
     """What one push sends: repo path -> local file or content. `folder` is a snapshot to delete afterwards."""
 
-    step: Optional[int]
-    contents: dict[str, Union[Path, bytes]]
-    folder: Optional[Path] = None
+    step: int | None
+    contents: dict[str, Path | bytes]
+    folder: Path | None = None
 
     def cleanup(self) -> None:
         if self.folder is not None:
@@ -558,22 +563,22 @@ class HubPusher:
 
     def __init__(
         self,
-        repo_id: Optional[str],
-        token: Optional[str],
+        repo_id: str | None,
+        token: str | None,
         private: bool,
-        output_dir: Union[str, os.PathLike],
+        output_dir: str | os.PathLike,
         *,
-        revision: Optional[str] = None,
-        commit_message: Optional[str] = None,
-        hardware: Optional[str] = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        hardware: str | None = None,
         license: str = DEFAULT_LICENSE,
-        endpoint: Optional[str] = None,
+        endpoint: str | None = None,
         max_retries: int = 5,
         backoff: float = 2.0,
-        custom_pipeline_file: Optional[Union[str, os.PathLike]] = None,
+        custom_pipeline_file: str | os.PathLike | None = None,
         command: str = "training",
-        repo_flag: Optional[str] = None,
-        token_flag: Optional[str] = None,
+        repo_flag: str | None = None,
+        token_flag: str | None = None,
     ):
         if command not in ("training", "push"):
             raise ValueError(f"command must be 'training' or 'push', not {command!r}")
@@ -594,14 +599,14 @@ class HubPusher:
         if self.custom_pipeline_file is None:
             logger.warning(f"{CUSTOM_PIPELINE_FILENAME} was not found in the package: the push will not include the custom pipeline.")
         self.api = HfApi(endpoint=endpoint)
-        self.user: Optional[str] = None
+        self.user: str | None = None
         self._token_source = "given with " + self.token_flag if token else None
         self._checked = False
         self._cond = threading.Condition()
-        self._pending: Optional[_Upload] = None
-        self._worker: Optional[threading.Thread] = None
+        self._pending: _Upload | None = None
+        self._worker: threading.Thread | None = None
         # Every snapshot of a background push lives in this one temporary folder, so that one rmtree removes them all.
-        self._snapshots: Optional[tempfile.TemporaryDirectory] = None
+        self._snapshots: tempfile.TemporaryDirectory | None = None
 
     @property
     def url(self) -> str:
@@ -671,8 +676,7 @@ class HubPusher:
         info = self._check_call(lambda: self.api.repo_info(self.repo_id, token=self.token), f"reading {self.repo_id}")
         if self.private and not info.private:
             logger.warning(
-                f"{self.repo_id} already exists and is public: --private does not change it. Make it private in the "
-                "repo's settings on the Hub if you meant to."
+                f"{self.repo_id} already exists and is public: --private does not change it. Make it private in the repo's settings on the Hub if you meant to."
             )
         if self.revision != "main":
             self._check_call(
@@ -740,7 +744,7 @@ class HubPusher:
             while self._worker is not None:
                 self._cond.wait()
 
-    def push_final(self, step: Optional[int] = None) -> str:
+    def push_final(self, step: int | None = None) -> str:
         """Push the pipeline in `output_dir` and wait for it, retrying transient errors; returns the commit sha.
 
         Waits for background pushes first. Raises `UserError` when the push fails for good, or is stopped by Ctrl-C
@@ -767,8 +771,7 @@ class HubPusher:
                 # One line that says how to finish the job, instead of a traceback.
                 by = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
                 raise UserError(
-                    f"the push to {self.url} was stopped by {by}. The local output in {self.output_dir} is intact; push "
-                    f"it again with `{self.retry_command()}`."
+                    f"the push to {self.url} was stopped by {by}. The local output in {self.output_dir} is intact; push it again with `{self.retry_command()}`."
                 ) from None
             finally:
                 self._discard_snapshots()
@@ -778,9 +781,9 @@ class HubPusher:
         if not self._checked:
             raise RuntimeError("HubPusher.check() must run (before training starts) before pushing.")
 
-    def _contents(self, folder: Path, step: Optional[int]) -> dict[str, Union[Path, bytes]]:
+    def _contents(self, folder: Path, step: int | None) -> dict[str, Path | bytes]:
         """Repo path -> file or content of a push of `folder` (the output folder or a snapshot of it)."""
-        contents: dict[str, Union[Path, bytes]] = dict(_local_files(folder, self.custom_pipeline_file))
+        contents: dict[str, Path | bytes] = dict(_local_files(folder, self.custom_pipeline_file))
         run = RunFolder(folder)
         # The JSON files go up without the machine's paths; paths are judged from where the run lives.
         for name, read, public in ((TRAINING_CONFIG, run.read_training_config, public_training_config), (EVAL_FILE, run.read_eval, public_eval)):
@@ -792,8 +795,14 @@ class HubPusher:
                     logger.warning(f"Hub: {name} in {folder} is not a JSON object; it is not uploaded.")
                     del contents[name]
         card = build_model_card(
-            folder, self.repo_id, step=step, hardware=self.hardware, license=self.license,
-            custom_pipeline=self.custom_pipeline_file is not None, revision=self.revision, run_dir=self.output_dir,
+            folder,
+            self.repo_id,
+            step=step,
+            hardware=self.hardware,
+            license=self.license,
+            custom_pipeline=self.custom_pipeline_file is not None,
+            revision=self.revision,
+            run_dir=self.output_dir,
         )
         contents["README.md"] = str(card).encode()
         return contents
@@ -854,13 +863,11 @@ class HubPusher:
         remote = self.api.list_repo_files(self.repo_id, revision=self.revision, token=self.token)
         operations += [CommitOperationDelete(path_in_repo=path) for path in remote if is_allowed(path) and path not in upload.contents]
         message = self.commit_message or (f"Upload pipeline (step {upload.step})" if upload.step is not None else "Upload pipeline")
-        info = self.api.create_commit(
-            self.repo_id, operations, commit_message=message, revision=self.revision, token=self.token
-        )
+        info = self.api.create_commit(self.repo_id, operations, commit_message=message, revision=self.revision, token=self.token)
         logger.info(f"Hub: pushed step {upload.step} to {self.url} ({info.oid[:7]}).")
         return info.oid
 
-    def _with_retries(self, fn: Callable[[], Any], what: str, explain: Optional[Callable[[BaseException], UserError]], retries: Optional[int] = None):
+    def _with_retries(self, fn: Callable[[], Any], what: str, explain: Callable[[BaseException], UserError] | None, retries: int | None = None):
         """Run `fn`, retrying transient errors with exponential backoff; `explain` turns a final error into a UserError."""
         retries = self.max_retries if retries is None else retries
         delay = self.backoff
@@ -899,7 +906,9 @@ def run_push(args: argparse.Namespace) -> None:
     sha = pusher.push_final()
     load = load_arguments(pusher.repo_id, pusher.revision)
     cli_revision = f" --revision {pusher.revision}" if pusher.revision != "main" else ""
-    print(f"Pushed {args.output_dir} to {pusher.url} (revision {pusher.revision}, commit {sha[:7]}): {len(files_to_upload(args.output_dir, pusher.custom_pipeline_file))} files.")
+    print(
+        f"Pushed {args.output_dir} to {pusher.url} (revision {pusher.revision}, commit {sha[:7]}): {len(files_to_upload(args.output_dir, pusher.custom_pipeline_file))} files."
+    )
     print(f"Load it with DDPMPipeline.from_pretrained({load}) or `ddpm-hf sample --model {pusher.repo_id}{cli_revision}`.")
 
 

@@ -149,7 +149,9 @@ class GaussianToy:
         return 1.0 - 2.0 * cross + square
 
 
-def toy_reverse_chain(toy: GaussianToy, predict_eps, num_samples: int = 20_000, seed: int = 0, wrong_denominator: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def toy_reverse_chain(
+    toy: GaussianToy, predict_eps, num_samples: int = 20_000, seed: int = 0, wrong_denominator: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Run the DDPM sampler (Algorithm 2, sigma_t^2 = beta_t) on the toy from x_{T-1} ~ N(0, 1).
 
     Returns (final samples, std of x_t entering each step t = T-1 .. 0). With `wrong_denominator`, the step divides by
@@ -313,7 +315,9 @@ def mistakes_figure(noising: NoisingComparison, blindness: TimestepBlindness, re
     steps = np.arange(len(blindness.loss_per_t_aware))
     ax2.plot(steps, blindness.loss_per_t_aware, "C0-", label=rf"$\epsilon_\theta(x_t, t)$: mean {blindness.loss_t_aware:.3f}")
     ax2.plot(steps, blindness.loss_per_t_blind, "C3--", label=rf"$\epsilon_\theta(x_t)$: mean {blindness.loss_t_blind:.3f}")
-    ax2.set(title=f"2. t-blind network: best loss (toy, s = {blindness.data_std:.2f})", xlabel="timestep t", ylabel=r"best $E\|\epsilon - \epsilon_\theta\|^2$ at t")
+    ax2.set(
+        title=f"2. t-blind network: best loss (toy, s = {blindness.data_std:.2f})", xlabel="timestep t", ylabel=r"best $E\|\epsilon - \epsilon_\theta\|^2$ at t"
+    )
     ax2.legend(fontsize=8)
 
     reverse_t = np.arange(len(reverse.std_per_t_right))[::-1]

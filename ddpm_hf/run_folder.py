@@ -65,7 +65,7 @@ class RunFolder:
         return os.path.isfile(self.file("model_index.json"))
 
     @property
-    def best(self) -> "RunFolder":
+    def best(self) -> RunFolder:
         """best/: the pipeline with the lowest FID so far, a run folder of its own (pipeline + eval.json)."""
         return RunFolder(self.file(BEST))
 
@@ -167,7 +167,9 @@ class RunFolder:
         names = [
             n
             for n in os.listdir(self.checkpoints_dir)
-            if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX) :].isdigit() and os.path.isfile(os.path.join(self.checkpoints_dir, n, CHECKPOINT_STATE))
+            if n.startswith(CHECKPOINT_PREFIX)
+            and n[len(CHECKPOINT_PREFIX) :].isdigit()
+            and os.path.isfile(os.path.join(self.checkpoints_dir, n, CHECKPOINT_STATE))
         ]
         return [os.path.join(self.checkpoints_dir, n) for n in sorted(names, key=lambda n: int(n[len(CHECKPOINT_PREFIX) :]))]
 

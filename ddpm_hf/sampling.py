@@ -195,7 +195,9 @@ def run_sample(args) -> None:
         if sampler.name == "dpmsolver":
             raise UserError("--fast runs ddpm and ddim; drop --fast for dpmsolver.")
         pipeline.scheduler = sampler.scheduler
-        images = fast_generate(pipeline, args.num_images, sampler.steps, args.seed, args.batch_size, dtype=args.dtype, compile=args.compile, cuda_graphs=args.cuda_graphs)
+        images = fast_generate(
+            pipeline, args.num_images, sampler.steps, args.seed, args.batch_size, dtype=args.dtype, compile=args.compile, cuda_graphs=args.cuda_graphs
+        )
     else:
         if args.dtype != "fp32":
             raise UserError("--dtype bf16 needs --fast.")
@@ -215,9 +217,14 @@ def add_cli(subparsers) -> None:
     parser = subparsers.add_parser("sample", help="Generate a grid of images from a saved pipeline (folder or Hub id).")
     parser.add_argument("--model", required=True, type=local_path_or_hub_id, help="Training OUTPUT_DIR or Hub id (user/name).")
     parser.add_argument("--num_images", type=bounded(int, ge=1), default=16)
-    parser.add_argument("--steps", type=bounded(int, ge=1), default=None, help="Denoising steps K (default: T for ddpm; ddim and dpmsolver need it, e.g. 50 and 20).")
     parser.add_argument(
-        "--scheduler", default="ddpm", choices=SAMPLER_CHOICES, help="ddpm (the paper's ancestral sampler), ddim, dpmsolver (DPM-Solver++ 2M), or auto (ddpm with T steps, else ddim)."
+        "--steps", type=bounded(int, ge=1), default=None, help="Denoising steps K (default: T for ddpm; ddim and dpmsolver need it, e.g. 50 and 20)."
+    )
+    parser.add_argument(
+        "--scheduler",
+        default="ddpm",
+        choices=SAMPLER_CHOICES,
+        help="ddpm (the paper's ancestral sampler), ddim, dpmsolver (DPM-Solver++ 2M), or auto (ddpm with T steps, else ddim).",
     )
     parser.add_argument("--seed", type=bounded(int, ge=0), default=0)
     parser.add_argument("--batch_size", type=bounded(int, ge=1), default=None, help="Images per forward pass (default: all at once).")
@@ -225,8 +232,14 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--save_individual", action="store_true", help="Also write each image into a folder named after --out.")
     parser.add_argument("--device", type=device_type, default=None, help="cpu or cuda (default: cuda when available).")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
-    parser.add_argument("--fast", action="store_true", help="Keep the whole chain on the device (ddpm_hf.fast_sampling): the same images as without it in fp32.")
+    parser.add_argument(
+        "--fast", action="store_true", help="Keep the whole chain on the device (ddpm_hf.fast_sampling): the same images as without it in fp32."
+    )
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="With --fast: run the UNet under bf16 autocast.")
-    parser.add_argument("--compile", default="auto", choices=["auto", "yes", "no"], help="With --fast: torch.compile the UNet ('auto': on CUDA); falls back with a warning.")
-    parser.add_argument("--cuda_graphs", default="auto", choices=["auto", "yes", "no"], help="With --fast: replay the UNet call as a CUDA graph ('auto': on CUDA).")
+    parser.add_argument(
+        "--compile", default="auto", choices=["auto", "yes", "no"], help="With --fast: torch.compile the UNet ('auto': on CUDA); falls back with a warning."
+    )
+    parser.add_argument(
+        "--cuda_graphs", default="auto", choices=["auto", "yes", "no"], help="With --fast: replay the UNet call as a CUDA graph ('auto': on CUDA)."
+    )
     parser.set_defaults(func=run_sample)

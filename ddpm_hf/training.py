@@ -120,7 +120,9 @@ def prepare_run(config: TrainingConfig) -> Run:
         dataset = data.load_image_dataset(config.dataset, config.split, config.dataset_config)
         if config.max_train_samples is not None:
             dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
-    decoded = data.decode_images(dataset, config.resolution, config.image_column, config.on_corrupt_image, config.max_in_memory_gb, progress=accelerator.is_local_main_process)
+    decoded = data.decode_images(
+        dataset, config.resolution, config.image_column, config.on_corrupt_image, config.max_in_memory_gb, progress=accelerator.is_local_main_process
+    )
     batches = data.ImageBatches(decoded.images, config.seed, config.random_flip, device, keep_on_host=decoded.memory_mapped)
 
     # Only now is anything written.
@@ -131,8 +133,12 @@ def prepare_run(config: TrainingConfig) -> Run:
     # Optimizer and learning-rate schedule, counted in optimizer steps. The schedule is not passed to
     # accelerator.prepare: a prepared one steps once per process, which would shorten warm-up by the GPU count.
     optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-        weight_decay=config.weight_decay, fused=device.type in ("cuda", "cpu"),  # fused: one kernel per step (bench/RESULTS.md)
+        unet.parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+        fused=device.type in ("cuda", "cpu"),  # fused: one kernel per step (bench/RESULTS.md)
     )
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_train_steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -140,9 +146,21 @@ def prepare_run(config: TrainingConfig) -> Run:
         _compile_or_fall_back(accelerator.unwrap_model(unet), micro_batch, config.resolution, use_channels_last, accelerator)
 
     run = Run(
-        config=config, folder=folder, accelerator=accelerator, unet=unet, ema=ema, noise_scheduler=noise_scheduler, loss_fn=loss_fn,
-        optimizer=optimizer, lr_scheduler=lr_scheduler, batches=batches, training_images=decoded.images, micro_batch=micro_batch,
-        channels_last=use_channels_last, hub=hub, num_parameters=count_parameters(unet),
+        config=config,
+        folder=folder,
+        accelerator=accelerator,
+        unet=unet,
+        ema=ema,
+        noise_scheduler=noise_scheduler,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        batches=batches,
+        training_images=decoded.images,
+        micro_batch=micro_batch,
+        channels_last=use_channels_last,
+        hub=hub,
+        num_parameters=count_parameters(unet),
     )
     if resume_path is not None:
         run.step = load_checkpoint(accelerator, resume_path, ema, lr_scheduler)
@@ -319,7 +337,12 @@ def upkeep(run: Run, stopping: bool, progress=None) -> None:
         save_checkpoint(run.accelerator, run.folder, step, run.ema, run.lr_scheduler, config.checkpoints_total_limit)
     if at_end or not main:
         return
-    periodic = [due(config.sample_every, step), due(config.eval_every, step), due(config.save_every, step), run.hub is not None and due(config.push_every, step)]
+    periodic = [
+        due(config.sample_every, step),
+        due(config.eval_every, step),
+        due(config.save_every, step),
+        run.hub is not None and due(config.push_every, step),
+    ]
     if not any(periodic):
         return
     run.metrics.raise_if_nonfinite()  # nothing is written from weights that diverged
@@ -371,7 +394,9 @@ def evaluate_and_keep_best(run: Run) -> None:
     if run.fid_evaluator is None:
         run.fid_evaluator = FIDEvaluator(run.training_images, device=run.accelerator.device)
     sampler = make_sampler(run.noise_scheduler, config.sample_scheduler, config.sample_steps)
-    result = fid_result(run.fid_evaluator, run.model_to_sample, sampler, config.eval_num_samples, seed=config.sample_seed, reference=f"{config.dataset} ({config.split})")
+    result = fid_result(
+        run.fid_evaluator, run.model_to_sample, sampler, config.eval_num_samples, seed=config.sample_seed, reference=f"{config.dataset} ({config.split})"
+    )
     run.accelerator.log({"fid": result["fid"]}, step=run.step)
     run.accelerator.print(f"step {run.step}: FID {result['fid']:.2f} ({config.eval_num_samples} samples, {sampler.describe()})")
     best_fid = run.folder.best.best_fid()
@@ -527,7 +552,9 @@ def save_checkpoint(accelerator, folder: RunFolder, step: int, ema, lr_scheduler
     except OSError as e:
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-        raise UserError(f"could not write checkpoint {final} ({e.strerror or e}). Free disk space or fix permissions; earlier checkpoints are intact.") from None
+        raise UserError(
+            f"could not write checkpoint {final} ({e.strerror or e}). Free disk space or fix permissions; earlier checkpoints are intact."
+        ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and limit is not None:
         for old in folder.checkpoints()[:-limit]:
@@ -565,7 +592,9 @@ def save_pipeline(unet, scheduler, output_dir: str) -> None:
                 shutil.rmtree(target)
             os.replace(os.path.join(staging, name), target)
     except OSError as e:
-        raise UserError(f"could not save the pipeline into {output_dir} ({e.strerror or e}). Free disk space or fix permissions; checkpoints are intact.") from None
+        raise UserError(
+            f"could not save the pipeline into {output_dir} ({e.strerror or e}). Free disk space or fix permissions; checkpoints are intact."
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -576,7 +605,7 @@ def _load_unet(name_or_path: str):
 
     try:
         return UNet2DModel.from_pretrained(name_or_path, subfolder="unet", use_safetensors=True)
-    except (OSError, EnvironmentError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise UserError(
             f"--init_from {name_or_path}: no pipeline UNet with safetensors weights there ({str(e).splitlines()[0]}). Give a folder saved by this package or a Hub id."
         ) from None
@@ -595,7 +624,9 @@ def _check_hub(config: TrainingConfig, accelerator):
     if accelerator.is_main_process:
         from .hub import HubPusher, describe_hardware
 
-        hub = HubPusher(config.hub_model_id, config.hub_token, config.hub_private_repo, config.output_dir, hardware=describe_hardware(accelerator.num_processes))
+        hub = HubPusher(
+            config.hub_model_id, config.hub_token, config.hub_private_repo, config.output_dir, hardware=describe_hardware(accelerator.num_processes)
+        )
         try:
             hub.check()
         except UserError as e:

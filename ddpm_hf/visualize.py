@@ -24,8 +24,8 @@ import torch
 from .arguments import bounded, local_path_or_hub_id, output_file
 from .arguments import device as device_type
 from .errors import UserError
-from .sampling import SAMPLER_CHOICES
 from .run_folder import LOSS_FIGURE, PROGRESS_FIGURE, RunFolder
+from .sampling import SAMPLER_CHOICES
 
 FORWARD_TIMESTEPS = (0, 50, 100, 250, 500, 750, 999)
 COMPARED_SCHEDULES = ("linear", "squaredcos_cap_v2")  # shown side by side in the forward figure
@@ -54,7 +54,7 @@ def tile(cells: list[list[np.ndarray | None]], pad: int = 2, background: int = 2
     for i, row in enumerate(cells):
         for j, cell in enumerate(row):
             if cell is not None:
-                canvas[i * (height + pad): i * (height + pad) + height, j * (width + pad): j * (width + pad) + width] = cell
+                canvas[i * (height + pad) : i * (height + pad) + height, j * (width + pad) : j * (width + pad) + width] = cell
     return canvas
 
 
@@ -390,7 +390,9 @@ def run_forward(args) -> None:
     if not 0.0 < args.beta_start < args.beta_end < 1.0:
         raise UserError(f"need 0 < --beta_start < --beta_end < 1, got {args.beta_start} and {args.beta_end}.")
     # Only the forward process is drawn: the noise schedule is all it needs.
-    scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end
+    )
     last = args.num_train_timesteps - 1
     timesteps = parse_int_list(args.timesteps, "--timesteps") if args.timesteps else [t for t in FORWARD_TIMESTEPS if t < last] + [last]
     check_timesteps(timesteps, args.num_train_timesteps, "--timesteps")
@@ -422,7 +424,12 @@ def add_cli(subparsers) -> None:
     commands = parser.add_subparsers(dest="figure", metavar="FIGURE", required=True)
 
     forward = commands.add_parser("forward", help="Real images noised at t = 0 .. T-1, and abar_t and SNR(t) of the linear and cosine schedules.")
-    forward.add_argument("--dataset", default="builtin:cifar10-1k", type=local_path_or_hub_id, help="Like train_ddpm.py --dataset (default: the CIFAR-10 subset shipped with the package).")
+    forward.add_argument(
+        "--dataset",
+        default="builtin:cifar10-1k",
+        type=local_path_or_hub_id,
+        help="Like train_ddpm.py --dataset (default: the CIFAR-10 subset shipped with the package).",
+    )
     forward.add_argument("--dataset_config", default=None, help="Configuration name of a Hub dataset, if it has several.")
     forward.add_argument("--split", default="train")
     forward.add_argument("--image_column", default=None)
@@ -440,10 +447,16 @@ def add_cli(subparsers) -> None:
 
     reverse = commands.add_parser("reverse", help="The reverse chain of a saved pipeline: x_t and the predicted x_0 at chosen steps.")
     reverse.add_argument("--model", required=True, type=local_path_or_hub_id, help="Training OUTPUT_DIR or Hub id (user/name).")
-    reverse.add_argument("--seeds", default="0,1,2", help="One pair of rows per seed, comma-separated; seed s gives the image `ddpm-hf sample --seed s --num_images 1` gives.")
+    reverse.add_argument(
+        "--seeds", default="0,1,2", help="One pair of rows per seed, comma-separated; seed s gives the image `ddpm-hf sample --seed s --num_images 1` gives."
+    )
     reverse.add_argument("--scheduler", default="ddpm", choices=SAMPLER_CHOICES, help="ddpm (the paper's ancestral sampler), ddim, dpmsolver, or auto.")
     reverse.add_argument("--steps", type=bounded(int, ge=1), default=None, help="Denoising steps (default: T for ddpm, 50 for ddim).")
-    reverse.add_argument("--timesteps", default=None, help="Steps shown, comma-separated; each is moved to the nearest step the sampler visits (default: 999,750,500,250,100,50,0).")
+    reverse.add_argument(
+        "--timesteps",
+        default=None,
+        help="Steps shown, comma-separated; each is moved to the nearest step the sampler visits (default: 999,750,500,250,100,50,0).",
+    )
     reverse.add_argument("--out", type=output_file, default="reverse.png", help="Where to write the figure (PNG).")
     reverse.add_argument("--device", type=device_type, default=None, help="cpu or cuda (default: cuda when available).")
     reverse.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")

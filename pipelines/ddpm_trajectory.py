@@ -23,18 +23,17 @@ sample and the predicted clean image, and an optional in-memory trajectory on th
 """
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
-
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
-
 
 logger = logging.get_logger(__name__)
 
@@ -102,10 +101,7 @@ class DDPMTrajectoryPipeline(DiffusionPipeline):
         if "eta" in accepted:
             kwargs["eta"] = eta
         elif eta != 0.0:
-            logger.warning(
-                f"`eta={eta}` is ignored: {self.scheduler.__class__.__name__}.step does not take `eta` "
-                "(it is used by DDIMScheduler)."
-            )
+            logger.warning(f"`eta={eta}` is ignored: {self.scheduler.__class__.__name__}.step does not take `eta` (it is used by DDIMScheduler).")
         return kwargs
 
     def predict_x0(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
@@ -123,10 +119,7 @@ class DDPMTrajectoryPipeline(DiffusionPipeline):
             return model_output
         alphas_cumprod = getattr(self.scheduler, "alphas_cumprod", None)
         if alphas_cumprod is None:
-            raise ValueError(
-                f"Cannot compute the predicted x_0 for {self.scheduler.__class__.__name__}: "
-                "it has no `alphas_cumprod`."
-            )
+            raise ValueError(f"Cannot compute the predicted x_0 for {self.scheduler.__class__.__name__}: it has no `alphas_cumprod`.")
         index = int(round(float(timestep)))
         abar = alphas_cumprod[index].to(device=sample.device, dtype=torch.float32)
         x_t = sample.float()
@@ -258,6 +251,4 @@ class DDPMTrajectoryPipeline(DiffusionPipeline):
             trajectory_x_t = trajectory_pred_x0 = None
         if not return_dict:
             return (image,) if not return_trajectory else (image, trajectory_x_t, trajectory_pred_x0)
-        return DDPMTrajectoryPipelineOutput(
-            images=image, trajectory_x_t=trajectory_x_t, trajectory_pred_x0=trajectory_pred_x0
-        )
+        return DDPMTrajectoryPipelineOutput(images=image, trajectory_x_t=trajectory_x_t, trajectory_pred_x0=trajectory_pred_x0)

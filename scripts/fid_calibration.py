@@ -37,8 +37,8 @@ from ddpm_hf.fid import (
     fid_from_statistics,
     kernel_inception_distance,
     load_dataset_images,
-    stats_cache_path,
     statistics_of_features,
+    stats_cache_path,
 )
 
 HUB_ID = "uoft-cs/cifar10"

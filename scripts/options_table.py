@@ -1,7 +1,7 @@
 """Print the README's table of training options from TrainingConfig, or check it is up to date.
 
-    python scripts/options_table.py            # print the table
-    python scripts/options_table.py --write    # replace the table between the markers in README.md
+python scripts/options_table.py            # print the table
+python scripts/options_table.py --write    # replace the table between the markers in README.md
 """
 
 import dataclasses

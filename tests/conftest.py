@@ -86,8 +86,13 @@ SHARED_CIFAR10 = __import__("os").path.join(REPO_ROOT, "..", "shared", "data", "
 
 # A UNet small enough for seconds of CPU training: two levels, no attention.
 MICRO_UNET = dict(
-    in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=[32, 64],
-    down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"], norm_num_groups=8,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=1,
+    block_out_channels=[32, 64],
+    down_block_types=["DownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "UpBlock2D"],
+    norm_num_groups=8,
 )
 
 
@@ -122,9 +127,19 @@ def train_in_process():
 def quick_options(output_dir, model_config, **overrides):
     """Options of a few-second run on the built-in CIFAR-10 subset at 16x16."""
     options = dict(
-        preset="quickstart", output_dir=str(output_dir), model_config=model_config, resolution=16, max_train_samples=64,
-        train_batch_size=8, max_train_steps=4, lr_warmup_steps=2, logging_steps=2, sample_every=0, checkpoint_every=0,
-        num_sample_images=4, sample_steps=5,
+        preset="quickstart",
+        output_dir=str(output_dir),
+        model_config=model_config,
+        resolution=16,
+        max_train_samples=64,
+        train_batch_size=8,
+        max_train_steps=4,
+        lr_warmup_steps=2,
+        logging_steps=2,
+        sample_every=0,
+        checkpoint_every=0,
+        num_sample_images=4,
+        sample_steps=5,
     )
     options.update(overrides)
     return options

@@ -28,7 +28,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -58,7 +57,7 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 class StoredFile:
     blob_id: str  # git sha1 of what git stores: the content, or the LFS pointer
     size: int  # size of the content
-    sha256: Optional[str] = None  # set for LFS files: the content lives in the LFS store under it
+    sha256: str | None = None  # set for LFS files: the content lives in the LFS store under it
 
     def tree_entry(self, path: str) -> dict:
         entry = {"type": "file", "oid": self.blob_id, "size": self.size, "path": path}
@@ -70,7 +69,7 @@ class StoredFile:
 @dataclass
 class Commit:
     sha: str
-    parent: Optional[str]
+    parent: str | None
     title: str
     files: dict[str, StoredFile]
     date: str
@@ -88,7 +87,7 @@ class Repo:
 class RecordedRequest:
     method: str
     path: str
-    token: Optional[str]
+    token: str | None
 
 
 @dataclass
@@ -96,11 +95,11 @@ class _Failure:
     remaining: int
     status: int
     path_prefix: str
-    method: Optional[str]
+    method: str | None
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, error_code: Optional[str] = None, error_message: Optional[str] = None, body: Optional[dict] = None):
+    def __init__(self, status: int, message: str, error_code: str | None = None, error_message: str | None = None, body: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.error_code, self.error_message, self.body = status, message, error_code, error_message, body
 
@@ -108,7 +107,7 @@ class HubError(Exception):
 class HubServer:
     """In-memory Hub on 127.0.0.1. `tokens` maps a token to (user name, role), role "write" or "read"."""
 
-    def __init__(self, tokens: Optional[dict[str, tuple[str, str]]] = None, orgs: Optional[dict[str, set[str]]] = None):
+    def __init__(self, tokens: dict[str, tuple[str, str]] | None = None, orgs: dict[str, set[str]] | None = None):
         self.tokens = dict(tokens or {})
         self.orgs = {name: set(members) for name, members in (orgs or {}).items()}
         self.repos: dict[str, Repo] = {}
@@ -120,11 +119,11 @@ class HubServer:
         self._pauses: list[tuple[str, threading.Event]] = []
         self._lock = threading.RLock()
         self._secret = secrets.token_bytes(16)
-        self._httpd: Optional[ThreadingHTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         server = self
 
         class Handler(_Handler):
@@ -145,7 +144,7 @@ class HubServer:
             self._thread.join(timeout=5)
             self._httpd = None
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -157,7 +156,7 @@ class HubServer:
         return f"http://{host}:{port}"
 
     # ---- test hooks -----------------------------------------------------------------------------
-    def fail_next(self, n: int = 1, status: int = 503, path_prefix: str = "", method: Optional[str] = None) -> None:
+    def fail_next(self, n: int = 1, status: int = 503, path_prefix: str = "", method: str | None = None) -> None:
         """Answer the next `n` requests whose path starts with `path_prefix` (and of `method`, if given) with `status`."""
         with self._lock:
             self._failures.append(_Failure(n, status, path_prefix, method.upper() if method else None))
@@ -193,7 +192,7 @@ class HubServer:
                 sha = repo.commits[sha].parent
             return shas
 
-    def requests_to(self, path_prefix: str, method: Optional[str] = None) -> list[RecordedRequest]:
+    def requests_to(self, path_prefix: str, method: str | None = None) -> list[RecordedRequest]:
         return [r for r in list(self.requests) if r.path.startswith(path_prefix) and (method is None or r.method == method)]
 
     # ---- state ----------------------------------------------------------------------------------
@@ -207,7 +206,7 @@ class HubServer:
         self.uploads.setdefault(repo_id, [])
         return repo
 
-    def _add_commit(self, repo: Repo, parent: Optional[str], title: str, files: dict[str, StoredFile]) -> Commit:
+    def _add_commit(self, repo: Repo, parent: str | None, title: str, files: dict[str, StoredFile]) -> Commit:
         listing = json.dumps({p: f.blob_id for p, f in sorted(files.items())})
         sha = hashlib.sha1(f"{parent}\n{title}\n{listing}\n{time.time_ns()}".encode()).hexdigest()
         date = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
@@ -274,7 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, body: bytes = b"", headers: Optional[dict] = None, content_type: str = "application/json"):
+    def _send(self, status: int, body: bytes = b"", headers: dict | None = None, content_type: str = "application/json"):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -284,14 +283,14 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, status: int, value, headers: Optional[dict] = None):
+    def _json(self, status: int, value, headers: dict | None = None):
         self._send(status, json.dumps(value).encode(), headers)
 
     def _dispatch(self, method: str):
         url = urlsplit(self.path)
         path, query = url.path, parse_qs(url.query)
         auth = self.headers.get("Authorization", "")
-        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
         hub = self.hub
         body = self._read_body() if method in ("POST", "PUT") else b""
         with hub._lock:
@@ -315,7 +314,7 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Message"] = e.error_message
             self._json(e.status, e.body or {"error": e.message}, headers)
 
-    def _user(self, token: Optional[str]) -> Optional[tuple[str, str]]:
+    def _user(self, token: str | None) -> tuple[str, str] | None:
         if token is None:
             return None
         if token not in self.hub.tokens:
@@ -393,10 +392,17 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(401, INVALID_TOKEN_MESSAGE, error_message=INVALID_TOKEN_MESSAGE)
         name, role = user
         orgs = [{"type": "org", "name": org, "roleInOrg": "write"} for org in sorted(self.hub._namespaces(name) - {name})]
-        self._json(200, {
-            "type": "user", "id": hashlib.sha1(name.encode()).hexdigest()[:24], "name": name, "fullname": name.title(),
-            "orgs": orgs, "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}},
-        })
+        self._json(
+            200,
+            {
+                "type": "user",
+                "id": hashlib.sha1(name.encode()).hexdigest()[:24],
+                "name": name,
+                "fullname": name.title(),
+                "orgs": orgs,
+                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}},
+            },
+        )
 
     def _create(self, payload: dict, user):
         if user is None:
@@ -425,19 +431,32 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 metadata = yaml.safe_load(header)
             except yaml.YAMLError as e:
-                raise HubError(400, "Invalid YAML", body={"errors": [{"message": str(e)}]})
+                raise HubError(400, "Invalid YAML", body={"errors": [{"message": str(e)}]}) from None
             if metadata is not None and not isinstance(metadata, dict):
                 raise HubError(400, "Invalid YAML", body={"errors": [{"message": "metadata must be a mapping"}]})
         self._json(200, {"errors": [], "warnings": []})
 
     def _info(self, repo: Repo, revision: str):
         commit = self.hub._resolve(repo, revision)
-        self._json(200, {
-            "_id": hashlib.sha1(repo.repo_id.encode()).hexdigest()[:24], "id": repo.repo_id, "modelId": repo.repo_id,
-            "author": repo.repo_id.split("/")[0], "sha": commit.sha, "lastModified": commit.date, "createdAt": commit.date,
-            "private": repo.private, "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
-            "siblings": [{"rfilename": p} for p in sorted(commit.files)],
-        })
+        self._json(
+            200,
+            {
+                "_id": hashlib.sha1(repo.repo_id.encode()).hexdigest()[:24],
+                "id": repo.repo_id,
+                "modelId": repo.repo_id,
+                "author": repo.repo_id.split("/")[0],
+                "sha": commit.sha,
+                "lastModified": commit.date,
+                "createdAt": commit.date,
+                "private": repo.private,
+                "gated": False,
+                "disabled": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "siblings": [{"rfilename": p} for p in sorted(commit.files)],
+            },
+        )
 
     def _tree(self, repo: Repo, revision: str, prefix: str, query):
         commit = self.hub._resolve(repo, revision)
@@ -447,7 +466,7 @@ class _Handler(BaseHTTPRequestHandler):
         for path, stored in sorted(commit.files.items()):
             if prefix and not path.startswith(prefix + "/"):
                 continue
-            relative = path[len(prefix) + 1:] if prefix else path
+            relative = path[len(prefix) + 1 :] if prefix else path
             pieces = relative.split("/")
             for depth in range(1, len(pieces)):
                 folder = "/".join(([prefix] if prefix else []) + pieces[:depth])
@@ -500,8 +519,7 @@ class _Handler(BaseHTTPRequestHandler):
                 href = f"{self.hub.url}/__lfs/{repo.repo_id}/{oid}?size={size}&sig={self.hub._sign(repo.repo_id, oid)}"
                 entry["actions"] = {"upload": {"href": href, "header": {}}}
             objects.append(entry)
-        self._json(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
-                   headers={"Content-Type": "application/vnd.git-lfs+json"})
+        self._json(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}, headers={"Content-Type": "application/vnd.git-lfs+json"})
 
     def _lfs_put(self, repo_id: str, oid: str, query, body: bytes):
         # Like a pre-signed S3 URL: no Authorization header, the signature authorises the upload.

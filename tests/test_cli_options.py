@@ -10,8 +10,22 @@ import pytest
 from ddpm_hf.cli import build_parser, main
 
 # Options whose value is free text that only the code behind them can judge (a Hub revision, a column name...).
-FREE_TEXT = {"--revision", "--image_column", "--split", "--split_b", "--reference_split", "--name", "--sweep", "--seeds", "--timesteps",
-             "--dataset_config", "--repo_id", "--token", "--commit_message", "--license"}
+FREE_TEXT = {
+    "--revision",
+    "--image_column",
+    "--split",
+    "--split_b",
+    "--reference_split",
+    "--name",
+    "--sweep",
+    "--seeds",
+    "--timesteps",
+    "--dataset_config",
+    "--repo_id",
+    "--token",
+    "--commit_message",
+    "--license",
+}
 # Dummy values for the required arguments of each command, so that only the option under test is wrong.
 REQUIRED = {"--model": "user/model", "--dataset": "user/dataset", "path_a": "user/a", "path_b": "user/b", "output_dir": "."}
 

@@ -222,9 +222,7 @@ def test_callback_and_trajectory(pipe):
     # final image is the last x_t mapped to [0, 1]
     torch.testing.assert_close(out.images, (out.trajectory_x_t[-1] / 2 + 0.5).clamp(0, 1))
 
-    tup = pipe(
-        batch_size=BATCH, generator=_gen(7), num_inference_steps=steps, return_dict=False, return_trajectory=True
-    )
+    tup = pipe(batch_size=BATCH, generator=_gen(7), num_inference_steps=steps, return_dict=False, return_trajectory=True)
     assert len(tup) == 3 and len(tup[1]) == len(tup[2]) == steps
     # without return_trajectory the output carries no trajectories
     plain = pipe(batch_size=BATCH, generator=_gen(7), num_inference_steps=steps, output_type="pt")
@@ -237,9 +235,7 @@ def test_callback_can_replace_sample(pipe):
             return {"x_t": torch.zeros_like(tensors["x_t"])}
         return None
 
-    out = pipe(
-        batch_size=BATCH, generator=_gen(0), num_inference_steps=3, output_type="pt", callback_on_step_end=zero_last
-    )
+    out = pipe(batch_size=BATCH, generator=_gen(0), num_inference_steps=3, output_type="pt", callback_on_step_end=zero_last)
     torch.testing.assert_close(out.images, torch.full(SHAPE, 0.5))
 
 

@@ -75,7 +75,10 @@ def test_resize_short_side_then_center_crop():
 
 
 def test_save_to_disk_folder(tmp_path):
-    dataset = datasets.Dataset.from_dict({"picture": [_image("RGB", (8, 8), s) for s in range(3)], "x": [1, 2, 3]}, features=datasets.Features({"picture": datasets.Image(), "x": datasets.Value("int32")}))
+    dataset = datasets.Dataset.from_dict(
+        {"picture": [_image("RGB", (8, 8), s) for s in range(3)], "x": [1, 2, 3]},
+        features=datasets.Features({"picture": datasets.Image(), "x": datasets.Value("int32")}),
+    )
     datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "saved"))
     loaded = load_image_dataset(str(tmp_path / "saved"))
     assert find_image_column(loaded) == "picture"  # the only Image feature
@@ -95,10 +98,22 @@ def test_image_column_that_holds_no_images_is_refused_naming_the_image_columns(t
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     dataset = datasets.Dataset.from_dict(
         {"img": [picture], "label": [3], "caption": ["a red car"], "file": [str(tmp_path / "a.png")], "png": [picture["bytes"]], "blob": [b"not an image"]},
-        features=datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)]), "caption": datasets.Value("string"), "file": datasets.Value("string"), "png": datasets.Value("binary"), "blob": datasets.Value("binary")}),
+        features=datasets.Features(
+            {
+                "img": datasets.Image(),
+                "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
+                "caption": datasets.Value("string"),
+                "file": datasets.Value("string"),
+                "png": datasets.Value("binary"),
+                "blob": datasets.Value("binary"),
+            }
+        ),
     )
     for column, holds in (("label", "ClassLabel values"), ("caption", "text that is not an image path"), ("blob", "bytes that are not an image")):
-        with pytest.raises(UserError, match=rf"^--image_column {column}: column '{column}' is not an image column \(it holds {holds}\); its Image columns are: img\. Pass --image_column NAME\.$"):
+        with pytest.raises(
+            UserError,
+            match=rf"^--image_column {column}: column '{column}' is not an image column \(it holds {holds}\); its Image columns are: img\. Pass --image_column NAME\.$",
+        ):
             find_image_column(dataset, column)
     with pytest.raises(UserError, match="column 'label' is not an image column"):  # not "row 0 ... cannot be decoded"
         decode_images(dataset, 8, image_column="label", progress=False)

@@ -6,7 +6,6 @@ few dozen images at most; the 50k-image calibration lives in scripts/fid_calibra
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -145,7 +144,13 @@ def test_running_statistics_equal_numpy_mean_and_unbiased_covariance():
 
 def test_statistics_file_round_trip_and_protocol_check(tmp_path):
     rng = np.random.default_rng(5)
-    stats = fid.FIDStatistics(mu=rng.standard_normal(2048), sigma=np.eye(2048), num_images=7, features=rng.standard_normal((3, 2048)).astype(np.float32), info={"protocol": fid.PROTOCOL})
+    stats = fid.FIDStatistics(
+        mu=rng.standard_normal(2048),
+        sigma=np.eye(2048),
+        num_images=7,
+        features=rng.standard_normal((3, 2048)).astype(np.float32),
+        info={"protocol": fid.PROTOCOL},
+    )
     stats.save(str(tmp_path / "s.npz"))
     loaded = fid.FIDStatistics.load(str(tmp_path / "s.npz"))
     np.testing.assert_array_equal(loaded.mu, stats.mu)
@@ -214,7 +219,10 @@ def test_inception_features_are_deterministic_and_independent_of_batch_size():
 def test_fid_real_vs_noise_is_far_larger_than_real_vs_real():
     real = fid.load_dataset_images(str(CIFAR10), "test", 32, max_images=128, progress=False)
     extractor = fid.InceptionFeatures("cpu")
-    features = {name: torch.cat([extractor(images[i : i + 32]) for i in range(0, 64, 32)]) for name, images in (("a", real[:64]), ("b", real[64:]), ("noise", noise_images(64)))}
+    features = {
+        name: torch.cat([extractor(images[i : i + 32]) for i in range(0, 64, 32)])
+        for name, images in (("a", real[:64]), ("b", real[64:]), ("noise", noise_images(64)))
+    }
     stats = {name: fid.statistics_of_features(f) for name, f in features.items()}
     real_vs_real, real_vs_noise = fid.fid_from_statistics(stats["a"], stats["b"]), fid.fid_from_statistics(stats["a"], stats["noise"])
     # With 64 images per set FID is biased upwards (real vs real ~200, vs ~3 with 10k vs 50k), but noise is still far farther.
@@ -269,7 +277,23 @@ def test_sweep_writes_table_plot_and_eval_json(tmp_path, capsys):
     model = tiny_pipeline(tmp_path / "model")
     reference = save_pngs(cifar_images(8, resolution=16), tmp_path / "reference")
     out = tmp_path / "out"
-    cli("evaluate", "--model", str(model), "--sweep", "ddpm:4,ddim:2", "--num_samples", "6", "--batch_size", "6", "--reference", str(reference), "--output", str(out), "--device", "cpu")
+    cli(
+        "evaluate",
+        "--model",
+        str(model),
+        "--sweep",
+        "ddpm:4,ddim:2",
+        "--num_samples",
+        "6",
+        "--batch_size",
+        "6",
+        "--reference",
+        str(reference),
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+    )
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["sampler"], int(r["steps"]), int(r["nfe"])) for r in rows] == [("ddpm", 4, 4), ("ddim", 2, 2)]
@@ -288,7 +312,24 @@ def test_evaluate_fid_writes_eval_json_into_the_model_folder(tmp_path, capsys):
     model = tiny_pipeline(tmp_path / "model")
     reference = save_pngs(cifar_images(6, resolution=16), tmp_path / "reference")
     (model / "eval.json").write_text(json.dumps({"nll": {"bits_per_dim": 3.7}, "fid": 99.0, "kid": 1.0}))
-    cli("evaluate", "--model", str(model), "--num_samples", "4", "--scheduler", "dpmsolver", "--steps", "3", "--batch_size", "4", "--reference", str(reference), "--device", "cpu", "--kid")
+    cli(
+        "evaluate",
+        "--model",
+        str(model),
+        "--num_samples",
+        "4",
+        "--scheduler",
+        "dpmsolver",
+        "--steps",
+        "3",
+        "--batch_size",
+        "4",
+        "--reference",
+        str(reference),
+        "--device",
+        "cpu",
+        "--kid",
+    )
     result = json.loads((model / "eval.json").read_text())
     # The keys the model card reads (ddpm_hf/hub.py), at the top level.
     assert result["fid"] > 0 and result["fid"] != 99.0 and math.isfinite(result["kid"])
@@ -327,7 +368,10 @@ def test_an_uncached_reference_alias_offline_says_how_to_cache_it(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    with pytest.raises(UserError, match=r"^--reference cifar10-train is uoft-cs/cifar10 \(train\), whose statistics are not cached\..*cannot reach.*ddpm-hf fid-stats --dataset PATH --split train --name uoft-cs/cifar10$"):
+    with pytest.raises(
+        UserError,
+        match=r"^--reference cifar10-train is uoft-cs/cifar10 \(train\), whose statistics are not cached\..*cannot reach.*ddpm-hf fid-stats --dataset PATH --split train --name uoft-cs/cifar10$",
+    ):
         fid.resolve_statistics("cifar10-train", option="--reference")
 
 
@@ -398,7 +442,7 @@ def test_bits_per_dim_is_lower_after_brief_training():
     optimizer = torch.optim.Adam(trained.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     trained.train()
-    for step in range(20):
+    for _ in range(20):
         batch = train_images[torch.randint(0, 256, (16,), generator=generator)].float() / 127.5 - 1
         loss = loss_fn(trained, batch, generator=generator)
         optimizer.zero_grad()
@@ -417,8 +461,25 @@ def test_bits_per_dim_is_lower_after_brief_training():
 def test_evaluate_nll_command_writes_eval_json(tmp_path, capsys):
     model = tiny_pipeline(tmp_path / "model", num_train_timesteps=30)
     out = tmp_path / "out"
-    cli("evaluate", "--model", str(model), "--metric", "nll", "--dataset", "builtin:cifar10-1k", "--split", "train", "--num_images", "3",
-        "--timestep_stride", "5", "--output", str(out), "--device", "cpu")
+    cli(
+        "evaluate",
+        "--model",
+        str(model),
+        "--metric",
+        "nll",
+        "--dataset",
+        "builtin:cifar10-1k",
+        "--split",
+        "train",
+        "--num_images",
+        "3",
+        "--timestep_stride",
+        "5",
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+    )
     result = json.loads((out / "eval.json").read_text())["nll"]
     assert result["num_images"] == 3 and result["timestep_stride"] == 5 and not result["exact_sum_over_t"]
     assert math.isfinite(result["bits_per_dim"]) and result["bits_per_dim"] > 0

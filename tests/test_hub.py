@@ -159,16 +159,23 @@ def test_a_wheel_install_ships_the_custom_pipeline(tmp_path):
         shutil.copy(REPO_ROOT / file, source / file)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir)],
-        check=True, capture_output=True, cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
     )
     (wheel,) = wheel_dir.glob("ddpm_hf-*.whl")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", str(wheel), "--no-deps", "-q", "--target", str(site)],
-        check=True, capture_output=True, cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
     )
     found = subprocess.run(
         [sys.executable, "-c", "from ddpm_hf.hub import default_custom_pipeline_file as f; print(f())"],
-        check=True, capture_output=True, text=True, cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(site)},
     ).stdout.strip()
     assert Path(found) == site / "ddpm_hf" / "pipelines" / CUSTOM_PIPELINE_FILENAME
@@ -347,7 +354,14 @@ def test_push_to_a_branch_tells_how_to_load_that_branch(hub_server, tmp_path, mo
 
 @pytest.mark.parametrize(
     "folder, name",
-    [("my run (v2)", "my-run-v2"), ("Modèle  final!!", "Modele-final"), ("..--..", "ddpm"), ("x" * 120, "x" * 96), ("run.git", "run"), ("ddpm-cifar10", "ddpm-cifar10")],
+    [
+        ("my run (v2)", "my-run-v2"),
+        ("Modèle  final!!", "Modele-final"),
+        ("..--..", "ddpm"),
+        ("x" * 120, "x" * 96),
+        ("run.git", "run"),
+        ("ddpm-cifar10", "ddpm-cifar10"),
+    ],
 )
 def test_default_repo_name_is_a_valid_repo_id(folder, name):
     assert default_repo_name(Path("/somewhere") / folder) == name
@@ -525,13 +539,17 @@ def test_round_trip_push_then_from_pretrained_is_bit_identical(hub_server, tmp_p
     # A fresh cache, no token: the repo is public.
     env = dict(hub_server.env, HF_HOME=str(tmp_path / "fresh_hf_home"))
     spec = {
-        "repo": repo, "v1": str(v1), "v2": str(v2), "first_commit": first_commit,
-        "hub_png": str(tmp_path / "hub.png"), "local_png": str(tmp_path / "local.png"),
+        "repo": repo,
+        "v1": str(v1),
+        "v2": str(v2),
+        "first_commit": first_commit,
+        "hub_png": str(tmp_path / "hub.png"),
+        "local_png": str(tmp_path / "local.png"),
     }
     result = run_python(LOAD_AND_COMPARE.format(spec=json.dumps(spec)), env)
     assert result.returncode == 0, result.stderr[-3000:]
-    (line,) = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
-    assert json.loads(line[len("RESULT "):]) == {
+    (line,) = [text for text in result.stdout.splitlines() if text.startswith("RESULT ")]
+    assert json.loads(line[len("RESULT ") :]) == {
         "main_weights_equal": True,
         "main_images_equal": True,
         "revision_weights_equal": True,
@@ -579,12 +597,10 @@ def test_custom_pipeline_loads_from_the_repo_and_returns_the_trajectory(hub_serv
     assert json.loads(files["model_index.json"])["_class_name"] == "DDPMPipeline"  # stock diffusers still loads it
 
     env = dict(hub_server.env, HF_HOME=str(tmp_path / "fresh_hf_home"))
-    result = subprocess.run(
-        [sys.executable, "-c", LOAD_CUSTOM, "alice/tiny-ddpm"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240
-    )
+    result = subprocess.run([sys.executable, "-c", LOAD_CUSTOM, "alice/tiny-ddpm"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    (line,) = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
-    assert json.loads(line[len("RESULT "):]) == {
+    (line,) = [text for text in result.stdout.splitlines() if text.startswith("RESULT ")]
+    assert json.loads(line[len("RESULT ") :]) == {
         "class": "DDPMTrajectoryPipeline",
         "callback_steps": [0, 1, 2, 3, 4, 5],
         "callback_shapes": [[2, 3, 16, 16]],

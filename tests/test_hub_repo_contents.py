@@ -50,7 +50,9 @@ def test_card_of_the_best_folder_shows_how_its_fid_was_measured(hub_server, tmp_
     # What training's --eval_every writes: the best pipeline so far and its FID result, with the step.
     best = RunFolder(tmp_path / "run").best
     save_pipeline(Path(best.path), seed=0)
-    best.write_eval({"fid": 12.3456, "num_samples": 1000, "scheduler": "ddpm", "steps": 100, "nfe": 100, "seed": 0, "reference": "builtin:cifar10-1k (train)", "step": 200})
+    best.write_eval(
+        {"fid": 12.3456, "num_samples": 1000, "scheduler": "ddpm", "steps": 100, "nfe": 100, "seed": 0, "reference": "builtin:cifar10-1k (train)", "step": 200}
+    )
 
     card = build_model_card(best.path, "alice/best")
     text = str(card)
@@ -93,7 +95,10 @@ def test_local_paths_stay_on_the_machine(hub_server, tmp_path, monkeypatch):
     run = make_output_dir(project / "runs" / "r1")
     config = json.loads((run / TRAINING_CONFIG).read_text())
     config.update(
-        dataset="data/imgs", output_dir="runs/r1", model_config=str(project / "unet.json"), init_from="../base-run",
+        dataset="data/imgs",
+        output_dir="runs/r1",
+        model_config=str(project / "unet.json"),
+        init_from="../base-run",
         resume_from_checkpoint=str(run / "checkpoints" / "checkpoint-0000600"),
     )
     (run / TRAINING_CONFIG).write_text(json.dumps(config))

@@ -19,10 +19,35 @@ from safetensors.torch import load_file
 def _train(hub_server, output_dir, unet_json, *extra, timeout=600):
     env = dict(hub_server.env, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
     command = [
-        sys.executable, os.path.join(REPO_ROOT, "train_ddpm.py"), "--preset", "quickstart", "--output_dir", str(output_dir),
-        "--model_config", str(unet_json), "--resolution", "16", "--max_train_samples", "64", "--train_batch_size", "8",
-        "--max_train_steps", "4", "--lr_warmup_steps", "2", "--logging_steps", "2", "--sample_every", "2",
-        "--sample_steps", "3", "--num_sample_images", "4", "--checkpoint_every", "2", *extra,
+        sys.executable,
+        os.path.join(REPO_ROOT, "train_ddpm.py"),
+        "--preset",
+        "quickstart",
+        "--output_dir",
+        str(output_dir),
+        "--model_config",
+        str(unet_json),
+        "--resolution",
+        "16",
+        "--max_train_samples",
+        "64",
+        "--train_batch_size",
+        "8",
+        "--max_train_steps",
+        "4",
+        "--lr_warmup_steps",
+        "2",
+        "--logging_steps",
+        "2",
+        "--sample_every",
+        "2",
+        "--sample_steps",
+        "3",
+        "--num_sample_images",
+        "4",
+        "--checkpoint_every",
+        "2",
+        *extra,
     ]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
@@ -42,7 +67,14 @@ def test_training_pushes_periodically_despite_a_5xx_and_round_trips_bit_identica
     result = _train(hub_server, output_dir, unet_json, "--push_to_hub", "--hub_model_id", repo_id, "--hub_token", hub_server.token, "--push_every", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     files = set(hub_server.repo_files(repo_id))
-    assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "README.md", "training_config.json"} <= files
+    assert {
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        "README.md",
+        "training_config.json",
+    } <= files
     assert [f for f in files if f.startswith("samples/")] == ["samples/step_0000004.png"]
     assert not any(f.startswith(("checkpoints", "logs")) or f.endswith(".bin") for f in files)
     for name, content in hub_server.repo_files(repo_id).items():
@@ -60,7 +92,9 @@ save_file(dict(pipeline.unet.state_dict()), sys.argv[1])
 import numpy as np; np.save(sys.argv[2], images)
 """
     env = dict(hub_server.env, HF_HOME=str(tmp_path / "fresh_home"), HF_TOKEN=hub_server.token, PYTHONPATH=REPO_ROOT)
-    pulled = subprocess.run([sys.executable, "-c", script, str(tmp_path / "pulled.safetensors"), str(tmp_path / "images.npy")], capture_output=True, text=True, env=env, timeout=300)
+    pulled = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "pulled.safetensors"), str(tmp_path / "images.npy")], capture_output=True, text=True, env=env, timeout=300
+    )
     assert pulled.returncode == 0, pulled.stderr[-3000:]
     local = load_file(str(output_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     remote = load_file(str(tmp_path / "pulled.safetensors"))
@@ -103,7 +137,20 @@ def test_init_from_a_hub_pipeline(hub_server, tmp_path, unet_json):
     repo_id = f"{hub_server.user}/base"
     result = _train(hub_server, tmp_path / "base", unet_json, "--push_to_hub", "--hub_model_id", repo_id, "--hub_token", hub_server.token)
     assert result.returncode == 0, result.stderr[-3000:]
-    tuned = _train(hub_server, tmp_path / "tuned", unet_json, "--init_from", repo_id, "--max_train_steps", "1", "--learning_rate", "1e-12", "--lr_warmup_steps", "0", "--no_use_ema")
+    tuned = _train(
+        hub_server,
+        tmp_path / "tuned",
+        unet_json,
+        "--init_from",
+        repo_id,
+        "--max_train_steps",
+        "1",
+        "--learning_rate",
+        "1e-12",
+        "--lr_warmup_steps",
+        "0",
+        "--no_use_ema",
+    )
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     base = load_file(str(tmp_path / "base" / "unet" / "diffusion_pytorch_model.safetensors"))
     start = load_file(str(tmp_path / "tuned" / "unet" / "diffusion_pytorch_model.safetensors"))

@@ -182,7 +182,7 @@ def test_nll_terms_match_the_papers_equations(variance_type, prediction_type, cl
         # ... and through a network, as bits_per_dim calls it.
         unet = FixedOutput(output)
         torch.testing.assert_close(terms.term(unet, x_0, t, noise) / (dims * math.log(2)), expected, rtol=1e-9, atol=1e-12)
-        (seen_x_t, seen_t), = unet.calls
+        ((seen_x_t, seen_t),) = unet.calls
         assert torch.equal(seen_x_t, x_t) and seen_t.tolist() == [t] * x_0.shape[0]
 
 

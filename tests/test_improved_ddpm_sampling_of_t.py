@@ -60,7 +60,7 @@ def test_vlb_loss_is_the_importance_weighted_mean_and_trains_mean_and_variance()
     output = torch.cat([torch.randn(8, C, 4, 4, generator=generator), torch.rand(8, C, 4, 4, generator=generator) * 2 - 1], 1)
     unet = FixedOutput(output)
     value = loss(unet, x_0, torch.Generator().manual_seed(1))
-    (x_t, t), = unet.calls
+    ((x_t, t),) = unet.calls
     l_t = loss.terms.vlb_terms(output[:, :C], output[:, C:], x_0, x_t, t)
     torch.testing.assert_close(value, (l_t / p[t]).mean())
     assert torch.equal(loss.last_terms["l_vlb"], value.detach())

@@ -49,11 +49,23 @@ def test_tiny_model_learns_both_prototypes(tmp_path, micro_unet_config, train_in
         for copy in range(4):
             Image.fromarray(np.stack([prototype] * 3, -1)).save(data / f"{index}_{copy}.png")
     common = dict(
-        preset="quickstart", dataset=str(data), resolution=R, model_config=micro_unet_config, random_flip=False,
-        train_batch_size=16, learning_rate=4e-3, lr_warmup_steps=20, ema_warmup=True, ema_decay=0.995,
-        sample_every=0, checkpoint_every=0, logging_steps=100,
+        preset="quickstart",
+        dataset=str(data),
+        resolution=R,
+        model_config=micro_unet_config,
+        random_flip=False,
+        train_batch_size=16,
+        learning_rate=4e-3,
+        lr_warmup_steps=20,
+        ema_warmup=True,
+        ema_decay=0.995,
+        sample_every=0,
+        checkpoint_every=0,
+        logging_steps=100,
     )
-    train_in_process(output_dir=str(tmp_path / "untrained"), max_train_steps=1, learning_rate=1e-12, **{k: v for k, v in common.items() if k != "learning_rate"})
+    train_in_process(
+        output_dir=str(tmp_path / "untrained"), max_train_steps=1, learning_rate=1e-12, **{k: v for k, v in common.items() if k != "learning_rate"}
+    )
     untrained = _match(_samples(tmp_path / "untrained"), prototypes)
 
     train_in_process(output_dir=str(tmp_path / "trained"), max_train_steps=400, **common)

@@ -16,7 +16,6 @@ import torch
 from conftest import MICRO_UNET, REPO_ROOT, quick_options
 from safetensors.torch import load_file
 
-from ddpm_hf.config import parse_training_config
 from ddpm_hf.errors import UserError
 
 STEPS = 8
@@ -30,10 +29,35 @@ def _env():
 
 def _command(output_dir, unet_json, *extra):
     return [
-        sys.executable, os.path.join(REPO_ROOT, "train_ddpm.py"), "--preset", "quickstart", "--output_dir", str(output_dir),
-        "--model_config", str(unet_json), "--resolution", "16", "--max_train_samples", "64", "--train_batch_size", "8",
-        "--max_train_steps", str(STEPS), "--lr_warmup_steps", "2", "--logging_steps", "1", "--sample_every", "0",
-        "--checkpoint_every", "2", "--checkpoints_total_limit", "2", "--dropout", "0.1", *extra,
+        sys.executable,
+        os.path.join(REPO_ROOT, "train_ddpm.py"),
+        "--preset",
+        "quickstart",
+        "--output_dir",
+        str(output_dir),
+        "--model_config",
+        str(unet_json),
+        "--resolution",
+        "16",
+        "--max_train_samples",
+        "64",
+        "--train_batch_size",
+        "8",
+        "--max_train_steps",
+        str(STEPS),
+        "--lr_warmup_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--sample_every",
+        "0",
+        "--checkpoint_every",
+        "2",
+        "--checkpoints_total_limit",
+        "2",
+        "--dropout",
+        "0.1",
+        *extra,
     ]
 
 
@@ -117,7 +141,9 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, reference_
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, micro_unet_config, train_in_process):
-    options = quick_options(tmp_path / "nan", micro_unet_config, max_train_steps=40, learning_rate=1e25, lr_warmup_steps=0, logging_steps=1, checkpoint_every=1, max_grad_norm=0.0)
+    options = quick_options(
+        tmp_path / "nan", micro_unet_config, max_train_steps=40, learning_rate=1e25, lr_warmup_steps=0, logging_steps=1, checkpoint_every=1, max_grad_norm=0.0
+    )
     with pytest.raises(UserError, match=r"non-finite at step \d+.*--skip_nonfinite_loss"):
         train_in_process(**options)
     checkpoints = sorted(os.listdir(tmp_path / "nan" / "checkpoints"))

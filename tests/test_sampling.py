@@ -96,7 +96,9 @@ def test_sample_out_that_cannot_be_created_is_a_one_line_error_before_any_work(t
     blocker.write_text("not a folder")
     result = subprocess.run(
         [sys.executable, "-m", "ddpm_hf", "sample", "--model", "user/model", "--out", str(blocker / "sub" / "grid.png")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -27,10 +27,34 @@ def trained_output(tmp_path_factory):
     (tmp / "unet.json").write_text(json.dumps(__import__("conftest").MICRO_UNET))
     output_dir = tmp / "out"
     command = [
-        sys.executable, os.path.join(REPO_ROOT, "train_ddpm.py"), "--preset", "quickstart", "--output_dir", str(output_dir),
-        "--model_config", str(tmp / "unet.json"), "--resolution", "16", "--max_train_samples", "64", "--train_batch_size", "8",
-        "--max_train_steps", "6", "--sample_every", "3", "--sample_steps", "5", "--num_sample_images", "4",
-        "--checkpoint_every", "3", "--logging_steps", "3", "--hub_token", "hf_never_written_anywhere",
+        sys.executable,
+        os.path.join(REPO_ROOT, "train_ddpm.py"),
+        "--preset",
+        "quickstart",
+        "--output_dir",
+        str(output_dir),
+        "--model_config",
+        str(tmp / "unet.json"),
+        "--resolution",
+        "16",
+        "--max_train_samples",
+        "64",
+        "--train_batch_size",
+        "8",
+        "--max_train_steps",
+        "6",
+        "--sample_every",
+        "3",
+        "--sample_steps",
+        "5",
+        "--num_sample_images",
+        "4",
+        "--checkpoint_every",
+        "3",
+        "--logging_steps",
+        "3",
+        "--hub_token",
+        "hf_never_written_anywhere",
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -72,13 +96,30 @@ def test_saved_unet_is_the_ema_of_the_trained_weights(trained_output):
 
 def test_sample_cli_writes_a_grid(trained_output, tmp_path):
     out = tmp_path / "grid.png"
-    command = [sys.executable, "-m", "ddpm_hf.cli", "sample", "--model", str(trained_output), "--num_images", "4", "--steps", "5", "--scheduler", "ddim", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "ddpm_hf.cli",
+        "sample",
+        "--model",
+        str(trained_output),
+        "--num_images",
+        "4",
+        "--steps",
+        "5",
+        "--scheduler",
+        "ddim",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     from PIL import Image
 
     assert Image.open(out).size == (32, 32)  # 2 x 2 grid of 16 x 16
-    bad = subprocess.run([sys.executable, "-m", "ddpm_hf.cli", "sample", "--model", str(tmp_path), "--out", str(out)], capture_output=True, text=True, env=_subprocess_env())
+    bad = subprocess.run(
+        [sys.executable, "-m", "ddpm_hf.cli", "sample", "--model", str(tmp_path), "--out", str(out)], capture_output=True, text=True, env=_subprocess_env()
+    )
     assert bad.returncode == 2 and "not a saved pipeline" in bad.stderr
 
 
@@ -95,7 +136,11 @@ def test_resume_continues_exactly(tmp_path, micro_unet_config, train_in_process)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert json.loads((straight / "training_state.json").read_text()) == json.loads((split / "training_state.json").read_text())
     # and the weights moved from the first half's
-    first_half = load_file(str(tmp_path / "split" / "checkpoints" / "checkpoint-0000003" / "model.safetensors")) if (tmp_path / "split" / "checkpoints" / "checkpoint-0000003").exists() else None
+    first_half = (
+        load_file(str(tmp_path / "split" / "checkpoints" / "checkpoint-0000003" / "model.safetensors"))
+        if (tmp_path / "split" / "checkpoints" / "checkpoint-0000003").exists()
+        else None
+    )
     if first_half is not None:
         assert any(not torch.equal(first_half[k], load_file(str(split / "model.safetensors"))[k]) for k in first_half)
 
@@ -133,9 +178,32 @@ def test_two_processes_keep_identical_weights_and_write_one_output(tmp_path, mic
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     output_dir = tmp_path / "ddp"
     command = [
-        torchrun, "--nproc_per_node", "2", os.path.join(REPO_ROOT, "train_ddpm.py"), "--preset", "quickstart", "--output_dir", str(output_dir),
-        "--model_config", micro_unet_config, "--resolution", "16", "--max_train_samples", "64", "--train_batch_size", "8",
-        "--max_train_steps", "4", "--lr_warmup_steps", "2", "--sample_every", "0", "--checkpoint_every", "4", "--logging_steps", "2",
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        os.path.join(REPO_ROOT, "train_ddpm.py"),
+        "--preset",
+        "quickstart",
+        "--output_dir",
+        str(output_dir),
+        "--model_config",
+        micro_unet_config,
+        "--resolution",
+        "16",
+        "--max_train_samples",
+        "64",
+        "--train_batch_size",
+        "8",
+        "--max_train_steps",
+        "4",
+        "--lr_warmup_steps",
+        "2",
+        "--sample_every",
+        "0",
+        "--checkpoint_every",
+        "4",
+        "--logging_steps",
+        "2",
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -151,7 +219,9 @@ def test_two_processes_keep_identical_weights_and_write_one_output(tmp_path, mic
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_CIFAR10), reason="needs ../shared/data/cifar10")
 def test_short_run_on_real_cifar10(tmp_path, micro_unet_config, train_in_process):
-    result = train_in_process(**quick_options(tmp_path / "real", micro_unet_config, dataset=SHARED_CIFAR10, split="test", resolution=32, max_train_samples=256, max_train_steps=2))
+    result = train_in_process(
+        **quick_options(tmp_path / "real", micro_unet_config, dataset=SHARED_CIFAR10, split="test", resolution=32, max_train_samples=256, max_train_steps=2)
+    )
     assert result.step == 2 and os.path.isfile(tmp_path / "real" / "unet" / "diffusion_pytorch_model.safetensors")
 
 

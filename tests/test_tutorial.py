@@ -42,10 +42,10 @@ def tutorial_blocks(text: str) -> list[dict]:
     for i, fence in enumerate(fences):
         if fence.group(1) != "python":
             continue
-        before = text[fences[i - 1].end() if i else 0: fence.start()]
+        before = text[fences[i - 1].end() if i else 0 : fence.start()]
         directive = _DIRECTIVE.search(before)
         expected = None
-        if i + 1 < len(fences) and fences[i + 1].group(1) == "text" and not text[fence.end(): fences[i + 1].start()].strip():
+        if i + 1 < len(fences) and fences[i + 1].group(1) == "text" and not text[fence.end() : fences[i + 1].start()].strip():
             expected = fences[i + 1].group(2)
         line = text.count("\n", 0, fence.start()) + 1
         blocks.append(dict(code=fence.group(2), directive=directive.group(1).strip() if directive else "", expected=expected, line=line))
@@ -61,7 +61,7 @@ def apply_directive(code: str, directive: str, line: int) -> str | None:
         pattern = re.compile(rf"^{re.escape(name)} = .*$", re.MULTILINE)
         if len(pattern.findall(code)) != 1:
             raise AssertionError(f"docs/tutorial.md line {line}: the directive sets {name!r}, but the block does not assign `{name} = ...` exactly once")
-        code = pattern.sub(lambda _: f"{name} = {value}", code)
+        code = pattern.sub(lambda _, assignment=f"{name} = {value}": assignment, code)  # a function: backslashes in the value stay literal
     return code
 
 
@@ -124,7 +124,9 @@ def test_tutorial_runs_prints_what_it_shows_and_draws_every_picture(tmp_path, mo
     from ddpm_hf import config
 
     # Quickstart scale, smaller still: fewer and cheaper sample grids during the (already shortened) training.
-    monkeypatch.setitem(config.PRESETS, "quickstart", dict(config.PRESETS["quickstart"], num_sample_images=4, sample_steps=5, checkpoint_every=0, logging_steps=1))
+    monkeypatch.setitem(
+        config.PRESETS, "quickstart", dict(config.PRESETS["quickstart"], num_sample_images=4, sample_steps=5, checkpoint_every=0, logging_steps=1)
+    )
     namespace = run_tutorial(str(tmp_path), test_scale=True)
 
     with open(TUTORIAL) as f:

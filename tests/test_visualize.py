@@ -16,7 +16,6 @@ from ddpm_hf import visualize
 from ddpm_hf.cli import main
 from ddpm_hf.run_folder import RunFolder
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
