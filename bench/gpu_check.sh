@@ -4,9 +4,10 @@
 #
 #     COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh     # results in $OUT (default /tmp/ddpm-gpu-check)
 #
-# Needs .whl/ (diffusers, datasets and the two packages the GPU image lacks, plus one CIFAR-10 shard in
-# .whl/cifar10/): see bench/README.md. Each stage has its own time limit, so one slow stage cannot eat
-# the others' time; every stage's output goes to $OUT/gpu_check.log and its figures to $OUT/<stage>.json.
+# Needs .whl/ (diffusers, datasets and the two packages the GPU image lacks, one CIFAR-10 shard in
+# .whl/cifar10/ and the FID Inception stand-in .whl/inception_standin.pt): see bench/README.md. Each stage
+# has its own time limit, so one slow stage cannot eat the others' time; every stage's output goes to
+# $OUT/gpu_check.log and its figures to $OUT/<stage>.json.
 set -u
 OUT=${OUT:-/tmp/ddpm-gpu-check}
 mkdir -p "$OUT"
@@ -24,10 +25,18 @@ export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache   # shared by the stages: lat
 # SMOKE=1: the same stages at toy sizes on whatever device there is (checks the script itself on a CPU).
 if [ "${SMOKE:-0}" = 1 ]; then
     MODEL=tiny TRAIN_BATCH=8 TRAIN_STEPS=2 SAMPLE_BATCH=4 SAMPLE_STEPS=4 DATA_DEVICE=cpu DATA_ROUNDS=1 MAX_SAMPLES=500 LIMIT_SCALE=4
-    SAMPLE_VARIANTS="fp32,bf16,bf16+graphs"
+    FID_BATCH=4 FID_STEPS=4 FID_ROUNDS=1 FID_REFERENCE=16 FID_UNET_STEPS=2
 else
-    MODEL=ddpm-cifar10 TRAIN_BATCH=128 TRAIN_STEPS=100 SAMPLE_BATCH=1000 SAMPLE_STEPS=200 DATA_DEVICE=cuda DATA_ROUNDS=3 MAX_SAMPLES=10000 LIMIT_SCALE=1
-    SAMPLE_VARIANTS="fp32,bf16,bf16+compile,bf16+compile+graphs,bf16+compile+graphs+devgen"
+    MODEL=ddpm-cifar10 TRAIN_BATCH=128 TRAIN_STEPS=100 SAMPLE_BATCH=1000 SAMPLE_STEPS=100 DATA_DEVICE=cuda DATA_ROUNDS=3 MAX_SAMPLES=10000 LIMIT_SCALE=1
+    FID_BATCH=1000 FID_STEPS=100 FID_ROUNDS=2 FID_REFERENCE=500 FID_UNET_STEPS=10
+fi
+SAMPLE_VARIANTS="fp32,bf16,bf16+compile" FID_VARIANTS="bf16,bf16+compile"   # compiled last: a stage cut short keeps the eager figures
+# The FID Inception network: the real one where this machine has it, else the stand-in (same graph, random weights:
+# same cost) carried in .whl/. SMOKE makes a stand-in and uses it, to check the path a GPU lease takes.
+STANDIN=.whl/inception_standin.pt FID_INCEPTION=auto
+if [ "${SMOKE:-0}" = 1 ]; then
+    STANDIN=$OUT/inception_standin.pt
+    python3 bench/fid_generation.py --write_standin "$STANDIN" && FID_INCEPTION=standin
 fi
 DATA=.whl/cifar10; [ -d ../shared/data/cifar10 ] && DATA=../shared/data/cifar10; [ -d "$DATA" ] || DATA=builtin:cifar10-1k
 
@@ -45,6 +54,8 @@ for name in ("diffusers", "datasets", "accelerate", "transformers", "huggingface
         print(f"{name} {getattr(module, '__version__', '?')}")
     except Exception as e:
         print(f"{name}: NOT IMPORTABLE ({type(e).__name__}: {e})")
+from ddpm_hf import inception_weights
+print("FID Inception network:", inception_weights.installed_copy() or "not installed (the fid stage takes the stand-in)")
 EOF
 echo "data: $DATA"
 
@@ -55,20 +66,27 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...
     echo "=== $name: exit $? after $(elapsed)s in all"
 }
 
-# ---- 1. CUDA-only tests: graphs == eager, no host sync per step, CPU-generator images == stock ------
-stage tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_speed_paths.py -k "cuda or bit_for_bit or ddim or compile_failure"
+# No test stage: every test in tests/ pins the CPU (the CUDA-only ones tested ddpm_hf/fast_sampling.py and went
+# with it). What the sampling tests check on the CPU, fp32 engine images == stock DDPMPipeline images with one
+# generator per image, stage 2 shows on the GPU: its max |diff| column, 0 expected for fp32.
 
-# ---- 2. training: ours vs the diffusers-example-style loop, paper UNet, batch 128, bf16 -----------
+# ---- 1. training: ours vs the diffusers-example-style loop, paper UNet, batch 128, bf16 -----------
 # 2 alternating rounds of 2 x 100 timed steps each (our first 100 steps, with compilation, are dropped),
 # then one run of ours without compile and one without channels_last, to see whether each wins.
-stage train 250 python3 bench/train_throughput.py --model $MODEL --batch $TRAIN_BATCH --precision bf16 --steps $TRAIN_STEPS --intervals 2 \
+stage train 230 python3 bench/train_throughput.py --model $MODEL --batch $TRAIN_BATCH --precision bf16 --steps $TRAIN_STEPS --intervals 2 \
     --rounds 2 --dataset "$DATA" --max_train_samples $MAX_SAMPLES --ablation "compile=no;channels_last=no" --json "$OUT/train.json"
 
-# ---- 3. sampling: ours vs stock DDPMPipeline (fp32), paper UNet, batch 1000 ------------------------
-# 200 steps of the 1000-step schedule: the UNet is the same at every step, so images/s of the full
-# 1000-step chain are these divided by 5 for both. Variants show what bf16, compile and graphs each add.
-stage sample 200 python3 bench/sample_throughput.py --model $MODEL --batch $SAMPLE_BATCH --steps $SAMPLE_STEPS --rounds 1 \
+# ---- 2. sampling: generate_images vs stock DDPMPipeline (fp32, one generator per image), paper UNet, batch 1000
+# 100 steps of the 1000-step schedule: the UNet is the same at every step, so images/s of the full
+# 1000-step chain are these divided by 10 for both. Variants show what bf16 autocast and compile each add.
+stage sample 160 python3 bench/sample_throughput.py --model $MODEL --batch $SAMPLE_BATCH --steps $SAMPLE_STEPS --rounds 1 \
     --variants "$SAMPLE_VARIANTS" --json "$OUT/sample.json"
+
+# ---- 3. FID generation: what `ddpm-hf evaluate` does per image (sampling + Inception), paper UNet, bf16 --------
+# 1000 images in one batch, 100 steps of 1000, 2 alternating rounds; extrapolates FID-50k at 1000 steps on 1 and 8 GPUs.
+stage fid 110 python3 bench/fid_generation.py --model $MODEL --batch $FID_BATCH --steps $FID_STEPS --rounds $FID_ROUNDS \
+    --variants "$FID_VARIANTS" --reference_images $FID_REFERENCE --unet_steps $FID_UNET_STEPS --inception $FID_INCEPTION \
+    --standin_file "$STANDIN" --json "$OUT/fid.json"
 
 # ---- 4. data path: batches built on the GPU vs the per-sample PIL path -----------------------------
 stage data 45 python3 bench/data_throughput.py --dataset "$DATA" --max_images $MAX_SAMPLES --batch 128 --rounds $DATA_ROUNDS \

@@ -1,16 +1,21 @@
-"""Sampling throughput: ddpm_hf.fast_sampling.FastSampler vs the stock DDPMPipeline, same steps and batch.
+"""Sampling throughput: `ddpm_hf.sampling.generate_images` (the engine every command samples with) vs the stock
+DDPMPipeline, same steps, batch and seed.
 
-Both start from the same seeded CPU generator (what `ddpm-hf sample` uses), so besides images/s the
-table gives the largest pixel difference (in [0, 1]) between each variant's images and the stock
-pipeline's: 0 for fp32 eager on CPU, bf16-rounding-sized for bf16. Runs alternate in one process.
+The stock pipeline runs in fp32 with one generator per image, `ddpm_hf.distributed.item_generators(seed,
+range(batch))`: it then draws x_T and every step's noise per image as the engine does, so the two give the
+same images. Besides images/s the table gives the largest pixel difference (in 8-bit levels, 0-255) between
+each variant's images and the stock pipeline's: 0 for fp32 on CPU, a few levels for bf16. Runs alternate in
+one process.
 
-    python bench/sample_throughput.py --model tiny --batch 8 --steps 20 --variants fp32,bf16            # CPU
-    python bench/sample_throughput.py --model ddpm-cifar10 --batch 1000 --steps 1000 \\
-        --variants bf16+compile+graphs --rounds 1                                                      # H200
+    python bench/sample_throughput.py --model tiny --batch 8 --steps 20 --variants fp32,bf16 --threads 1    # CPU
+    python bench/sample_throughput.py --model ddpm-cifar10 --batch 1000 --steps 100 \\
+        --variants fp32,bf16,bf16+compile --rounds 1                                                   # H200
 
-A variant is '+'-joined flags: fp32 or bf16, then optionally compile, graphs, nchw (channels_last off; on CUDA
-it is on by default), devgen (a generator on the device instead of the CPU one: faster, other images).
-The UNet has random weights (seeded): speed does not depend on them.
+A variant is '+'-joined: fp32 or bf16 (`autocast_dtype=torch.bfloat16`: the UNet under autocast, the
+scheduler in fp32, as `ddpm-hf sample --dtype bf16`), then optionally compile (the UNet through
+`torch.compile`, as `ddpm-hf sample --compile`). The UNet has random weights (seeded): speed does not depend
+on them. Set-up (the first call, which compiles) happens before a variant's first timed run and is not timed.
+Ctrl-C (or the SIGINT of `timeout`) ends the measurement early: the table then holds the runs that finished.
 """
 
 from __future__ import annotations
@@ -27,8 +32,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+DTYPES = ("fp32", "bf16")
+OPTIONS = ("compile",)
+WARMUP_STEPS = 2  # set-up run: the full batch, a 2-step chain (compilation does not depend on the step count)
+
 
 def build(model: str, resolution: int, device):
+    """(UNet with seeded random weights, the paper's DDPM scheduler: linear betas, T = 1000, fixed_large)."""
     import torch
     from diffusers import DDPMScheduler
 
@@ -37,7 +47,7 @@ def build(model: str, resolution: int, device):
 
     torch.manual_seed(0)
     unet = build_unet(model, resolution).to(device).eval()
-    scheduler = build_scheduler(config_from_dict({"output_dir": "unused"}))  # the paper's: linear betas, T=1000, fixed_large
+    scheduler = build_scheduler(config_from_dict({"output_dir": "unused"}))
     return unet, DDPMScheduler.from_config(scheduler.config)
 
 
@@ -48,45 +58,54 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_stock(unet, scheduler, batch: int, steps: int, seed: int, device):
+def parse_variant(variant: str) -> tuple[str, set[str]]:
+    """'bf16+compile' -> ('bf16', {'compile'}); raises SystemExit for flags that do not exist (any more)."""
+    dtype, *flags = variant.split("+")
+    unknown = [flag for flag in flags if flag not in OPTIONS]
+    if dtype not in DTYPES or unknown:
+        gone = " (graphs, devgen and nchw went with ddpm_hf/fast_sampling.py)" if {"graphs", "devgen", "nchw"} & set(flags) else ""
+        raise SystemExit(f"variant {variant!r}: expected fp32 or bf16, optionally followed by +compile{gone}")
+    return dtype, set(flags)
+
+
+def autocast_dtype_of(dtype: str):
+    import torch
+
+    return torch.bfloat16 if dtype == "bf16" else None
+
+
+def run_stock(unet, sampler, batch: int, seed: int, device):
+    """The stock DDPMPipeline in fp32, one generator per image; uint8 images quantised as the engine's are."""
     import torch
     from diffusers import DDPMPipeline
 
-    pipeline = DDPMPipeline(unet=unet, scheduler=copy.deepcopy(scheduler))
+    from ddpm_hf.distributed import item_generators
+
+    pipeline = DDPMPipeline(unet=unet, scheduler=copy.deepcopy(sampler.scheduler))  # the engine's scheduler: same timesteps
     pipeline.set_progress_bar_config(disable=True)
     sync(device)
     start = time.perf_counter()
-    images = pipeline(batch_size=batch, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=steps, output_type="pt").images
+    images = pipeline(batch_size=batch, generator=item_generators(seed, range(batch)), num_inference_steps=sampler.steps, output_type="pt").images
+    images = (images * 255).round().to(torch.uint8).cpu()
     sync(device)
     return images, time.perf_counter() - start
 
 
-def make_sampler(variant: str, unet, scheduler, steps: int, device):
-    from ddpm_hf.fast_sampling import FastSampler
+def run_engine(unet, sampler, batch: int, seed: int, dtype: str, device):
+    """One batch of `generate_images`, as `ddpm-hf sample --batch_size BATCH` makes it on one process."""
+    from ddpm_hf.sampling import generate_images
 
-    flags = set(variant.split("+"))
-    dtype = "bf16" if "bf16" in flags else "fp32"
-    return FastSampler(
-        unet,
-        scheduler,
-        num_inference_steps=steps,
-        device=device,
-        dtype=dtype,
-        compile="compile" in flags,
-        cuda_graphs="graphs" in flags,
-        channels_last="no" if "nchw" in flags else "auto",
-    )
-
-
-def run_fast(sampler, variant: str, batch: int, seed: int, device):
-    import torch
-
-    generator = torch.Generator(device).manual_seed(seed) if "devgen" in variant else torch.Generator("cpu").manual_seed(seed)
     sync(device)
     start = time.perf_counter()
-    images = sampler.sample(batch, generator=generator)
+    ((_, images),) = list(generate_images(unet, sampler, batch, seed, batch_size=batch, autocast_dtype=autocast_dtype_of(dtype)))
     sync(device)
     return images, time.perf_counter() - start
+
+
+def device_description(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> dict:
@@ -94,83 +113,96 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="tiny", choices=["ddpm-cifar10", "tiny"])
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20, help="DDPM steps (1000: the full chain; fewer: 'leading' spacing, same cost per step)")
-    parser.add_argument("--variants", default="fp32,bf16", help="comma-separated, e.g. fp32,bf16,bf16+compile,bf16+compile+graphs")
+    parser.add_argument("--steps", type=int, default=20, help="DDPM steps of the 1000-step schedule (1000: the full chain; fewer: same cost per step)")
+    parser.add_argument("--variants", default="fp32,bf16", help="comma-separated, e.g. fp32,bf16,bf16+compile")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--no_stock", action="store_true", help="time only our variants (the stock pipeline is timed once anyway for the image check)")
+    parser.add_argument("--no_stock", action="store_true", help="time only the engine's variants (the stock pipeline still runs once for the image check)")
     parser.add_argument("--device", default=None, help="default: cuda if available")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    parsed = {variant: parse_variant(variant) for variant in variants}
 
     import torch
+
+    from ddpm_hf.sampling import make_sampler
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     unet, scheduler = build(args.model, args.resolution, device)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    sampler = make_sampler(scheduler, "ddpm", args.steps)
+    warmup_sampler = make_sampler(scheduler, "ddpm", min(WARMUP_STEPS, args.steps))
+    unets, setup_seconds = {}, {}
 
-    samplers, warmup_seconds = {}, {}
-    for variant in variants:  # build, compile and capture outside the timed runs
-        start = time.perf_counter()
-        # Each sampler gets its own copy: channels_last changes a UNet's layout, and the stock pipeline keeps the plain one.
-        samplers[variant] = make_sampler(variant, copy.deepcopy(unet), scheduler, args.steps, device)
-        samplers[variant].warmup(args.batch)
-        sync(device)
-        warmup_seconds[variant] = time.perf_counter() - start
-        print(
-            f"{variant}: set-up {warmup_seconds[variant]:.1f} s; compile: {samplers[variant].compile_status}; CUDA graphs: {samplers[variant].cuda_graphs_status}",
-            flush=True,
-        )
+    def prepared(variant: str):
+        """The variant's UNet, set up (and compiled) by one untimed warm-up call the first time it is asked for."""
+        if variant not in unets:
+            dtype, flags = parsed[variant]
+            start = time.perf_counter()
+            unets[variant] = torch.compile(unet) if "compile" in flags else unet  # a compiled wrapper shares the weights
+            run_engine(unets[variant], warmup_sampler, args.batch, args.seed, dtype, device)
+            setup_seconds[variant] = time.perf_counter() - start
+            print(f"{variant}: set-up {setup_seconds[variant]:.1f} s (a {warmup_sampler.steps}-step batch)", flush=True)
+        return unets[variant]
 
     times = {name: [] for name in ["stock", *variants]}
-    diffs = {}
-    stock_images = None
-    for r in range(args.rounds):
-        order = ["stock", *variants] if r % 2 == 0 else [*reversed(variants), "stock"]
-        for name in order:
-            if name == "stock":
-                if args.no_stock and stock_images is not None:
-                    continue
-                images, seconds = run_stock(unet, scheduler, args.batch, args.steps, args.seed, device)
-                stock_images = images
-            else:
-                images, seconds = run_fast(samplers[name], name, args.batch, args.seed, device)
-                diffs[name] = images
-            times[name].append(seconds)
-            print(f"round {r + 1} {name:24s} {args.batch / seconds:10.2f} img/s ({seconds:.1f} s)", flush=True)
-    max_diff = {name: float((images.float().cpu() - stock_images.float().cpu()).abs().max()) for name, images in diffs.items()}
+    outputs, stock_images = {}, None
+    try:
+        for r in range(args.rounds):
+            order = ["stock", *variants] if r % 2 == 0 else [*reversed(variants), "stock"]
+            for name in order:
+                if name == "stock":
+                    if args.no_stock and stock_images is not None:
+                        continue
+                    stock_images, seconds = run_stock(unet, sampler, args.batch, args.seed, device)
+                else:
+                    model = prepared(name)
+                    outputs[name], seconds = run_engine(model, sampler, args.batch, args.seed, parsed[name][0], device)
+                times[name].append(seconds)
+                print(f"round {r + 1} {name:24s} {args.batch / seconds:10.2f} img/s ({seconds:.1f} s)", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: the table holds the runs that finished", flush=True)
 
+    if not times["stock"]:
+        print("no stock run finished: nothing to compare")
+        return {}
     stock_rate = args.batch / statistics.median(times["stock"])
     print()
     print(
-        f"model {args.model}, batch {args.batch}, {args.steps} DDPM steps, {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), torch {torch.__version__}"
+        f"model {args.model}, batch {args.batch}, {args.steps} DDPM steps of 1000, {device} ({device_description(device)}), "
+        f"torch {torch.__version__}; engine: ddpm_hf.sampling.generate_images"
     )
     print(f"| {'sampler':34s} | {'img/s':>10s} | {'vs stock':>8s} | {'max |diff| vs stock':>19s} | {'set-up s':>8s} |")
     print("|" + "-" * 36 + "|" + "-" * 12 + "|" + "-" * 10 + "|" + "-" * 21 + "|" + "-" * 10 + "|")
-    print(f"| {'stock DDPMPipeline (fp32)':34s} | {stock_rate:10.2f} | {1.0:7.2f}x | {0.0:19.2e} | {'':>8s} |")
+    print(f"| {'stock DDPMPipeline (fp32)':34s} | {stock_rate:10.2f} | {1.0:7.2f}x | {0:19d} | {'':>8s} |")
     rows = {}
     for name in variants:
+        if not times[name]:
+            print(f"| {'generate_images ' + name:34s} | {'(not run)':>10s} | {'':>8s} | {'':>19s} | {'':>8s} |")
+            continue
         rate = args.batch / statistics.median(times[name])
+        max_diff = int((outputs[name].int() - stock_images.int()).abs().max())
         rows[name] = {
             "img_per_s": rate,
             "ratio": rate / stock_rate,
-            "max_abs_diff": max_diff[name],
-            "setup_seconds": warmup_seconds[name],
-            "compile": samplers[name].compile_status,
-            "cuda_graphs": samplers[name].cuda_graphs_status,
+            "max_abs_diff_levels": max_diff,
+            "setup_seconds": setup_seconds[name],
             "seconds": times[name],
         }
-        print(f"| {'fast ' + name:34s} | {rate:10.2f} | {rate / stock_rate:7.2f}x | {max_diff[name]:19.2e} | {warmup_seconds[name]:8.1f} |")
+        print(f"| {'generate_images ' + name:34s} | {rate:10.2f} | {rate / stock_rate:7.2f}x | {max_diff:19d} | {setup_seconds[name]:8.1f} |")
+    print("(max |diff|: the largest difference of one pixel channel, in 8-bit levels, between the variant's images and the stock ones)")
     if args.steps < 1000:
-        print(f"(images/s at the full 1000-step chain: divide by {1000 / args.steps:g})")
+        print(f"(images/s of the full 1000-step chain: divide by {1000 / args.steps:g})")
     summary = {
         "model": args.model,
         "batch": args.batch,
         "steps": args.steps,
         "device": str(device),
+        "device_name": device_description(device),
+        "torch": torch.__version__,
         "stock_img_per_s": stock_rate,
         "stock_seconds": times["stock"],
         "variants": rows,

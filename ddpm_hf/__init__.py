@@ -8,12 +8,13 @@ The core, in the order data flows (read these first):
     training.py     where the model learns: the Accelerate loop, checkpoints, the saved pipeline
     run_folder.py   what a run leaves on disk (OUTPUT_DIR) and the one reader/writer of each file there
     sampling.py     the one sampler factory and sampling loop; `ddpm-hf sample`
+    distributed.py  heavy work split over Accelerate's processes: chunks by index, per-item seeds, merging
 
 The tools around a trained pipeline (`ddpm-hf COMMAND`, registered in cli.py):
     evaluation.py   `evaluate`, `fid`, `fid-stats` (fid.py: Inception features; nll.py: bits/dim)
     hub.py          `push`, the model card and pushes during training
     visualize.py    `visualize`, the loss and progress figures (mistakes.py: the tutorial's four mistakes)
-    fast_sampling.py  `sample --fast`: the reverse chain kept on the device
+    arguments.py    what an option's value may be: bounds, kinds of path, Hub id or local path
 
 Heavy packages (diffusers, datasets, accelerate, transformers, matplotlib) are imported inside the functions
 that use them, not at the top of a module: `ddpm-hf --help`, a bad option or a config check then answers in

@@ -42,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as error:
         exit_with(error)
+    except RuntimeError as error:  # under torchrun: another process died or hangs
+        from .distributed import collective_failure
+
+        message = collective_failure(error)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
     return 0
 
 

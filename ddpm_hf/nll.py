@@ -221,6 +221,11 @@ class DiffusionTerms:
 # ---------------------------------------------------------------------------------------------
 
 
+def _item_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """One standard normal draw per image, each from that image's own generator (float64, on like's device)."""
+    return torch.cat([torch.randn((1, *like.shape[1:]), generator=g, dtype=torch.float64) for g in generators]).to(like.device)
+
+
 def kl_timesteps(num_timesteps: int, stride: int, generator: torch.Generator | None = None, offset: int | None = None) -> list[tuple[int, float]]:
     """The KL-term indices to evaluate, each with its weight in the sum over t.
 
@@ -247,16 +252,23 @@ def bits_per_dim(
     seed: int = 0,
     clip_denoised: bool | None = None,
     progress: bool = True,
+    state=None,
 ) -> dict:
     """The variational bound (Ho et al. 2020, Eq. 5) of uint8 images N x 3 x H x W, in bits/dim.
 
     Returns the mean and standard error over images, and the mean of each part: `prior` (L_T),
     `kl` (sum of L_1..L_{T-1}) and `decoder` (L_0). `timestep_stride` k > 1 estimates the KL sum from
-    about k + T/k of its terms (unbiased, see `kl_timesteps`); the default 1 is the exact sum over all T terms.
-    With the scheduler's variance_type "learned_range" (or "learned") the UNet gives 2C channels and each term uses its
-    own Sigma_theta (Nichol & Dhariwal 2021, Eq. 15; see `DiffusionTerms.model_log_variance_of`).
+    about k + T/k of its terms (unbiased, see `kl_timesteps`; one offset per run, drawn from `seed`); the default
+    1 is the exact sum over all T terms. With the scheduler's variance_type "learned_range" (or "learned") the UNet
+    gives 2C channels and each term uses its own Sigma_theta (Nichol & Dhariwal 2021, Eq. 15).
+
+    Image i's noise comes from its own generator seeded with (seed, i), so its terms do not depend on the batch
+    size or on the process that scores it. With an Accelerate `state` of several processes each scores its share of
+    the images (ddpm_hf/distributed.py) and the per-image values are gathered: the same result on every process.
     """
     from tqdm.auto import tqdm
+
+    from .distributed import gather_objects, item_generators, items_in_round, rounds
 
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 images N x C x H x W, got {images.dtype} {tuple(images.shape)}")
@@ -267,33 +279,34 @@ def bits_per_dim(
     terms = DiffusionTerms(scheduler, clip_denoised)
     if timestep_stride >= terms.num_timesteps:
         raise UserError(f"--timestep_stride {timestep_stride} must be below T = {terms.num_timesteps}.")
+    process_index, num_processes = (state.process_index, state.num_processes) if state is not None else (0, 1)
     device = next(unet.parameters()).device
     was_training = unet.training
     unet.eval()
-    generator = torch.Generator().manual_seed(seed)
+    timesteps = list(reversed(kl_timesteps(terms.num_timesteps, timestep_stride, torch.Generator().manual_seed(seed))))
     dims = images[0].numel()
-    per_image = {"total": [], "prior": [], "kl": [], "decoder": []}
-    num_batches = math.ceil(images.shape[0] / batch_size)
-    kl_count = len(kl_timesteps(terms.num_timesteps, timestep_stride, offset=0))
-    bar = tqdm(total=num_batches * (kl_count + 1), desc="Variational bound", unit="step", disable=not progress)
+    to_bits = 1.0 / (dims * math.log(2.0))
+    mine: list[tuple[int, dict[str, np.ndarray]]] = []  # (first image index, per-image parts) of this process's chunks
+    num_images = images.shape[0]
+    bar = tqdm(total=num_images, desc="Variational bound", unit="img", disable=not progress or process_index != 0)
     try:
-        for start in range(0, images.shape[0], batch_size):
-            x_0 = images[start : start + batch_size].to(device).double() / 127.5 - 1.0
-            kl = torch.zeros(x_0.shape[0], dtype=torch.float64, device=device)
-            for t, weight in reversed(kl_timesteps(terms.num_timesteps, timestep_stride, generator)):
-                noise = torch.randn(x_0.shape, generator=generator, dtype=torch.float64).to(device)
-                kl += weight * terms.term(unet, x_0, t, noise)
-                bar.update(1)
-            noise = torch.randn(x_0.shape, generator=generator, dtype=torch.float64).to(device)
-            decoder = terms.term(unet, x_0, 0, noise)
-            bar.update(1)
-            prior = terms.prior_kl(x_0)
-            to_bits = 1.0 / (dims * math.log(2.0))
-            for name, value in (("prior", prior), ("kl", kl), ("decoder", decoder), ("total", prior + kl + decoder)):
-                per_image[name].append((value * to_bits).cpu().numpy())
+        for round_index, indices in enumerate(rounds(num_images, batch_size, process_index, num_processes)):
+            if indices is not None:
+                x_0 = images[indices.start : indices.stop].to(device).double() / 127.5 - 1.0
+                generators = item_generators(seed, indices)
+                kl = torch.zeros(x_0.shape[0], dtype=torch.float64, device=device)
+                for t, weight in timesteps:
+                    kl += weight * terms.term(unet, x_0, t, _item_noise(generators, x_0))
+                decoder = terms.term(unet, x_0, 0, _item_noise(generators, x_0))
+                prior = terms.prior_kl(x_0)
+                parts = {"prior": prior, "kl": kl, "decoder": decoder, "total": prior + kl + decoder}
+                mine.append((indices.start, {name: (value * to_bits).cpu().numpy() for name, value in parts.items()}))
+            bar.update(items_in_round(num_images, batch_size, num_processes, round_index))
     finally:
         bar.close()
         unet.train(was_training)
+    everyone = sorted((entry for part in gather_objects(mine, state) for entry in part), key=lambda entry: entry[0]) if state is not None else mine
+    per_image = {name: [parts[name] for _, parts in everyone] for name in ("prior", "kl", "decoder", "total")}
     values = {name: np.concatenate(v) for name, v in per_image.items()}
     total = values["total"]
     return {

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import torch
 
 from .arguments import bounded, is_hub_id, local_path_or_hub_id, output_file
 from .arguments import device as device_type
+from .distributed import DEFAULT_TIMEOUT_S
 from .errors import UserError
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
@@ -95,38 +97,60 @@ def make_sampler(scheduler, name: str = "auto", steps: int | None = None, timest
 
 @torch.no_grad()
 def generate_images(
-    unet, sampler: Sampler, num_images: int, seed: int = 0, batch_size: int = 64, progress: bool = False, desc: str = "Sampling"
-) -> Iterator[torch.Tensor]:
-    """Yield batches of generated images, uint8 B x C x H x W on the CPU, quantised as a PNG would be.
+    unet,
+    sampler: Sampler,
+    num_images: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "Sampling",
+    state=None,
+    autocast_dtype: torch.dtype | None = None,
+) -> Iterator[tuple[range | None, torch.Tensor | None]]:
+    """The reverse chain of `sampler`, for this process's share of images 0 .. num_images - 1.
 
-    One CPU generator seeded with `seed` draws x_T and every step's noise, so a seed gives the same
-    images on any device (for the same batch size). `unet` is put in eval mode meanwhile.
+    Yields one (indices, images) pair per round (ddpm_hf/distributed.py): uint8 B x C x H x W on the CPU,
+    quantised as a PNG would be, or (None, None) when this process has no chunk in that round, so that callers
+    may meet the other processes after every round. Image i depends only on (seed, i): its x_T and every step's
+    noise come from its own generator, whatever the batch size, the process count or the process that makes it.
+    `state` is an Accelerate PartialState (None: one process); `autocast_dtype` e.g. torch.bfloat16 runs the UNet
+    under autocast, the scheduler in float32. `unet` is put in eval mode meanwhile.
     """
     from tqdm.auto import tqdm
 
+    from .distributed import item_generators, items_in_round, rounds
+
     if num_images < 1 or batch_size < 1:
         raise UserError(f"the number of images ({num_images}) and --batch_size ({batch_size}) must be positive.")
+    process_index, num_processes = (state.process_index, state.num_processes) if state is not None else (0, 1)
     parameter = next(unet.parameters())
     device, dtype = parameter.device, parameter.dtype
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
+    channels = unet.config.in_channels
     scheduler = sampler.scheduler
-    generator = torch.Generator("cpu").manual_seed(seed)
     step_arguments = {"eta": 0.0} if sampler.name == "ddim" else {}
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     was_training = unet.training
     unet.eval()
     try:
-        with tqdm(total=num_images, desc=desc, unit="img", disable=not progress) as bar:
-            for start in range(0, num_images, batch_size):
-                count = min(batch_size, num_images - start)
+        with tqdm(total=num_images, desc=desc, unit="img", disable=not progress or process_index != 0) as bar:
+            for round_index, indices in enumerate(rounds(num_images, batch_size, process_index, num_processes)):
+                if indices is None:
+                    yield None, None
+                    continue
+                generators = item_generators(seed, indices)
                 scheduler.set_timesteps(sampler.steps, device=device)  # also resets multistep solvers
-                x = torch.randn((count, unet.config.in_channels, height, width), generator=generator).to(device, dtype)
+                x = torch.cat([torch.randn((1, channels, height, width), generator=g) for g in generators]).to(device, dtype)
                 x = x * scheduler.init_noise_sigma
                 for t in scheduler.timesteps:
-                    model_output = unet(scheduler.scale_model_input(x, t), t).sample
-                    x = scheduler.step(model_output, t, x, generator=generator, **step_arguments).prev_sample
-                yield ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-                bar.update(count)
+                    with autocast:
+                        model_output = unet(scheduler.scale_model_input(x, t), t).sample.to(dtype)
+                    if sampler.name == "ddim" and model_output.shape[1] == 2 * channels:  # DDIM has no learned variance: mean part only
+                        model_output = model_output[:, :channels]
+                    x = scheduler.step(model_output, t, x, generator=generators, **step_arguments).prev_sample
+                yield indices, ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+                bar.update(items_in_round(num_images, batch_size, num_processes, round_index))
     finally:
         unet.train(was_training)
 
@@ -139,13 +163,28 @@ def to_pil(images_uint8: torch.Tensor) -> list:
     return [Image.fromarray(a[..., 0], mode="L") if a.shape[-1] == 1 else Image.fromarray(a) for a in array]
 
 
-def sample_grid(unet, scheduler, num_images: int, steps: int, seed: int, sampler: str = "auto", batch_size: int | None = None):
-    """A PIL grid of `num_images` samples from `unet` with a fixed seed (the training grids)."""
+def gather_images(unet, sampler: Sampler, num_images: int, seed: int, batch_size: int, state=None, **options) -> torch.Tensor | None:
+    """All `num_images` images, uint8 N x C x H x W in index order, on the main process (None on the others);
+    every process samples its share (`generate_images`)."""
+    from .distributed import gather_objects
+
+    parts = []
+    for indices, images in generate_images(unet, sampler, num_images, seed, batch_size, state=state, **options):
+        gathered = gather_objects((indices, images), state) if state is not None else [(indices, images)]
+        parts += [part for part in gathered if part[0] is not None]
+    if state is not None and not state.is_main_process:
+        return None
+    return torch.cat([images for _, images in sorted(parts, key=lambda part: part[0].start)])
+
+
+def sample_grid(unet, scheduler, num_images: int, steps: int, seed: int, sampler: str = "auto", batch_size: int | None = None, state=None):
+    """A PIL grid of `num_images` samples from `unet` with a fixed seed (the training grids), on the main process."""
     from diffusers.utils import make_image_grid
 
     chosen = make_sampler(scheduler, sampler, steps)
-    images = [image for batch in generate_images(unet, chosen, num_images, seed, batch_size or num_images) for image in to_pil(batch)]
-    return make_image_grid(images, *grid_shape(num_images))
+    processes = state.num_processes if state is not None else 1
+    images = gather_images(unet, chosen, num_images, seed, batch_size or math.ceil(num_images / processes), state=state)
+    return None if images is None else make_image_grid(to_pil(images), *grid_shape(num_images))
 
 
 def grid_shape(num_images: int) -> tuple[int, int]:
@@ -180,37 +219,36 @@ def load_pipeline(model: str, scheduler: str = "ddpm", device: str | None = None
 
 
 def run_sample(args) -> None:
+    """`ddpm-hf sample`, on every process of a torchrun / `accelerate launch` run: each samples its share, the main
+    process writes the grid (and the single images)."""
+    import time
+
     from diffusers.utils import make_image_grid
 
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    try:  # before any sampling: a bad --out costs nothing
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {args.out}: cannot create its folder ({e.strerror or e}). Choose a path you can write to.") from None
-    pipeline = load_pipeline(args.model, "ddpm", args.device, args.revision)
-    sampler = make_sampler(pipeline.scheduler, args.scheduler, args.steps)
-    if args.fast:
-        from .fast_sampling import fast_generate
+    from .distributed import process_state
 
-        if sampler.name == "dpmsolver":
-            raise UserError("--fast runs ddpm and ddim; drop --fast for dpmsolver.")
-        pipeline.scheduler = sampler.scheduler
-        images = fast_generate(
-            pipeline, args.num_images, sampler.steps, args.seed, args.batch_size, dtype=args.dtype, compile=args.compile, cuda_graphs=args.cuda_graphs
-        )
-    else:
-        if args.dtype != "fp32":
-            raise UserError("--dtype bf16 needs --fast.")
-        batches = generate_images(pipeline.unet, sampler, args.num_images, args.seed, args.batch_size or args.num_images, progress=True)
-        images = [image for batch in batches for image in to_pil(batch)]
-    rows, cols = grid_shape(args.num_images)
-    make_image_grid(images, rows=rows, cols=cols).save(args.out)
-    if args.save_individual:
-        stem = os.path.splitext(args.out)[0]
-        os.makedirs(stem, exist_ok=True)
-        for i, image in enumerate(images):
-            image.save(os.path.join(stem, f"{i:05d}.png"))
-    print(f"wrote {args.out} ({args.num_images} images, {sampler.describe()}, seed {args.seed})")
+    started = time.time()
+    state = process_state(args.device, args.ddp_timeout)
+    device = str(state.device) if args.device in (None, "cuda") else args.device  # each process its own GPU
+    with state.main_process_first():  # a Hub download happens once
+        pipeline = load_pipeline(args.model, device=device, revision=args.revision)
+    sampler = make_sampler(pipeline.scheduler, args.scheduler, args.steps)
+    unet = torch.compile(pipeline.unet) if args.compile else pipeline.unet
+    batch_size = args.batch_size or math.ceil(args.num_images / state.num_processes)
+    autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    images = gather_images(unet, sampler, args.num_images, args.seed, batch_size, state=state, autocast_dtype=autocast_dtype, progress=True)
+    if state.is_main_process:
+        pictures = to_pil(images)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        make_image_grid(pictures, *grid_shape(args.num_images)).save(args.out)
+        if args.save_individual:
+            stem = os.path.splitext(args.out)[0]
+            os.makedirs(stem, exist_ok=True)
+            for i, picture in enumerate(pictures):
+                picture.save(os.path.join(stem, f"{i:05d}.png"))
+        processes = f"{state.num_processes} process{'es' if state.num_processes > 1 else ''}"
+        print(f"wrote {args.out} ({args.num_images} images, {sampler.describe()}, seed {args.seed}, {processes}, {time.time() - started:.0f} s)")
+    state.wait_for_everyone()
 
 
 def add_cli(subparsers) -> None:
@@ -232,14 +270,7 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--save_individual", action="store_true", help="Also write each image into a folder named after --out.")
     parser.add_argument("--device", type=device_type, default=None, help="cpu or cuda (default: cuda when available).")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
-    parser.add_argument(
-        "--fast", action="store_true", help="Keep the whole chain on the device (ddpm_hf.fast_sampling): the same images as without it in fp32."
-    )
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="With --fast: run the UNet under bf16 autocast.")
-    parser.add_argument(
-        "--compile", default="auto", choices=["auto", "yes", "no"], help="With --fast: torch.compile the UNet ('auto': on CUDA); falls back with a warning."
-    )
-    parser.add_argument(
-        "--cuda_graphs", default="auto", choices=["auto", "yes", "no"], help="With --fast: replay the UNet call as a CUDA graph ('auto': on CUDA)."
-    )
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: run the UNet under bf16 autocast (GPUs; the chain stays float32).")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet first (pays off for thousands of images on a GPU).")
+    parser.add_argument("--ddp_timeout", type=bounded(int, ge=1), default=DEFAULT_TIMEOUT_S, help="Seconds a process waits for the others before all exit.")
     parser.set_defaults(func=run_sample)

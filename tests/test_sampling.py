@@ -14,8 +14,9 @@ from PIL import Image
 
 from ddpm_hf.cli import main
 from ddpm_hf.config import config_from_dict
+from ddpm_hf.distributed import item_generators
 from ddpm_hf.errors import UserError
-from ddpm_hf.sampling import generate_images, make_sampler, resolve_sampler
+from ddpm_hf.sampling import gather_images, generate_images, make_sampler, resolve_sampler
 
 
 def micro_pipeline(folder, **scheduler_options):
@@ -81,14 +82,44 @@ def test_sample_with_dpmsolver_and_each_sampler_gives_images(tmp_path, one_threa
     assert not np.array_equal(grids["ddim"], grids["dpmsolver"])  # really two samplers
 
 
-def test_generate_images_is_the_stock_pipeline(tmp_path, one_thread):
-    """The one sampling loop gives what diffusers' DDPMPipeline gives for the same seed."""
+def test_generate_images_is_the_stock_pipeline_with_one_generator_per_image(tmp_path, one_thread):
+    """The one sampling loop gives, bit for bit in fp32, what diffusers' DDPMPipeline gives when handed one generator
+    per image seeded with distributed.item_seed(seed, i): diffusers draws x_T and each step's noise per image then."""
     pipeline = DDPMPipeline.from_pretrained(micro_pipeline(tmp_path / "model"))
     pipeline.set_progress_bar_config(disable=True)
-    expected = pipeline(batch_size=3, generator=torch.Generator().manual_seed(5), num_inference_steps=6, output_type="np").images
+    expected = pipeline(batch_size=3, generator=item_generators(5, range(3)), num_inference_steps=6, output_type="np").images
     sampler = make_sampler(pipeline.scheduler, "ddpm", 6)
-    (images,) = list(generate_images(pipeline.unet, sampler, 3, seed=5, batch_size=3))
+    ((indices, images),) = list(generate_images(pipeline.unet, sampler, 3, seed=5, batch_size=3))
+    assert indices == range(3)
     assert torch.equal(images.permute(0, 2, 3, 1), torch.from_numpy((expected * 255).round().astype(np.uint8)))
+
+
+def test_image_i_depends_only_on_the_seed_and_i(tmp_path, one_thread):
+    """Split as two processes would split it (chunks 0 and 1 of 2 images each), the images are those of one process."""
+    pipeline = DDPMPipeline.from_pretrained(micro_pipeline(tmp_path / "model"))
+    sampler = make_sampler(pipeline.scheduler, "ddpm", 4)
+    one = gather_images(pipeline.unet, sampler, 4, seed=3, batch_size=2)
+
+    class Rank:  # the part of Accelerate's state the loop reads
+        def __init__(self, index):
+            self.process_index, self.num_processes = index, 2
+
+    parts = [list(generate_images(pipeline.unet, sampler, 4, seed=3, batch_size=2, state=Rank(r))) for r in (0, 1)]
+    assert [indices for indices, _ in parts[0]] == [range(0, 2)] and [indices for indices, _ in parts[1]] == [range(2, 4)]
+    assert torch.equal(torch.cat([parts[0][0][1], parts[1][0][1]]), one)
+    other_seed = gather_images(pipeline.unet, sampler, 4, seed=4, batch_size=2)
+    assert not torch.equal(other_seed, one)
+
+
+def test_more_processes_than_images_is_a_one_line_error(tmp_path):
+    pipeline = DDPMPipeline.from_pretrained(micro_pipeline(tmp_path / "model"))
+    sampler = make_sampler(pipeline.scheduler, "ddpm", 2)
+
+    class Rank:
+        process_index, num_processes = 0, 3
+
+    with pytest.raises(UserError, match="2 items cannot be shared by 3 processes"):
+        list(generate_images(pipeline.unet, sampler, 2, state=Rank()))
 
 
 def test_sample_out_that_cannot_be_created_is_a_one_line_error_before_any_work(tmp_path):
