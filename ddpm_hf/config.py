@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -34,6 +35,22 @@ BUILTIN_DATASET_PREFIX = "builtin:"
 PATH_KINDS = ("file", "output", "dataset", "pipeline", "checkpoint")
 
 SEED_MAX = 2**32 - 1  # numpy's (hence accelerate's set_seed) limit
+
+# The reverse-process variances whose network outputs 2 x C channels: the mean parameterisation, then the variance
+# (Nichol & Dhariwal 2021, Sec. 3.1), the layout diffusers' DDPMScheduler splits.
+LEARNED_VARIANCES = ("learned_range", "learned")
+
+
+def output_channels(in_channels: int, variance_type: str) -> int:
+    """The UNet's out_channels for a variance type: C for fixed variances, 2 C (mean part, then v) for learned ones."""
+    return 2 * in_channels if variance_type in LEARNED_VARIANCES else in_channels
+
+
+def resolved_loss(config: TrainingConfig) -> str:
+    """The objective of a run: --loss, with 'auto' read as hybrid for learned variances and simple for fixed ones."""
+    if config.loss != "auto":
+        return config.loss
+    return "hybrid" if config.variance_type in LEARNED_VARIANCES else "simple"
 
 
 def option(
@@ -65,7 +82,9 @@ def option(
 @dataclass
 class TrainingConfig:
     # ---- run ------------------------------------------------------------------------------------
-    preset: str = option("Defaults to start from: 'cifar10' (the DDPM paper's run) or 'quickstart'.", default="cifar10")
+    preset: str = option(
+        "Defaults to start from: 'cifar10' (the DDPM paper's run), 'iddpm-cifar10' (Improved DDPM's, learned variances) or 'quickstart'.", default="cifar10"
+    )
     config: str | None = option("YAML file of options (keys are these option names); flags override it.", default=None, path="file", resumable=True)
     output_dir: str | None = option("Where the pipeline, samples, checkpoints and logs go (default: per preset).", default=None, path="output")
     overwrite: bool = option("Allow writing into an existing OUTPUT_DIR that holds a run of another configuration.", default=False, resumable=True)
@@ -87,7 +106,10 @@ class TrainingConfig:
     on_corrupt_image: Literal["error", "skip"] = option("An image that cannot be decoded: stop naming its row, or skip it and count.", default="error")
 
     # ---- model and noise schedule ---------------------------------------------------------------
-    model: str = option("UNet architecture: 'ddpm-cifar10' (35.7M parameters, the paper's) or 'tiny' (~0.9M).", default="ddpm-cifar10")
+    model: str = option(
+        "UNet architecture: 'ddpm-cifar10' (35.7M parameters, the paper's), 'iddpm-cifar10' (52.5M, Improved DDPM's) or 'tiny' (~0.9M).",
+        default="ddpm-cifar10",
+    )
     model_config: str | None = option("JSON file of UNet2DModel arguments; replaces --model.", default=None, path="file")
     dropout: float | None = option("Dropout in the UNet's residual blocks (default: the architecture's own).", default=None, ge=0, lt=1)
     init_from: str | None = option("Start from the UNet weights of a saved pipeline (folder or Hub id), e.g. to fine-tune.", default=None, path="pipeline")
@@ -97,8 +119,21 @@ class TrainingConfig:
     )
     beta_start: float = option("beta_1 of the linear schedule.", default=1e-4, gt=0, lt=1)
     beta_end: float = option("beta_T of the linear schedule.", default=0.02, gt=0, lt=1)
-    variance_type: Literal["fixed_large", "fixed_small"] = option(
-        "Reverse-process variance: sigma_t^2 = beta_t (large) or beta-tilde_t (small).", default="fixed_large"
+    variance_type: Literal["fixed_large", "fixed_small", "learned_range", "learned"] = option(
+        "Reverse-process variance: sigma_t^2 = beta_t (large), beta-tilde_t (small), or learned_range: learned between the two "
+        "(Nichol & Dhariwal 2021, Eq. 15): the UNet then outputs twice the image's channels, mean part then v. 'learned' (the variance itself) is refused.",
+        default="fixed_large",
+    )
+    loss: Literal["auto", "simple", "hybrid", "vlb"] = option(
+        "Objective: 'simple' is L_simple (Ho et al. 2020, Eq. 14); 'hybrid' is L_simple + vlb_weight x L_vlb (Nichol & Dhariwal 2021, Eq. 16); "
+        "'vlb' is L_vlb alone with importance-sampled t (their Eq. 17; its per-process history is not checkpointed: a resumed run restarts "
+        "its uniform warm-up). 'auto': hybrid for learned_range, simple for fixed variances.",
+        default="auto",
+    )
+    vlb_weight: float = option(
+        "lambda of the hybrid loss, the weight of L_vlb (bits/dim) against L_simple (Nichol & Dhariwal 2021: 0.001). Learned variances only.",
+        default=0.001,
+        ge=0,
     )
     clip_sample: bool = option("Clip the predicted x_0 to [-1, 1] when sampling.", default=True)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = option("What the network predicts: the noise (paper), v, or x_0.", default="epsilon")
@@ -108,7 +143,7 @@ class TrainingConfig:
     train_batch_size: int = option("GLOBAL batch per optimizer step, over all processes and accumulation steps.", default=128, ge=1)
     gradient_accumulation_steps: int = option("Micro-batches per optimizer step.", default=1, ge=1)
     learning_rate: float = option("Peak learning rate.", default=2e-4, gt=0)
-    lr_scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant"] = option(
+    lr_scheduler: Literal["constant_with_warmup", "linear", "cosine", "constant", "cosine_with_restarts", "polynomial"] = option(
         "Learning-rate schedule, counted in optimizer steps.", default="constant_with_warmup"
     )
     lr_warmup_steps: int = option("Optimizer steps of linear warm-up.", default=5000, ge=0)
@@ -118,7 +153,11 @@ class TrainingConfig:
     weight_decay: float = option("Decoupled weight decay (AdamW); 0 is the paper's Adam.", default=0.0, ge=0)
     max_grad_norm: float = option("Clip the gradient norm to this (0 turns clipping off).", default=1.0, ge=0)
     max_train_steps: int = option("Optimizer steps to train for.", default=800_000, ge=1, resumable=True)
-    mixed_precision: Literal["no", "fp16", "bf16"] = option("Autocast precision; weights and EMA stay in float32.", default="no")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
+        "Autocast precision; weights and EMA stay in float32. Unset: Accelerate's configuration decides (`accelerate config`, "
+        "`accelerate launch --mixed_precision`), else no; training_config.json records the value used.",
+        default=None,
+    )
     use_ema: bool = option("Keep an exponential moving average of the weights; samples and the saved pipeline use it.", default=True)
     ema_decay: float = option("EMA decay (the paper: 0.9999).", default=0.9999, ge=0, lt=1)
     ema_warmup: bool = option("Ramp the EMA decay up as 1 - (1 + step/inv_gamma)^-power instead of a fixed decay.", default=False)
@@ -134,6 +173,12 @@ class TrainingConfig:
     )
 
     # ---- logging, samples, checkpoints ----------------------------------------------------------
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = option(
+        "Where scalars and sample grids are logged, through Accelerate's trackers ('all': TensorBoard and W&B); --logger is the same.",
+        default="tensorboard",
+        resumable=True,
+    )
+    logging_dir: str = option("Tracker logs, relative to OUTPUT_DIR (or absolute).", default="logs", resumable=True)
     logging_steps: int = option("Log loss, lr, grad norm and img/s every N optimizer steps (one host sync per N).", default=50, ge=1, resumable=True)
     sample_every: int = option("Write a sample grid every N steps (and at the end); 0 turns sampling off.", default=10_000, ge=0, resumable=True)
     sample_steps: int = option("Denoising steps for the sample grid and --eval_every's FID.", default=100, ge=1, resumable=True)
@@ -147,6 +192,16 @@ class TrainingConfig:
     checkpoints_total_limit: int | None = option("Keep only the newest N checkpoints.", default=3, ge=1, resumable=True)
     resume_from_checkpoint: str | None = option("'latest' or a checkpoint folder to continue from.", default=None, path="checkpoint", resumable=True)
     save_every: int = option("Also save the pipeline every N steps (it is always saved at the end); 0: only at the end.", default=0, ge=0, resumable=True)
+    # The diffusers example counts in epochs; these become the step options above once the dataset size is known.
+    num_epochs: int | None = option(
+        "Train for N epochs: sets --max_train_steps from the dataset size (the diffusers example's option).", default=None, ge=1, resumable=True
+    )
+    save_images_epochs: int | None = option(
+        "A sample grid every N epochs: sets --sample_every (the diffusers example's option).", default=None, ge=1, resumable=True
+    )
+    save_model_epochs: int | None = option(
+        "Save the pipeline every N epochs: sets --save_every (the diffusers example's option).", default=None, ge=1, resumable=True
+    )
 
     # ---- Hub ------------------------------------------------------------------------------------
     push_to_hub: bool = option("Push the pipeline and a model card to the Hub (checked before training starts).", default=False, resumable=True)
@@ -160,6 +215,14 @@ class TrainingConfig:
         "Compute FID of the EMA model every N steps and keep the best pipeline in OUTPUT_DIR/best/; 0: never.", default=0, ge=0, resumable=True
     )
     eval_num_samples: int = option("Generated images per FID evaluation during training (FID needs at least 2).", default=10_000, ge=2, resumable=True)
+
+    # ---- processes ------------------------------------------------------------------------------
+    ddp_timeout: int = option(
+        "Seconds a process waits in a collective for the others (one died or hangs) before the run exits non-zero; checkpoints stay usable.",
+        default=1800,
+        ge=1,
+        resumable=True,
+    )
 
     def to_json_dict(self) -> dict:
         """The resolved configuration without secrets, as written to training_config.json."""
@@ -177,6 +240,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Ho, Jain & Abbeel (2020), Appendix B: CIFAR-10. 35.7M-parameter UNet, linear betas 1e-4..0.02,
     # T = 1000, Adam 2e-4 with 5,000 warm-up steps, batch 128, EMA 0.9999, dropout 0.1, flips, 800k steps.
     "cifar10": dict(output_dir="ddpm-cifar10"),
+    # Nichol & Dhariwal (2021), improved-diffusion's CIFAR-10 flags: --num_channels 128 --num_res_blocks 3 --learn_sigma True
+    # --dropout 0.3 --diffusion_steps 4000 --noise_schedule cosine --lr 1e-4 --batch_size 128, and their defaults: attention
+    # at 16x16 and 8x8 with 4 heads, scale-shift norm, L_hybrid with lambda = 0.001 (Eq. 16), Adam without warm-up, weight
+    # decay or gradient clipping, EMA 0.9999, no flips; 500k steps. What UNet2DModel cannot match: README.md.
+    "iddpm-cifar10": dict(
+        output_dir="iddpm-cifar10",
+        model="iddpm-cifar10",
+        num_train_timesteps=4000,
+        beta_schedule="squaredcos_cap_v2",
+        variance_type="learned_range",
+        loss="hybrid",
+        vlb_weight=0.001,
+        learning_rate=1e-4,
+        lr_scheduler="constant",
+        lr_warmup_steps=0,
+        max_grad_norm=0.0,
+        random_flip=False,
+        max_train_steps=500_000,
+        # Strided ancestral sampling uses the learned variances (their Sec. 4: 100 steps are near-optimal); DDIM ignores them.
+        sample_scheduler="ddpm",
+    ),
     # Minutes on a laptop CPU, no network: a ~0.9M-parameter UNet on the 1,000-image CIFAR-10 subset
     # shipped in ddpm_hf/assets/. Same noise schedule and objective as the paper.
     "quickstart": dict(
@@ -214,7 +298,7 @@ REMOVED_OPTIONS: dict[str, str] = {
 def value_type(name: str) -> Any:
     """The type of option `name` without Optional: int, float, bool, str or a Literal[...]."""
     hint = _TYPES[name]
-    if typing.get_origin(hint) is typing.Union:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Optional[X], or X | None (a UnionType before Python 3.14)
         (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
     return hint
 
@@ -270,6 +354,9 @@ def load_yaml_options(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise UserError(f"--config {path} must be a mapping of option: value, not a {type(values).__name__}.")
+    from .diffusers_example_options import translate_keys
+
+    values = translate_keys(values)
     _check_option_names([str(k) for k in values], f"--config {path}: ")
     for name, value in values.items():
         # YAML 1.1 reads a bare yes/no as true/false: give an option whose choices are words its word back.
@@ -315,7 +402,9 @@ def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
     """Defaults <- preset <- YAML <- flags, then `validate`."""
     import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from .diffusers_example_options import translate_flags
+
+    argv = translate_flags(list(sys.argv[1:] if argv is None else argv))
     preset, config_path = _pre_parse(argv)
     if preset not in PRESETS:
         raise UserError(f"--preset {preset}: unknown preset. Choose one of: {', '.join(PRESETS)}.")
@@ -386,10 +475,63 @@ def validate(config: TrainingConfig) -> None:
     _check_output_dir(config.output_dir)
     if not config.beta_start < config.beta_end:
         raise UserError(f"need 0 < --beta_start < --beta_end < 1, got {config.beta_start} and {config.beta_end}.")
+    _check_objective(config)
     if config.sample_steps > config.num_train_timesteps:
         raise UserError(f"--sample_steps {config.sample_steps} exceeds --num_train_timesteps {config.num_train_timesteps}.")
+    if config.report_to in ("wandb", "all") and config.hub_token is not None:
+        raise UserError(
+            "--report_to wandb with --hub_token would send the token to Weights & Biases with the run's options. "
+            "Log in with `hf auth login` (or set HF_TOKEN) instead of --hub_token."
+        )
     if config.sample_every or config.eval_every:  # the grids and FID sample through the one sampler factory
         from .sampling import check_sampler_spacing, resolve_sampler
 
         sampler, steps = resolve_sampler(config.sample_scheduler, config.sample_steps, config.num_train_timesteps, option="--sample_scheduler")
         check_sampler_spacing(sampler, steps, config.num_train_timesteps, config.timestep_spacing, config.variance_type)
+
+
+def _check_objective(config: TrainingConfig) -> None:
+    """The variance type, the loss and the network's output channels must fit together (Nichol & Dhariwal 2021, Sec. 3.1)."""
+    if config.variance_type == "learned":
+        raise UserError(
+            "--variance_type learned (the network outputs sigma_t^2 itself, unbounded) is not trainable here. "
+            "Use --variance_type learned_range: log sigma_t^2 interpolated between log beta_t and log beta-tilde_t (Nichol & Dhariwal 2021, Eq. 15)."
+        )
+    learned, loss = config.variance_type in LEARNED_VARIANCES, resolved_loss(config)
+    if learned and loss == "simple":
+        raise UserError(
+            f"--loss simple with --variance_type {config.variance_type}: L_simple does not depend on the variance, which would stay untrained. "
+            "Use --loss hybrid (or vlb), or a fixed variance."
+        )
+    if not learned and loss in ("hybrid", "vlb"):
+        raise UserError(
+            f"--loss {loss} trains a learned variance, but --variance_type is {config.variance_type}. "
+            "Add --variance_type learned_range, or use --loss simple (the same as hybrid for a fixed variance)."
+        )
+    if learned and loss == "hybrid" and config.vlb_weight == 0:
+        raise UserError(
+            f"--vlb_weight 0 with --variance_type {config.variance_type}: only L_vlb trains the variance, which would stay untrained. "
+            "Use a positive weight (the paper's: 0.001)."
+        )
+    if config.model_config is not None:
+        channels = _model_config_channels(config.model_config)
+        if channels is not None and channels[1] != output_channels(channels[0], config.variance_type):
+            in_channels, out_channels = channels
+            raise UserError(
+                f"--model_config {config.model_config} has out_channels {out_channels}, but --variance_type {config.variance_type} needs "
+                f"{output_channels(in_channels, config.variance_type)} ({in_channels} for a fixed variance, {2 * in_channels} for learned_range: mean, then v). "
+                "Fix out_channels or --variance_type."
+            )
+
+
+def _model_config_channels(path: str) -> tuple[int, int] | None:
+    """(in_channels, out_channels) of a --model_config JSON file (UNet2DModel's default is 3 for both); None if it cannot
+    be read, which `models.unet_arguments` reports."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(values, dict):
+        return None
+    return values.get("in_channels", 3), values.get("out_channels", 3)

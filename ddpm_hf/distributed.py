@@ -41,6 +41,16 @@ def process_state(device: str | None = None, timeout_s: float | None = None):
     return state
 
 
+def leave_process_group() -> None:
+    """End of a multi-process command: every process leaves the group together. Left to the interpreter's exit,
+    a gloo group's destructor can wait forever on a peer that has already gone."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def item_seed(seed: int, index: int) -> int:
     """The seed of item `index`'s own generator: a function of (seed, index) only."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]) >> 1  # < 2**63: a torch seed

@@ -23,7 +23,7 @@ import torch
 
 from .arguments import bounded, local_path_or_hub_id, output_file, output_folder
 from .arguments import device as device_type
-from .distributed import DEFAULT_TIMEOUT_S
+from .distributed import DEFAULT_TIMEOUT_S, leave_process_group
 from .errors import UserError
 from .fid import (
     ALIAS_RESOLUTIONS,
@@ -435,7 +435,7 @@ def run_evaluate(args) -> None:
             )
             note_small_sample_bias(result["num_samples"])
             print(f"wrote {path}")
-    state.wait_for_everyone()
+    leave_process_group()
 
 
 def run_fid(args) -> None:

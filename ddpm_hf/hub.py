@@ -274,6 +274,32 @@ def _architecture(unet: dict) -> str:
     return text
 
 
+def _learns_variance(scheduler: dict) -> bool:
+    """Whether the scheduler reads a variance from the UNet's output (2 x C channels: mean part, then v)."""
+    return scheduler.get("variance_type") in ("learned_range", "learned")
+
+
+def _variance_text(scheduler: dict) -> str:
+    variance = scheduler.get("variance_type")
+    if variance == "learned_range":
+        return "variance learned_range (the network's Sigma_theta, between beta-tilde_t and beta_t: Nichol & Dhariwal 2021, Eq. 15)"
+    if variance == "learned":
+        return "variance learned (the network outputs Sigma_theta itself)"
+    return f"variance {variance}"
+
+
+def _objective(config: dict, scheduler: dict) -> str:
+    """The training objective, from training_config.json (`loss`, `vlb_weight`; a run from before they existed trained L_simple)."""
+    loss = config.get("loss", "auto")
+    if loss == "auto":
+        loss = "hybrid" if _learns_variance(scheduler) else "simple"
+    if loss == "hybrid":
+        return f"L_hybrid = L_simple + lambda L_vlb with lambda = {config.get('vlb_weight')} (Nichol & Dhariwal 2021, Eq. 16)"
+    if loss == "vlb":
+        return "L_vlb, importance-sampled timesteps (Nichol & Dhariwal 2021, Eq. 17)"
+    return "L_simple, the noise-prediction MSE (Ho et al. 2020, Eq. 14)"
+
+
 def _count(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else "not recorded" if value is None else str(value)
 
@@ -333,6 +359,7 @@ def build_model_card(
     datasets = _hub_datasets(config.get("dataset"), run_dir)
     name = repo_id.split("/")[-1]
     load = load_arguments(repo_id, revision)
+    learned_variance, channels = _learns_variance(scheduler), unet.get("in_channels", 3)
 
     eval_results = None
     if fid is not None:
@@ -368,12 +395,13 @@ def build_model_card(
             "Scheduler",
             f"`{scheduler.get('_class_name', 'DDPMScheduler')}`, T = {scheduler.get('num_train_timesteps')}, "
             f"{scheduler.get('beta_schedule')} betas {scheduler.get('beta_start')}..{scheduler.get('beta_end')}, "
-            f"variance {scheduler.get('variance_type')}, predicts {scheduler.get('prediction_type')}",
+            f"{_variance_text(scheduler)}, predicts {scheduler.get('prediction_type')}",
         ),
         ("Training steps", steps_text),
     ]
     if config:
         rows += [
+            ("Objective", _objective(config, scheduler)),
             (
                 "Dataset",
                 _dataset_text(config.get("dataset"), datasets)
@@ -386,7 +414,7 @@ def build_model_card(
                 + f", lr {config.get('learning_rate')}, {config.get('lr_scheduler')} schedule with {config.get('lr_warmup_steps')} warm-up steps",
             ),
             ("EMA", f"decay {config.get('ema_decay')}" if config.get("use_ema") else "off"),
-            ("Mixed precision", str(config.get("mixed_precision"))),
+            ("Mixed precision", str(config.get("mixed_precision") or "no")),  # unset: Accelerate's default, no
         ]
     if hardware:
         rows.append(("Hardware", hardware))
@@ -396,22 +424,41 @@ def build_model_card(
         f"# {name}",
         "A denoising diffusion probabilistic model ([Ho et al., 2020](https://arxiv.org/abs/2006.11239)) for "
         "unconditional image generation, trained with ddpm-hf (diffusers + Accelerate). It is a stock diffusers "
-        "`DDPMPipeline`: no code from this repo is needed to use it.",
+        "`DDPMPipeline`: no code from this repo is needed to use it."
+        + (
+            " Its UNet also learns the reverse-process variances ([Nichol & Dhariwal, 2021](https://arxiv.org/abs/2102.09672)): "
+            f"it outputs {2 * channels} channels, the {scheduler.get('prediction_type')} prediction and then the variance, which `DDPMScheduler` reads."
+            if learned_variance
+            else ""
+        ),
         "## Training\n\n" + table,
     ]
     if grids:
         sample_step, sample = grids[-1]
         sections.append(f"## Samples\n\nSamples at training step {sample_step:,}:\n\n![samples]({Path(sample).relative_to(output_dir).as_posix()})")
     cli_revision = f" --revision {revision}" if revision and revision != "main" else ""
-    usage = (
-        "## Usage\n\n```python\nimport torch\nfrom diffusers import DDIMPipeline, DDPMPipeline\n\n"
-        f"pipeline = DDPMPipeline.from_pretrained({load})\n"
-        "images = pipeline(batch_size=16, generator=torch.Generator().manual_seed(0)).images\n\n"
-        "# faster: DDIM with 50 steps on the same weights\n"
-        f"pipeline = DDIMPipeline.from_pretrained({load})\n"
-        "images = pipeline(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images\n```\n\n"
-        f"or from the command line: `ddpm-hf sample --model {repo_id}{cli_revision}`."
-    )
+    if learned_variance:
+        # Stock DDIMPipeline passes all 6 channels to DDIMScheduler, which has no use for the variance and fails.
+        usage = (
+            "## Usage\n\n```python\nimport torch\nfrom diffusers import DDPMPipeline\n\n"
+            f"pipeline = DDPMPipeline.from_pretrained({load})\n"
+            "images = pipeline(batch_size=16, generator=torch.Generator().manual_seed(0)).images\n\n"
+            "# faster: 100 strided steps, which learned variances keep good (Nichol & Dhariwal 2021, Sec. 4)\n"
+            "images = pipeline(batch_size=16, num_inference_steps=100, generator=torch.Generator().manual_seed(0)).images\n```\n\n"
+            f"or from the command line: `ddpm-hf sample --model {repo_id}{cli_revision} --steps 100`. Stock `DDIMPipeline` "
+            f"does not split the {2 * channels}-channel output into mean and variance"
+            + ("; for DDIM or DPM-Solver use the trajectory pipeline below, which gives those schedulers the mean channels." if custom_pipeline else ".")
+        )
+    else:
+        usage = (
+            "## Usage\n\n```python\nimport torch\nfrom diffusers import DDIMPipeline, DDPMPipeline\n\n"
+            f"pipeline = DDPMPipeline.from_pretrained({load})\n"
+            "images = pipeline(batch_size=16, generator=torch.Generator().manual_seed(0)).images\n\n"
+            "# faster: DDIM with 50 steps on the same weights\n"
+            f"pipeline = DDIMPipeline.from_pretrained({load})\n"
+            "images = pipeline(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images\n```\n\n"
+            f"or from the command line: `ddpm-hf sample --model {repo_id}{cli_revision}`."
+        )
     sections.append(usage)
     if custom_pipeline:
         sections.append(
@@ -421,6 +468,13 @@ def build_model_card(
             f'pipeline = DiffusionPipeline.from_pretrained({load}, custom_pipeline="{CUSTOM_PIPELINE_NAME}", trust_remote_code=True)\n'
             "output = pipeline(batch_size=4, num_inference_steps=50, return_trajectory=True)\n"
             "output.trajectory_x_t  # one tensor per step\n```"
+            + (
+                "\n\nWith DDIM (or DPM-Solver) it samples from the mean channels of this learned-variance model:\n\n```python\n"
+                "from diffusers import DDIMScheduler\n\npipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)\n"
+                "images = pipeline(batch_size=16, num_inference_steps=50).images\n```"
+                if learned_variance
+                else ""
+            )
         )
     if fid is not None:
         measured_at = f"step {fid['step']:,}" if isinstance(fid.get("step"), int) else "these weights"

@@ -10,8 +10,10 @@ import json
 import os
 from typing import Any
 
+import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from .config import LEARNED_VARIANCES, output_channels
 from .errors import UserError
 
 # Ho et al. (2020), Appendix B: four resolutions 32..4, two residual blocks each, self-attention at
@@ -48,11 +50,39 @@ TINY_UNET: dict[str, Any] = dict(
     dropout=0.0,
 )
 
-UNET_ARCHITECTURES: dict[str, dict[str, Any]] = {"ddpm-cifar10": DDPM_CIFAR10_UNET, "tiny": TINY_UNET}
+# Nichol & Dhariwal (2021), improved-diffusion's CIFAR-10 model (--num_channels 128 --num_res_blocks 3 --learn_sigma True
+# --dropout 0.3, their defaults --attention_resolutions 16,8 --num_heads 4 --use_scale_shift_norm True, channel_mult
+# (1, 2, 2, 2) at 32x32): three residual blocks per level, self-attention with 4 heads (64 channels each) at 16x16 and 8x8
+# and in the middle, FiLM-like scale-and-shift time conditioning, 6 output channels (eps, then the variance's v; Eq. 15).
+# What differs from their UNet (initialisation but for v, the time embedding's scale): README.md. 52,545,926 parameters at 32x32.
+IDDPM_CIFAR10_UNET: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=6,
+    layers_per_block=3,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    resnet_time_scale_shift="scale_shift",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    act_fn="silu",
+    attention_head_dim=64,
+    dropout=0.3,
+)
+
+UNET_ARCHITECTURES: dict[str, dict[str, Any]] = {"ddpm-cifar10": DDPM_CIFAR10_UNET, "iddpm-cifar10": IDDPM_CIFAR10_UNET, "tiny": TINY_UNET}
 
 
-def unet_arguments(model: str, resolution: int, model_config: str | None = None, dropout: float | None = None) -> dict[str, Any]:
-    """The `UNet2DModel(**arguments)` of an architecture name or a JSON file, checked against `resolution`."""
+def unet_arguments(
+    model: str, resolution: int, model_config: str | None = None, dropout: float | None = None, variance_type: str | None = None
+) -> dict[str, Any]:
+    """The `UNet2DModel(**arguments)` of an architecture name or a JSON file, checked against `resolution`.
+
+    With `variance_type` given, the output channels follow it: a named architecture gets C of them for a fixed
+    variance and 2 C for a learned one (the mean part, then v: Nichol & Dhariwal 2021, Sec. 3.1); a JSON file must
+    already say so. None keeps the architecture's own."""
     if model_config is not None:
         if not os.path.isfile(model_config):
             raise UserError(f"--model_config {model_config}: no such file. Give a JSON file of UNet2DModel arguments.")
@@ -66,6 +96,16 @@ def unet_arguments(model: str, resolution: int, model_config: str | None = None,
         arguments = dict(UNET_ARCHITECTURES[model])
     else:
         raise UserError(f"--model {model}: unknown architecture. Choose one of: {', '.join(UNET_ARCHITECTURES)}, or pass --model_config FILE.")
+    if variance_type is not None:
+        in_channels = arguments.get("in_channels", 3)
+        expected = output_channels(in_channels, variance_type)
+        if model_config is None:
+            arguments["out_channels"] = expected
+        elif arguments.get("out_channels", 3) != expected:
+            raise UserError(
+                f"--model_config {model_config} has out_channels {arguments.get('out_channels', 3)}, but --variance_type {variance_type} needs {expected} "
+                f"({in_channels} for a fixed variance, {2 * in_channels} for learned_range: mean, then v). Fix out_channels or --variance_type."
+            )
     arguments["sample_size"] = resolution
     if dropout is not None:
         arguments["dropout"] = dropout
@@ -82,8 +122,23 @@ def check_resolution(resolution: int, num_levels: int) -> None:
         raise UserError(f"--resolution {resolution} does not divide by {factor} (the UNet has {num_levels} levels). Use {suggestion}.")
 
 
-def build_unet(model: str, resolution: int, model_config: str | None = None, dropout: float | None = None) -> UNet2DModel:
-    return UNet2DModel(**unet_arguments(model, resolution, model_config, dropout))
+def build_unet(model: str, resolution: int, model_config: str | None = None, dropout: float | None = None, variance_type: str | None = None) -> UNet2DModel:
+    """A new UNet (`unet_arguments`). For a learned variance its v channels start at 0 (`zero_variance_output`)."""
+    unet = UNet2DModel(**unet_arguments(model, resolution, model_config, dropout, variance_type))
+    if variance_type in LEARNED_VARIANCES:
+        zero_variance_output(unet)
+    return unet
+
+
+@torch.no_grad()
+def zero_variance_output(unet: UNet2DModel) -> None:
+    """Zero the output convolution's filters of the v channels (the last half), so that v = 0 everywhere at the start:
+    Sigma_theta starts at the geometric mean of beta_t and beta-tilde_t (Nichol & Dhariwal 2021, Eq. 15), the same for
+    every pixel, as with improved-diffusion's zero-initialised output layer. diffusers' default initialisation would
+    give each pixel its own random v, a noise that L_vlb must first unlearn."""
+    half = unet.conv_out.out_channels // 2
+    unet.conv_out.weight[half:] = 0
+    unet.conv_out.bias[half:] = 0
 
 
 def build_scheduler(config) -> DDPMScheduler:

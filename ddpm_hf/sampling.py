@@ -21,7 +21,7 @@ import torch
 
 from .arguments import bounded, is_hub_id, local_path_or_hub_id, output_file
 from .arguments import device as device_type
-from .distributed import DEFAULT_TIMEOUT_S
+from .distributed import DEFAULT_TIMEOUT_S, leave_process_group
 from .errors import UserError
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
@@ -248,7 +248,7 @@ def run_sample(args) -> None:
                 picture.save(os.path.join(stem, f"{i:05d}.png"))
         processes = f"{state.num_processes} process{'es' if state.num_processes > 1 else ''}"
         print(f"wrote {args.out} ({args.num_images} images, {sampler.describe()}, seed {args.seed}, {processes}, {time.time() - started:.0f} s)")
-    state.wait_for_everyone()
+    leave_process_group()
 
 
 def add_cli(subparsers) -> None:

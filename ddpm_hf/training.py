@@ -8,6 +8,9 @@ OUTPUT_DIR is described in ddpm_hf/run_folder.py, which owns its names.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib.util
+import math
 import os
 import shutil
 import signal
@@ -18,16 +21,19 @@ from typing import Any
 import torch
 
 from .config import TrainingConfig, non_resumable_changes
+from .distributed import leave_process_group
 from .errors import UserError
 from .run_folder import CHECKPOINT_STATE, RunFolder
 
 EMA_WEIGHTS_FILE = "ema_unet.safetensors"
+FID_BATCH_SIZE = 100  # images per process and chunk in --eval_every's FID
 STOP_CHECK_EVERY = 10  # steps between the processes' agreement on a stop signal (one small all-gather)
 
 
 def train(config: TrainingConfig) -> TrainingResult:
     """Train a DDPM as `config` says and save it as a DDPMPipeline in config.output_dir."""
     run = prepare_run(config)
+    config = run.config  # as resolved: Accelerate's mixed precision, epochs as steps
     run.accelerator.print(
         f"Training {run.num_parameters:,} parameters on {run.batches.num_images:,} images ({config.dataset}, {config.split}) "
         f"for {config.max_train_steps:,} steps of {config.train_batch_size} images ({run.accelerator.num_processes} processes x "
@@ -92,11 +98,11 @@ def prepare_run(config: TrainingConfig) -> Run:
     from diffusers.optimization import get_scheduler
 
     from . import data
-    from .losses import DDPMLoss
     from .models import build_scheduler, count_parameters
 
     # Accelerate and the output folder.
     accelerator = _accelerator(config)
+    config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision)  # the value used, as recorded
     device = accelerator.device
     folder = RunFolder(config.output_dir)
     micro_batch = per_process_batch_size(config, accelerator.num_processes)
@@ -113,7 +119,7 @@ def prepare_run(config: TrainingConfig) -> Run:
         unet = unet.to(memory_format=torch.channels_last)
     unet.to(device)
     ema = ExponentialMovingAverage(unet, config.ema_decay, config.ema_warmup, config.ema_inv_gamma, config.ema_power) if config.use_ema else None
-    loss_fn = DDPMLoss(noise_scheduler.alphas_cumprod.to(device), config.prediction_type)
+    loss_fn = build_loss(config, noise_scheduler, unet, device)
 
     # Data: decoded once, batches built on the device.
     with accelerator.main_process_first():
@@ -124,6 +130,7 @@ def prepare_run(config: TrainingConfig) -> Run:
         dataset, config.resolution, config.image_column, config.on_corrupt_image, config.max_in_memory_gb, progress=accelerator.is_local_main_process
     )
     batches = data.ImageBatches(decoded.images, config.seed, config.random_flip, device, keep_on_host=decoded.memory_mapped)
+    config = epochs_to_steps(config, len(decoded.images), accelerator)
 
     # Only now is anything written.
     if accelerator.is_main_process:
@@ -176,17 +183,25 @@ def prepare_run(config: TrainingConfig) -> Run:
 
 
 def _accelerator(config: TrainingConfig):
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     # Without a GPU, Accelerate only joins a torchrun/accelerate process group when told it runs on the CPU.
+    trackers = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}[config.report_to]
+    for tracker in trackers:
+        if importlib.util.find_spec(tracker) is None:
+            raise UserError(f"--report_to {config.report_to} needs the {tracker} package: pip install {tracker}")
     on_cpu_only = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()) and not torch.backends.mps.is_available()
     accelerator = Accelerator(
         cpu=on_cpu_only,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=RunFolder(config.output_dir).file("logs")),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=RunFolder(config.output_dir).file(config.logging_dir)),
+        # A process that died or hangs makes the others' next collective fail after this long, not hang forever.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
     )
     launched_processes = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
     if launched_processes != accelerator.num_processes:  # each process would train alone and overwrite the others
@@ -197,15 +212,92 @@ def _accelerator(config: TrainingConfig):
     return accelerator
 
 
+def epochs_to_steps(config: TrainingConfig, num_images: int, accelerator) -> TrainingConfig:
+    """The diffusers example's epoch options (--num_epochs, --save_images_epochs, --save_model_epochs) as our step
+    options, now that the dataset size is known: one epoch is ceil(images / global batch) optimizer steps."""
+    steps_per_epoch = math.ceil(num_images / config.train_batch_size)
+    changes = {}
+    for epochs_option, steps_option in (("num_epochs", "max_train_steps"), ("save_images_epochs", "sample_every"), ("save_model_epochs", "save_every")):
+        epochs = getattr(config, epochs_option)
+        if epochs is not None:
+            changes[steps_option] = epochs * steps_per_epoch
+            accelerator.print(
+                f"note: --{epochs_option} {epochs} is --{steps_option} {changes[steps_option]} ({steps_per_epoch} steps of {config.train_batch_size} images per epoch)."
+            )
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def _initial_unet(config: TrainingConfig):
     """A new UNet of the configured architecture, or the weights of --init_from."""
     from .models import build_unet, check_resolution
 
     if config.init_from is None:
-        return build_unet(config.model, config.resolution, config.model_config, config.dropout)
+        return build_unet(config.model, config.resolution, config.model_config, config.dropout, config.variance_type)
     unet = _load_unet(config.init_from)
     check_resolution(config.resolution, len(unet.config.block_out_channels))
     return unet
+
+
+def build_loss(config: TrainingConfig, noise_scheduler, unet, device):
+    """The objective of `config` (`ddpm_hf.config.resolved_loss`) for `unet`, whose output channels must fit the variance type.
+
+    simple: DDPMLoss, L_simple (Ho et al. 2020, Eq. 14): every fixed-variance run, exactly as before learned variances.
+    hybrid: HybridLoss, L_simple + lambda L_vlb with lambda = --vlb_weight (Nichol & Dhariwal 2021, Eq. 16).
+    vlb:    VLBLoss, L_vlb with importance-sampled t (their Eq. 17); its history of L_t is per process and not checkpointed.
+    The last two are wrapped in `SummedLossTerms`, so that the log shows L_simple and L_vlb as well as the loss.
+    """
+    from .config import output_channels, resolved_loss
+    from .losses import DDPMLoss, HybridLoss, VLBLoss
+
+    in_channels, out_channels = unet.config.in_channels, unet.config.out_channels
+    expected = output_channels(in_channels, config.variance_type)
+    if out_channels != expected:  # --init_from; a --model_config or --model was checked before, this repeats it
+        source = (
+            f"--init_from {config.init_from}"
+            if config.init_from
+            else f"--model_config {config.model_config}"
+            if config.model_config
+            else f"--model {config.model}"
+        )
+        kind = (
+            "a learned-variance model" if out_channels == 2 * in_channels else "a fixed-variance model" if out_channels == in_channels else "an unknown layout"
+        )
+        fix = "--variance_type learned_range" if out_channels == 2 * in_channels else "a fixed --variance_type (fixed_large or fixed_small)"
+        raise UserError(
+            f"{source} outputs {out_channels} channels ({kind}), but --variance_type {config.variance_type} needs {expected}. "
+            f"Train it with {fix}, or start from a model of the variance type you want."
+        )
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    loss = resolved_loss(config)
+    if loss == "simple":
+        return DDPMLoss(alphas_cumprod, config.prediction_type)
+    if loss == "hybrid":
+        return SummedLossTerms(HybridLoss(alphas_cumprod, config.prediction_type, config.vlb_weight))
+    return SummedLossTerms(VLBLoss(alphas_cumprod, config.prediction_type))
+
+
+class SummedLossTerms:
+    """A loss that reports its parts in `last_terms` (HybridLoss: l_simple and l_vlb; VLBLoss: l_vlb), called as that loss,
+    which sums those parts on the device after every call. `Metrics.summary` logs their means over the logging interval,
+    as it does the loss: no host sync per step."""
+
+    def __init__(self, loss):
+        self.loss = loss
+        self.sums: dict[str, torch.Tensor] = {}
+        self.calls = 0
+
+    def __call__(self, network, x_0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        value = self.loss(network, x_0, generator)
+        for name, term in self.loss.last_terms.items():
+            self.sums[name] = self.sums[name] + term.float() if name in self.sums else term.float().clone()
+        self.calls += 1
+        return value
+
+    def pop_means(self) -> dict[str, torch.Tensor]:
+        """Each part's mean over the calls since the last pop (device scalars), then start again."""
+        means = {name: total / self.calls for name, total in self.sums.items()}
+        self.sums, self.calls = {}, 0
+        return means
 
 
 def per_process_batch_size(config: TrainingConfig, num_processes: int) -> int:
@@ -283,9 +375,13 @@ class Metrics:
         finite = torch.isfinite(loss)
         self.first_nonfinite_step.copy_(torch.where(~finite & (self.first_nonfinite_step < 0), step, self.first_nonfinite_step))
 
-    def raise_if_nonfinite(self) -> None:
-        """One host sync: stop with the step where the loss first became NaN/inf."""
-        bad_step = int(self.first_nonfinite_step.item())
+    def raise_if_nonfinite(self, accelerator=None) -> None:
+        """One host sync (and, with several processes, one reduction, so that all stop together): stop with the
+        step where the loss first became NaN/inf on any process."""
+        first = self.first_nonfinite_step
+        if accelerator is not None and accelerator.num_processes > 1:
+            first = accelerator.reduce(first.clone(), "max")
+        bad_step = int(first.item())
         if bad_step >= 0:
             raise UserError(
                 f"the loss became non-finite at step {bad_step}. The last checkpoint and pipeline are kept. "
@@ -301,6 +397,9 @@ class Metrics:
             "lr": run.lr_scheduler.get_last_lr()[0],
             "img_per_s": steps * run.config.train_batch_size / max(time.perf_counter() - self.since_time, 1e-9),
         }
+        if isinstance(run.loss_fn, SummedLossTerms):  # l_simple and l_vlb (bits/dim) of a learned-variance run
+            for name, mean in run.loss_fn.pop_means().items():
+                values[name] = run.accelerator.reduce(mean, "mean").item()
         if run.ema is not None:
             values["ema_decay"] = run.ema.decay_at(run.step - 1)
         if self.skipped_steps:
@@ -324,47 +423,42 @@ def due(every: int, step: int, at_end: bool = False) -> bool:
 def upkeep(run: Run, stopping: bool, progress=None) -> None:
     """After a step: log, checkpoint, sample, evaluate, save, push, each when due.
 
-    At the end (the last step, or a stop signal) only the log and the checkpoint run here; `finish` saves the
-    pipeline, draws the last grid, evaluates and pushes.
+    Every process runs this with the same step, so the jobs that need all of them (the log's reduction, the
+    checkpoint, sampling and FID, where each process takes its share) meet; saving and pushing are the main
+    process's. At the end (the last step, or a stop signal) only the log and the checkpoint run here; `finish` saves
+    the pipeline, draws the last grid, evaluates and pushes.
     """
     config, step, main = run.config, run.step, run.accelerator.is_main_process
     finished = step == config.max_train_steps
     at_end = finished or stopping
+    checkpoint = due(config.checkpoint_every, step, at_end)
+    sample, evaluate, save = (not at_end and due(every, step) for every in (config.sample_every, config.eval_every, config.save_every))
+    push = not at_end and config.push_to_hub and due(config.push_every, step)
     if due(config.logging_steps, step, finished):
         log_metrics(run, progress)
-    if due(config.checkpoint_every, step, at_end):
-        run.metrics.raise_if_nonfinite()
+    if checkpoint or sample or evaluate or save or push:
+        run.metrics.raise_if_nonfinite(run.accelerator)  # nothing is written from weights that diverged
+    if checkpoint:
         save_checkpoint(run.accelerator, run.folder, step, run.ema, run.lr_scheduler, config.checkpoints_total_limit)
-    if at_end or not main:
-        return
-    periodic = [
-        due(config.sample_every, step),
-        due(config.eval_every, step),
-        due(config.save_every, step),
-        run.hub is not None and due(config.push_every, step),
-    ]
-    if not any(periodic):
-        return
-    run.metrics.raise_if_nonfinite()  # nothing is written from weights that diverged
-    sample, evaluate, save, push = periodic
     if sample:
         save_sample_grid(run)
     if evaluate:
         evaluate_and_keep_best(run)
-    if save or push:
+    if main and (save or push):
         save_pipeline(run.model_to_sample, run.noise_scheduler, run.folder.path)
-    if push:
+    if main and push:
         run.hub.push_in_background(step)  # uploads a snapshot; training does not wait
 
 
 def log_metrics(run: Run, progress=None) -> None:
-    run.metrics.raise_if_nonfinite()
+    run.metrics.raise_if_nonfinite(run.accelerator)
     values = run.metrics.summary(run)
     run.accelerator.log(values, step=run.step)
     if run.accelerator.is_main_process:
         run.folder.append_loss(run.step, values["loss"])
     if progress is not None:
-        progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{values['img_per_s']:.0f}")
+        terms = {name: f"{values[name]:.4f}" for name in ("l_simple", "l_vlb") if name in values}
+        progress.set_postfix(loss=f"{values['loss']:.4f}", **terms, lr=f"{values['lr']:.2e}", img_s=f"{values['img_per_s']:.0f}")
 
 
 def save_sample_grid(run: Run) -> None:
@@ -375,32 +469,42 @@ def save_sample_grid(run: Run) -> None:
     from .visualize import write_training_figures
 
     config = run.config
-    with run.accelerator.autocast():
-        grid = sample_grid(run.model_to_sample, run.noise_scheduler, config.num_sample_images, config.sample_steps, config.sample_seed, config.sample_scheduler)
+    with run.accelerator.autocast():  # every process samples its share; the main one gets the grid and writes it
+        grid = sample_grid(
+            run.model_to_sample, run.noise_scheduler, config.num_sample_images, config.sample_steps, config.sample_seed, config.sample_scheduler,
+            state=run.accelerator.state,
+        )  # fmt: skip
+    if grid is None:
+        return
     path = run.folder.sample_grid_path(run.step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     grid.save(path)
-    run.accelerator.get_tracker("tensorboard", unwrap=True).add_image("samples", np.asarray(grid), run.step, dataformats="HWC")
+    for tracker in run.accelerator.trackers:  # each tracker takes images its own way
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": np.asarray(grid)[None]}, step=run.step, dataformats="NHWC")
+        else:
+            tracker.log_images({"samples": [np.asarray(grid)]}, step=run.step)
     write_training_figures(run.folder.path)
 
 
 def evaluate_and_keep_best(run: Run) -> None:
-    """FID of the EMA model against the training images; the best pipeline so far goes to OUTPUT_DIR/best/
-    with its eval.json, in the schema `ddpm-hf evaluate` writes."""
+    """FID of the EMA model against the training images, by `evaluation.fid_result`, the code `ddpm-hf evaluate`
+    runs: every process samples its share and the Inception statistics are merged. The main process keeps the best
+    pipeline so far in OUTPUT_DIR/best/ with its eval.json."""
     from .evaluation import FIDEvaluator, fid_result
     from .sampling import make_sampler
 
-    config = run.config
+    config, accelerator = run.config, run.accelerator
+    batch_size = min(FID_BATCH_SIZE, math.ceil(config.eval_num_samples / accelerator.num_processes))  # every process gets a share
     if run.fid_evaluator is None:
-        run.fid_evaluator = FIDEvaluator(run.training_images, device=run.accelerator.device)
+        run.fid_evaluator = FIDEvaluator(run.training_images, device=accelerator.device, batch_size=batch_size, state=accelerator.state)
     sampler = make_sampler(run.noise_scheduler, config.sample_scheduler, config.sample_steps)
-    result = fid_result(
-        run.fid_evaluator, run.model_to_sample, sampler, config.eval_num_samples, seed=config.sample_seed, reference=f"{config.dataset} ({config.split})"
-    )
-    run.accelerator.log({"fid": result["fid"]}, step=run.step)
-    run.accelerator.print(f"step {run.step}: FID {result['fid']:.2f} ({config.eval_num_samples} samples, {sampler.describe()})")
+    reference = f"{config.dataset} ({config.split})"
+    result = fid_result(run.fid_evaluator, run.model_to_sample, sampler, config.eval_num_samples, config.sample_seed, batch_size, reference)
+    accelerator.log({"fid": result["fid"]}, step=run.step)
+    accelerator.print(f"step {run.step}: FID {result['fid']:.4f} ({config.eval_num_samples} samples, {sampler.describe()})")
     best_fid = run.folder.best.best_fid()
-    if best_fid is None or result["fid"] < best_fid:
+    if accelerator.is_main_process and (best_fid is None or result["fid"] < best_fid):
         save_pipeline(run.model_to_sample, run.noise_scheduler, run.folder.best.path)
         run.folder.best.write_eval(dict(result, step=run.step))
 
@@ -413,23 +517,24 @@ def evaluate_and_keep_best(run: Run) -> None:
 def finish(run: Run, stopped_by: str | None) -> None:
     """Save the EMA pipeline; when training is complete also the last grid, the last FID and the final push."""
     accelerator, config = run.accelerator, run.config
-    run.metrics.raise_if_nonfinite()
+    completed = run.step == config.max_train_steps
+    run.metrics.raise_if_nonfinite(accelerator)
     if accelerator.num_processes > 1:
         _check_replicas_identical(accelerator, accelerator.unwrap_model(run.unet))
     if accelerator.is_main_process:
         save_pipeline(run.model_to_sample, run.noise_scheduler, run.folder.path)
-        if run.step < config.max_train_steps:
+        if not completed:
             how = "--resume_from_checkpoint latest" if config.checkpoint_every else "(no checkpoint: --checkpoint_every is 0)"
             print(f"Stopped by {stopped_by} at step {run.step}; to continue, run the same command with {how}.")
-        else:
-            if config.sample_every:
-                save_sample_grid(run)
-            if config.eval_every:
-                evaluate_and_keep_best(run)
-            if run.hub is not None:
-                run.hub.push_final(run.step)
+    if completed and config.sample_every:
+        save_sample_grid(run)
+    if completed and config.eval_every:
+        evaluate_and_keep_best(run)
+    if completed and run.hub is not None:
+        run.hub.push_final(run.step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    leave_process_group()
 
 
 def agreed_stop(run: Run, stop: GracefulStop) -> str | None:
@@ -572,7 +677,7 @@ def load_checkpoint(accelerator, path: str, ema, lr_scheduler) -> int:
         state = json.load(f)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if ema is not None:
-        ema.model.load_state_dict(load_file(os.path.join(path, EMA_WEIGHTS_FILE), device=str(accelerator.device)))
+        ema.model.load_state_dict(load_file(os.path.join(path, EMA_WEIGHTS_FILE)))  # copied onto the model's device; "cpu:1" is no safetensors device
     return int(state["step"])
 
 

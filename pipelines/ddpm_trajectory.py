@@ -20,6 +20,11 @@ Compared with diffusers' `DDPMPipeline` it adds: any compatible scheduler (DDPM,
 `num_inference_steps`, caller-given initial noise `latents`, `eta` for DDIM, a per-step callback receiving the current
 sample and the predicted clean image, and an optional in-memory trajectory on the output. With the default
 `DDPMScheduler` and the same generator it produces exactly the same images as `DDPMPipeline`.
+
+Learned variances (Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", Sec. 3.1): a UNet with
+2 x C output channels gives the mean part (eps, x_0 or v) and then the variance's interpolation coefficient v (Eq. 15).
+`DDPMScheduler` reads both when its `variance_type` is "learned_range" (or "learned"); every other scheduler (DDIM,
+DPM-Solver++, ...) samples from the mean alone and is given only the first C channels.
 """
 
 import inspect
@@ -30,7 +35,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers import DDPMParallelScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -38,6 +43,11 @@ from diffusers.utils.torch_utils import randn_tensor
 logger = logging.get_logger(__name__)
 
 _OUTPUT_TYPES = ("pil", "np", "pt")
+
+# The schedulers whose `step` splits a 2 x C-channel model output into mean part and variance itself, when their config
+# says variance_type "learned" or "learned_range". Every other scheduler is given the first C channels.
+_VARIANCE_READING_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler)
+_LEARNED_VARIANCES = ("learned", "learned_range")
 
 
 @dataclass
@@ -70,7 +80,8 @@ class DDPMTrajectoryPipeline(DiffusionPipeline):
 
     Parameters:
         unet ([`UNet2DModel`]):
-            The denoising model, trained on images scaled to [-1, 1].
+            The denoising model, trained on images scaled to [-1, 1]. With a learned variance it outputs 2 x C
+            channels (mean part, then variance); schedulers that do not read the variance get the first C.
         scheduler ([`SchedulerMixin`]):
             Any scheduler whose `step` returns `prev_sample`, e.g. [`DDPMScheduler`] (ancestral sampling, the
             default when loading a DDPM checkpoint), [`DDIMScheduler`] or [`DPMSolverMultistepScheduler`]. To
@@ -104,16 +115,37 @@ class DDPMTrajectoryPipeline(DiffusionPipeline):
             logger.warning(f"`eta={eta}` is ignored: {self.scheduler.__class__.__name__}.step does not take `eta` (it is used by DDIMScheduler).")
         return kwargs
 
+    def _mean_channels(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The mean part of the model output: all of it for a C-channel model, the first C of a learned-variance
+        model's 2 x C (the rest is the variance's v, Nichol & Dhariwal 2021, Eq. 15)."""
+        channels = sample.shape[1]
+        if model_output.shape[1] == channels:
+            return model_output
+        if model_output.shape[1] != 2 * channels:
+            raise ValueError(
+                f"The UNet outputs {model_output.shape[1]} channels for a {channels}-channel sample: expected {channels} "
+                f"(a fixed variance) or {2 * channels} (mean part, then a learned variance)."
+            )
+        return model_output[:, :channels]
+
+    def _scheduler_input(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """What `scheduler.step` is given: the whole output when the scheduler reads a learned variance from it
+        (`DDPMScheduler` with variance_type "learned_range"), else only the mean channels (DDIM, DPM-Solver++, or a
+        DDPM scheduler set to a fixed variance)."""
+        reads_variance = isinstance(self.scheduler, _VARIANCE_READING_SCHEDULERS) and self.scheduler.config.get("variance_type") in _LEARNED_VARIANCES
+        if reads_variance and model_output.shape[1] == 2 * sample.shape[1]:
+            return model_output
+        return self._mean_channels(model_output, sample)
+
     def predict_x0(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
         """Predicted clean image from the model output at `timestep` for the noisy `sample`.
 
         Uses the scheduler's `alphas_cumprod` (written abar below) and `config.prediction_type`:
         `epsilon`: x0 = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t); `v_prediction`:
         x0 = sqrt(abar_t) * x_t - sqrt(1 - abar_t) * v; `sample`: x0 = model output. No clipping is applied.
+        A learned-variance model's 2 x C channels are [mean part, variance]: only the first C are used.
         """
-        if model_output.shape[1] != sample.shape[1]:
-            # learned-variance models output [mean-part, variance-part] along the channel axis
-            model_output = model_output[:, : sample.shape[1]]
+        model_output = self._mean_channels(model_output, sample)
         prediction_type = getattr(self.scheduler.config, "prediction_type", "epsilon")
         if prediction_type == "sample":
             return model_output
@@ -223,7 +255,7 @@ class DDPMTrajectoryPipeline(DiffusionPipeline):
             model_input = self.scheduler.scale_model_input(sample, t)
             model_output = self.unet(model_input, t).sample
 
-            step_output = self.scheduler.step(model_output, t, sample, **step_kwargs)
+            step_output = self.scheduler.step(self._scheduler_input(model_output, sample), t, sample, **step_kwargs)
             pred_x0 = getattr(step_output, "pred_original_sample", None)
             if pred_x0 is None:
                 pred_x0 = self.predict_x0(model_output, t, sample)
