@@ -52,7 +52,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from .arguments import existing_folder, is_hub_id, last_part, local_path_name
 from .errors import UserError
-from .run_folder import EVAL_FILE, SAMPLE_GRID_GLOB, TRAINING_CONFIG, RunFolder
+from .run_folder import EVAL_FILE, SAMPLE_GRID_GLOB, TRAINING_CONFIG, RunFolder, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -228,16 +228,6 @@ def _hub_datasets(dataset: str | None, run_dir: str | os.PathLike | None = None)
 # ---- model card -----------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict | None:
-    """A pipeline part's config (unet/config.json, scheduler/scheduler_config.json), or None."""
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def count_parameters(unet_dir: str | os.PathLike) -> int:
     """Parameters in the safetensors files of `unet_dir`, from their headers (no weights are read)."""
     total = 0
@@ -350,8 +340,8 @@ def build_model_card(
     output_dir = Path(output_dir)
     run_dir = Path(run_dir) if run_dir is not None else output_dir
     folder = RunFolder(output_dir)
-    unet = _read_json(output_dir / "unet" / "config.json") or {}
-    scheduler = _read_json(output_dir / "scheduler" / "scheduler_config.json") or {}
+    unet = read_json(output_dir / "unet" / "config.json") or {}
+    scheduler = read_json(output_dir / "scheduler" / "scheduler_config.json") or {}
     config = public_training_config(folder.read_training_config() or {}, run_dir)
     evaluation = public_eval(folder.read_eval(), run_dir)
     fid = evaluation if "fid" in evaluation else None

@@ -72,7 +72,7 @@ class RunFolder:
     # ---- training_config.json ----------------------------------------------------------------------
 
     def read_training_config(self) -> dict[str, Any] | None:
-        return _read_json(self.file(TRAINING_CONFIG))
+        return read_json(self.file(TRAINING_CONFIG))
 
     def write_training_config(self, values: dict[str, Any]) -> None:
         _write_json_atomically(self.file(TRAINING_CONFIG), values, sort_keys=True)
@@ -81,7 +81,7 @@ class RunFolder:
 
     def read_eval(self) -> dict[str, Any]:
         """eval.json, or {} when there is none (or it is damaged)."""
-        return _read_json(self.file(EVAL_FILE)) or {}
+        return read_json(self.file(EVAL_FILE)) or {}
 
     def write_eval(self, result: dict[str, Any], section: str | None = None) -> str:
         """Write one part of eval.json and keep the others: `section` None is a FID result (top level),
@@ -184,7 +184,8 @@ class RunFolder:
                 os.remove(self.file(name))
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
+def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None when it is missing, damaged or not an object."""
     try:
         with open(path) as f:
             value = json.load(f)
