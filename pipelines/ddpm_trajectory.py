@@ -86,7 +86,11 @@ class DDPMTrajectoryPipeline(DiffusionPipeline):
             Any scheduler whose `step` returns `prev_sample`, e.g. [`DDPMScheduler`] (ancestral sampling, the
             default when loading a DDPM checkpoint), [`DDIMScheduler`] or [`DPMSolverMultistepScheduler`]. To
             switch, build the new one from the current config:
-            `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.
+            `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`. This is how ddpm-hf's own commands
+            choose (`ddpm_hf.sampling.make_sampler`): "ddpm" with all T steps, "ddim" (eta = 0) with fewer unless asked
+            otherwise, "dpmsolver" for DPM-Solver++(2M). Avoid `DDPMScheduler` with `timestep_spacing="trailing"` and
+            fewer than T steps: its last step is above t = 0, where it still adds noise (fixed_large), and the image
+            stays noisy; use "leading" or "linspace", or DDIM.
     """
 
     model_cpu_offload_seq = "unet"
