@@ -146,7 +146,7 @@ def generate_images(
                 for t in scheduler.timesteps:
                     with autocast:
                         model_output = unet(scheduler.scale_model_input(x, t), t).sample.to(dtype)
-                    if sampler.name == "ddim" and model_output.shape[1] == 2 * channels:  # DDIM has no learned variance: mean part only
+                    if sampler.name != "ddpm" and model_output.shape[1] == 2 * channels:  # only DDPM reads a learned variance: mean part
                         model_output = model_output[:, :channels]
                     x = scheduler.step(model_output, t, x, generator=generators, **step_arguments).prev_sample
                 yield indices, ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
@@ -211,6 +211,11 @@ def load_pipeline(model: str, scheduler: str = "ddpm", device: str | None = None
         raise UserError(f"--model {model}: could not load a pipeline ({str(e).splitlines()[0]}). Give a training OUTPUT_DIR or a Hub id.") from None
     if scheduler != "ddpm" or steps is not None:
         chosen = make_sampler(pipeline.scheduler, scheduler, steps)
+        if chosen.name != "ddpm" and pipeline.unet.config.out_channels == 2 * pipeline.unet.config.in_channels:
+            raise UserError(
+                f"the stock pipelines cannot run {chosen.name} on a learned-variance model (its UNet has 2C output channels). "
+                "Use `ddpm-hf sample --scheduler ...` or the uploaded custom pipeline ddpm_trajectory.py."
+            )
         pipeline_class = DDIMPipeline if chosen.name == "ddim" else DDPMPipeline
         pipeline = pipeline_class(unet=pipeline.unet, scheduler=chosen.scheduler)
     if device is None:

@@ -134,3 +134,15 @@ def test_sample_out_that_cannot_be_created_is_a_one_line_error_before_any_work(t
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: argument --out") and "cannot be created" in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_every_sampler_runs_a_learned_variance_model(prediction_type, one_thread):
+    """DDPM reads the 2C channels itself; DDIM and DPM-Solver get the mean part (diffusers' DPM-Solver would cut
+    only epsilon outputs, and to 3 channels)."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(**{**MICRO_UNET, "out_channels": 6}, sample_size=8)
+    trained = DDPMScheduler(num_train_timesteps=50, variance_type="learned_range", prediction_type=prediction_type)
+    for name in ("ddpm", "ddim", "dpmsolver"):
+        ((_, images),) = list(generate_images(unet, make_sampler(trained, name, 3), 2, seed=1, batch_size=2))
+        assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8, name
