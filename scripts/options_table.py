@@ -52,7 +52,8 @@ if __name__ == "__main__":
     if "--write" in sys.argv:
         with open(README) as f:
             text = f.read()
+        new_text = readme_with_table(text)  # built before the file is opened for writing: a failure leaves README intact
         with open(README, "w") as f:
-            f.write(readme_with_table(text))
+            f.write(new_text)
     else:
         print(table())
