@@ -41,6 +41,16 @@ def process_state(device: str | None = None, timeout_s: float | None = None):
     return state
 
 
+def process_device(device: str | None, state) -> torch.device:
+    """The device this process works on: --device as given with one process; with several, each its own
+    (state.device, e.g. cuda:<local rank>) unless --device cpu; without --device, CUDA when there is one."""
+    if state is None or state.num_processes == 1 or device == "cpu":
+        if device:
+            return torch.device(device)
+        return state.device if state is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return state.device
+
+
 def leave_process_group() -> None:
     """End of a multi-process command: every process leaves the group together. Left to the interpreter's exit,
     a gloo group's destructor can wait forever on a peer that has already gone."""

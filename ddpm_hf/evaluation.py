@@ -23,7 +23,7 @@ import torch
 
 from .arguments import bounded, local_path_or_hub_id, output_file, output_folder
 from .arguments import device as device_type
-from .distributed import DEFAULT_TIMEOUT_S, leave_process_group
+from .distributed import DEFAULT_TIMEOUT_S, leave_process_group, process_device
 from .errors import UserError
 from .fid import (
     ALIAS_RESOLUTIONS,
@@ -35,7 +35,6 @@ from .fid import (
     InceptionFeatures,
     RunningStatistics,
     compute_statistics,
-    default_device,
     fid_from_statistics,
     kernel_inception_distance,
     load_dataset_images,
@@ -175,13 +174,6 @@ def load_model(model: str, device: str | None = None, revision: str | None = Non
     with state.main_process_first() if state is not None else contextlib.nullcontext():
         pipeline = load_pipeline(model, device=device, revision=revision)
     return pipeline.unet.eval(), pipeline.scheduler
-
-
-def process_device(device: str | None, state) -> torch.device:
-    """The device this process works on: --device cpu, else its own GPU (state.device), else the default."""
-    if device == "cpu" or state is None:
-        return torch.device(device) if device is not None else default_device()
-    return state.device if state.device.type != "cpu" or device is None else torch.device(device)
 
 
 def default_output_dir(model: str) -> str:

@@ -230,11 +230,11 @@ def run_sample(args) -> None:
 
     from diffusers.utils import make_image_grid
 
-    from .distributed import process_state
+    from .distributed import process_device, process_state
 
     started = time.time()
     state = process_state(args.device, args.ddp_timeout)
-    device = str(state.device) if args.device in (None, "cuda") else args.device  # each process its own GPU
+    device = str(process_device(args.device, state))
     with state.main_process_first():  # a Hub download happens once
         pipeline = load_pipeline(args.model, device=device, revision=args.revision)
     sampler = make_sampler(pipeline.scheduler, args.scheduler, args.steps)
