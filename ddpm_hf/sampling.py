@@ -23,6 +23,7 @@ from .arguments import bounded, is_hub_id, local_path_or_hub_id, output_file
 from .arguments import device as device_type
 from .distributed import DEFAULT_TIMEOUT_S, leave_process_group
 from .errors import UserError
+from .run_folder import RunFolder
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 SAMPLER_CHOICES = ("auto", *SAMPLERS)
@@ -201,7 +202,7 @@ def load_pipeline(model: str, scheduler: str = "ddpm", device: str | None = None
 
     if scheduler not in SAMPLER_CHOICES:
         raise UserError(f"--scheduler {scheduler}: unknown sampler. Choose one of: {', '.join(SAMPLER_CHOICES)}.")
-    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
+    if os.path.isdir(model) and not RunFolder(model).has_pipeline():
         raise UserError(f"--model {model} is a folder but not a saved pipeline (no model_index.json). Point it at a training OUTPUT_DIR.")
     if not os.path.isdir(model) and not is_hub_id(model):
         raise UserError(f"--model {model}: no such folder. Give a training OUTPUT_DIR or a Hub id like user/name.")
