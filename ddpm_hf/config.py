@@ -104,6 +104,19 @@ class TrainingConfig:
     random_flip: bool = option("Random horizontal flips (the paper uses them for CIFAR-10).", default=True)
     max_train_samples: int | None = option("Use only the first N images (for quick experiments).", default=None, ge=1)
     on_corrupt_image: Literal["error", "skip"] = option("An image that cannot be decoded: stop naming its row, or skip it and count.", default="error")
+    class_conditional: bool = option(
+        "Train a class-conditional model with classifier-free guidance (Ho & Salimans 2022) on the dataset's labels: the UNet gets "
+        "num_class_embeds = classes + 1, the last being the null label; class names are saved with the pipeline.",
+        default=False,
+    )
+    label_column: str | None = option("Column holding the class labels (default: 'label', or the only ClassLabel column).", default=None)
+    label_dropout: float = option(
+        "With --class_conditional: the probability p_uncond that a training label is replaced by the null label, which teaches the "
+        "unconditional model that guidance needs (Ho & Salimans 2022: 0.1 to 0.2).",
+        default=0.1,
+        ge=0,
+        lt=1,
+    )
 
     # ---- model and noise schedule ---------------------------------------------------------------
     model: str = option(
@@ -476,6 +489,9 @@ def validate(config: TrainingConfig) -> None:
     if not config.beta_start < config.beta_end:
         raise UserError(f"need 0 < --beta_start < --beta_end < 1, got {config.beta_start} and {config.beta_end}.")
     _check_objective(config)
+    if not config.class_conditional and (config.label_column is not None or config.label_dropout != TrainingConfig.label_dropout):
+        given = "--label_column" if config.label_column is not None else "--label_dropout"
+        raise UserError(f"{given} only applies to class-conditional training: add --class_conditional, or drop {given}.")
     if config.sample_steps > config.num_train_timesteps:
         raise UserError(f"--sample_steps {config.sample_steps} exceeds --num_train_timesteps {config.num_train_timesteps}.")
     if config.report_to in ("wandb", "all") and config.hub_token is not None:

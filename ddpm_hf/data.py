@@ -19,7 +19,7 @@ import re
 import shutil
 import socket
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 import numpy as np
@@ -195,6 +195,83 @@ def _what_column_holds(dataset, column: str) -> str | None:
     except (OSError, ValueError, TypeError):  # UnidentifiedImageError is an OSError
         return "bytes that are not an image"
     return None
+
+
+@dataclass
+class ClassLabels:
+    """The class of every training image (ids 0 .. K-1, row-aligned with the decoded images) and the classes' names."""
+
+    ids: torch.Tensor  # int64, one per decoded image
+    names: list[str] | None  # names[k] names class k; None for a column of bare integers
+    num_classes: int  # K
+    column: str
+
+    def without_rows(self, rows: list[int]) -> ClassLabels:
+        """These labels without `rows` (the rows decode_images skipped)."""
+        if not rows:
+            return self
+        keep = torch.ones(len(self.ids), dtype=torch.bool)
+        keep[torch.tensor(rows, dtype=torch.long)] = False
+        return replace(self, ids=self.ids[keep])
+
+
+def find_label_column(dataset, override: str | None = None) -> str:
+    """`--label_column`, else `label` (CIFAR-10, image folders), else the only ClassLabel column."""
+    import datasets
+
+    columns = list(dataset.column_names)
+    class_labels = [c for c, feature in dataset.features.items() if isinstance(feature, datasets.ClassLabel)]
+    if override is not None:
+        if override not in columns:
+            raise UserError(f"--label_column {override}: no such column; the dataset has: {', '.join(columns)}.")
+        return override
+    if "label" in columns:
+        return "label"
+    if len(class_labels) == 1:
+        return class_labels[0]
+    found = f"several ClassLabel columns ({', '.join(class_labels)})" if class_labels else "no label column"
+    raise UserError(
+        f"--class_conditional needs a column of class labels, but found {found}; the dataset has: {', '.join(columns)}. "
+        "Pass --label_column NAME, or train without --class_conditional."
+    )
+
+
+def read_class_labels(dataset, column: str) -> ClassLabels:
+    """The label of every row of `column` (`ClassLabels.without_rows` drops the rows decode_images skipped).
+
+    A ClassLabel column gives ids and names; a column of integers gives ids 0 .. max (no names); a column of strings
+    gives one class per distinct string, in sorted order. A missing label (None, or -1 in a ClassLabel) or a negative
+    or out-of-range id is refused with its row."""
+    import datasets
+
+    feature = dataset.features[column]
+    values = dataset.select_columns([column])[column]
+    names = None
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    elif isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        names = sorted({v for v in values if v is not None})
+        lookup = {name: i for i, name in enumerate(names)}
+        values = [lookup.get(v) if v is not None else None for v in values]
+    elif not (isinstance(feature, datasets.Value) and (feature.dtype.startswith("int") or feature.dtype.startswith("uint"))):
+        kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+        raise UserError(
+            f"--label_column {column}: column {column!r} holds {kind} values, not class labels (integers, strings or a ClassLabel). Pass --label_column NAME."
+        )
+    bad = next(((row, v) for row, v in enumerate(values) if v is None or v < 0 or (names is not None and v >= len(names))), None)
+    if bad is not None:
+        row, value = bad
+        what = (
+            "no label"
+            if value is None or value == -1
+            else f"label {value}, out of range" + (f" (the {len(names)} classes are ids 0..{len(names) - 1})" if names else "")
+        )
+        raise UserError(f"row {row} of the dataset has {what} in column {column!r}. Fix or drop such rows, or pass --label_column NAME.")
+    ids = torch.tensor(list(values), dtype=torch.long)
+    count = len(names) if names is not None else int(ids.max()) + 1 if len(ids) else 0
+    if count < 2:
+        raise UserError(f"--label_column {column}: the labels name {count} class{'es' if count != 1 else ''}; a class-conditional model needs at least 2.")
+    return ClassLabels(ids=ids, names=names, num_classes=count, column=column)
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -547,8 +624,11 @@ class ImageBatches:
     read disjoint slices of the same global batch.
     """
 
-    def __init__(self, images: torch.Tensor, seed: int, random_flip: bool, device: torch.device, keep_on_host: bool = False):
+    def __init__(
+        self, images: torch.Tensor, seed: int, random_flip: bool, device: torch.device, keep_on_host: bool = False, labels: torch.Tensor | None = None
+    ):
         self.num_images = n = images.shape[0]
+        self.labels = labels.to(device) if labels is not None else None  # class ids, row-aligned with the images
         self._with_flips = None
         if random_flip and not keep_on_host and images.numel() <= 4e9:
             # Both orientations side by side: a flipped image is then just another row to gather, which is
@@ -582,6 +662,10 @@ class ImageBatches:
             hi = min(start + size, (epoch + 1) * self.num_images) - epoch * self.num_images
             parts.append(self._order(epoch)[lo:hi])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def batch_labels(self, start: int, size: int) -> torch.Tensor:
+        """The class ids of the images `batch(start, size)` returns (flips keep the class)."""
+        return self.labels.index_select(0, self.indices(start, size).to(self.labels.device))
 
     def batch(self, start: int, size: int) -> torch.Tensor:
         """Float images in [-1, 1], size x 3 x R x R, on the device; flips drawn from the global RNG."""

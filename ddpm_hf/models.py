@@ -76,13 +76,19 @@ UNET_ARCHITECTURES: dict[str, dict[str, Any]] = {"ddpm-cifar10": DDPM_CIFAR10_UN
 
 
 def unet_arguments(
-    model: str, resolution: int, model_config: str | None = None, dropout: float | None = None, variance_type: str | None = None
+    model: str,
+    resolution: int,
+    model_config: str | None = None,
+    dropout: float | None = None,
+    variance_type: str | None = None,
+    num_class_embeds: int | None = None,
 ) -> dict[str, Any]:
     """The `UNet2DModel(**arguments)` of an architecture name or a JSON file, checked against `resolution`.
 
     With `variance_type` given, the output channels follow it: a named architecture gets C of them for a fixed
     variance and 2 C for a learned one (the mean part, then v: Nichol & Dhariwal 2021, Sec. 3.1); a JSON file must
-    already say so. None keeps the architecture's own."""
+    already say so. None keeps the architecture's own. `num_class_embeds` (K + 1 for K classes and the null label)
+    adds diffusers' class embedding, added to the timestep embedding, for class-conditional training."""
     if model_config is not None:
         if not os.path.isfile(model_config):
             raise UserError(f"--model_config {model_config}: no such file. Give a JSON file of UNet2DModel arguments.")
@@ -106,6 +112,14 @@ def unet_arguments(
                 f"--model_config {model_config} has out_channels {arguments.get('out_channels', 3)}, but --variance_type {variance_type} needs {expected} "
                 f"({in_channels} for a fixed variance, {2 * in_channels} for learned_range: mean, then v). Fix out_channels or --variance_type."
             )
+    if num_class_embeds is not None:
+        if arguments.get("num_class_embeds") not in (None, num_class_embeds) or arguments.get("class_embed_type") is not None:
+            raise UserError(
+                f"--model_config {model_config} sets its own class embedding (num_class_embeds {arguments.get('num_class_embeds')}, "
+                f"class_embed_type {arguments.get('class_embed_type')}); --class_conditional needs num_class_embeds {num_class_embeds} "
+                "(the dataset's classes + 1) and no class_embed_type. Remove them from the file."
+            )
+        arguments["num_class_embeds"] = num_class_embeds
     arguments["sample_size"] = resolution
     if dropout is not None:
         arguments["dropout"] = dropout
@@ -122,9 +136,16 @@ def check_resolution(resolution: int, num_levels: int) -> None:
         raise UserError(f"--resolution {resolution} does not divide by {factor} (the UNet has {num_levels} levels). Use {suggestion}.")
 
 
-def build_unet(model: str, resolution: int, model_config: str | None = None, dropout: float | None = None, variance_type: str | None = None) -> UNet2DModel:
+def build_unet(
+    model: str,
+    resolution: int,
+    model_config: str | None = None,
+    dropout: float | None = None,
+    variance_type: str | None = None,
+    num_class_embeds: int | None = None,
+) -> UNet2DModel:
     """A new UNet (`unet_arguments`). For a learned variance its v channels start at 0 (`zero_variance_output`)."""
-    unet = UNet2DModel(**unet_arguments(model, resolution, model_config, dropout, variance_type))
+    unet = UNet2DModel(**unet_arguments(model, resolution, model_config, dropout, variance_type, num_class_embeds))
     if variance_type in LEARNED_VARIANCES:
         zero_variance_output(unet)
     return unet

@@ -4,6 +4,7 @@ Training writes a run folder; sampling, evaluation, pictures and the Hub read it
 `RunFolder`, so a file name or the schema of eval.json is decided here and nowhere else:
 
     model_index.json, unet/, scheduler/   the EMA pipeline: DDPMPipeline.from_pretrained(OUTPUT_DIR)
+    ddpm_class_conditional.py             class-conditional runs: the pipeline model_index.json names (see conditioning.py)
     training_config.json                  the resolved configuration (never the token)
     eval.json                             the latest FID at the top level, "nll" and "sweep" sections
     loss_history.jsonl                    one {"step", "loss"} line per logging interval
@@ -24,7 +25,8 @@ import re
 import shutil
 from typing import Any
 
-PIPELINE_PARTS = ("model_index.json", "unet", "scheduler")
+# The saved pipeline; a class-conditional one also holds the custom pipeline file its model_index.json names.
+PIPELINE_PARTS = ("model_index.json", "unet", "scheduler", "ddpm_class_conditional.py")
 TRAINING_CONFIG = "training_config.json"
 EVAL_FILE = "eval.json"
 LOSS_HISTORY = "loss_history.jsonl"

@@ -14,12 +14,22 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .arguments import bounded, is_hub_id, local_path_or_hub_id, output_file
+from .conditioning import (
+    balanced_labels,
+    check_guidance,
+    class_ids,
+    class_names_of,
+    guided_model_output,
+    is_conditional_index,
+    labels_in_blocks,
+    num_classes,
+)
 from .arguments import device as device_type
 from .distributed import DEFAULT_TIMEOUT_S, leave_process_group
 from .errors import UserError
@@ -107,6 +117,8 @@ def generate_images(
     desc: str = "Sampling",
     state=None,
     autocast_dtype: torch.dtype | None = None,
+    class_labels: Sequence[int] | None = None,
+    guidance_scale: float = 1.0,
 ) -> Iterator[tuple[range | None, torch.Tensor | None]]:
     """The reverse chain of `sampler`, for this process's share of images 0 .. num_images - 1.
 
@@ -116,6 +128,10 @@ def generate_images(
     noise come from its own generator, whatever the batch size, the process count or the process that makes it.
     `state` is an Accelerate PartialState (None: one process); `autocast_dtype` e.g. torch.bfloat16 runs the UNet
     under autocast, the scheduler in float32. `unet` is put in eval mode meanwhile.
+
+    A class-conditional UNet makes image i of class `class_labels[i]` (default: every class equally often,
+    `conditioning.balanced_labels`) with classifier-free guidance scale `guidance_scale` (conditioning.py: one
+    forward pass of 2B images per step when it is not 1).
     """
     from tqdm.auto import tqdm
 
@@ -124,6 +140,13 @@ def generate_images(
     if num_images < 1 or batch_size < 1:
         raise UserError(f"the number of images ({num_images}) and --batch_size ({batch_size}) must be positive.")
     process_index, num_processes = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    classes = num_classes(unet)
+    if classes is None and (class_labels is not None or guidance_scale != 1.0):
+        raise UserError("class labels and guidance need a class-conditional model, but this one is unconditional.")
+    if classes is not None and class_labels is None:
+        class_labels = balanced_labels(classes, num_images)
+    if class_labels is not None and len(class_labels) != num_images:
+        raise ValueError(f"class_labels holds {len(class_labels)} labels for {num_images} images: give one per image.")
     parameter = next(unet.parameters())
     device, dtype = parameter.device, parameter.dtype
     size = unet.config.sample_size
@@ -144,9 +167,12 @@ def generate_images(
                 scheduler.set_timesteps(sampler.steps, device=device)  # also resets multistep solvers
                 x = torch.cat([torch.randn((1, channels, height, width), generator=g) for g in generators]).to(device, dtype)
                 x = x * scheduler.init_noise_sigma
+                labels = torch.tensor([class_labels[i] for i in indices], device=device) if class_labels is not None else None
                 for t in scheduler.timesteps:
                     with autocast:
-                        model_output = unet(scheduler.scale_model_input(x, t), t).sample.to(dtype)
+                        x_in = scheduler.scale_model_input(x, t)
+                        model_output = unet(x_in, t).sample if labels is None else guided_model_output(unet, x_in, t, labels, guidance_scale)
+                        model_output = model_output.to(dtype)
                     if sampler.name != "ddpm" and model_output.shape[1] == 2 * channels:  # only DDPM reads a learned variance: mean part
                         model_output = model_output[:, :channels]
                     x = scheduler.step(model_output, t, x, generator=generators, **step_arguments).prev_sample
@@ -179,13 +205,19 @@ def gather_images(unet, sampler: Sampler, num_images: int, seed: int, batch_size
 
 
 def sample_grid(unet, scheduler, num_images: int, steps: int, seed: int, sampler: str = "auto", batch_size: int | None = None, state=None):
-    """A PIL grid of `num_images` samples from `unet` with a fixed seed (the training grids), on the main process."""
+    """A PIL grid of `num_images` samples from `unet` with a fixed seed (the training grids), on the main process.
+    A class-conditional UNet gets one row per class, class 0 at the top, of num_images // K images (at least one)."""
     from diffusers.utils import make_image_grid
 
     chosen = make_sampler(scheduler, sampler, steps)
+    classes, labels = num_classes(unet), None
+    shape = grid_shape(num_images)
+    if classes is not None:
+        per_class = max(1, num_images // classes)
+        labels, num_images, shape = [k for k in range(classes) for _ in range(per_class)], classes * per_class, (classes, per_class)
     processes = state.num_processes if state is not None else 1
-    images = gather_images(unet, chosen, num_images, seed, batch_size or math.ceil(num_images / processes), state=state)
-    return None if images is None else make_image_grid(to_pil(images), *grid_shape(num_images))
+    images = gather_images(unet, chosen, num_images, seed, batch_size or math.ceil(num_images / processes), state=state, class_labels=labels)
+    return None if images is None else make_image_grid(to_pil(images), *shape)
 
 
 def grid_shape(num_images: int) -> tuple[int, int]:
@@ -207,7 +239,15 @@ def load_pipeline(model: str, scheduler: str = "ddpm", device: str | None = None
     if not os.path.isdir(model) and not is_hub_id(model):
         raise UserError(f"--model {model}: no such folder. Give a training OUTPUT_DIR or a Hub id like user/name.")
     try:
-        pipeline = DDPMPipeline.from_pretrained(model, revision=revision, use_safetensors=True)
+        index = DDPMPipeline.load_config(model, revision=revision)
+        if is_conditional_index(index):
+            # Its model_index.json names the custom pipeline file; here only its parts are needed, no code from the repo.
+            from diffusers import DDPMScheduler, UNet2DModel
+
+            unet = UNet2DModel.from_pretrained(model, subfolder="unet", revision=revision, use_safetensors=True)
+            pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision))
+        else:
+            pipeline = DDPMPipeline.from_pretrained(model, revision=revision, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise UserError(f"--model {model}: could not load a pipeline ({str(e).splitlines()[0]}). Give a training OUTPUT_DIR or a Hub id.") from None
     if scheduler != "ddpm" or steps is not None:
@@ -229,6 +269,7 @@ def run_sample(args) -> None:
     process writes the grid (and the single images)."""
     import time
 
+    from diffusers import DDPMPipeline
     from diffusers.utils import make_image_grid
 
     from .distributed import process_device, process_state
@@ -239,21 +280,37 @@ def run_sample(args) -> None:
     with state.main_process_first():  # a Hub download happens once
         pipeline = load_pipeline(args.model, device=device, revision=args.revision)
     sampler = make_sampler(pipeline.scheduler, args.scheduler, args.steps)
+    guidance_scale = check_guidance(pipeline.unet, args.guidance_scale, args.class_labels)
+    labels, shape, chosen_classes = None, grid_shape(args.num_images), ""
+    classes = num_classes(pipeline.unet)
+    if classes is not None:  # the classes share the images in blocks, one row per class when they divide evenly
+        names = class_names_of(DDPMPipeline.load_config(args.model, revision=args.revision))
+        ids = class_ids(args.class_labels.split(",") if args.class_labels else range(classes), classes, names)
+        labels = labels_in_blocks(ids, args.num_images)
+        if args.num_images % len(ids) == 0:
+            shape = (len(ids), args.num_images // len(ids))
+        shown = [names[i] if names else str(i) for i in dict.fromkeys(ids)]
+        chosen_classes = f", classes {','.join(shown)}, guidance scale {guidance_scale:g}"
     unet = torch.compile(pipeline.unet) if args.compile else pipeline.unet
     batch_size = args.batch_size or math.ceil(args.num_images / state.num_processes)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
-    images = gather_images(unet, sampler, args.num_images, args.seed, batch_size, state=state, autocast_dtype=autocast_dtype, progress=True)
+    images = gather_images(
+        unet, sampler, args.num_images, args.seed, batch_size, state=state, autocast_dtype=autocast_dtype, progress=True,
+        class_labels=labels, guidance_scale=guidance_scale,
+    )  # fmt: skip
     if state.is_main_process:
         pictures = to_pil(images)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        make_image_grid(pictures, *grid_shape(args.num_images)).save(args.out)
+        make_image_grid(pictures, *shape).save(args.out)
         if args.save_individual:
             stem = os.path.splitext(args.out)[0]
             os.makedirs(stem, exist_ok=True)
             for i, picture in enumerate(pictures):
                 picture.save(os.path.join(stem, f"{i:05d}.png"))
         processes = f"{state.num_processes} process{'es' if state.num_processes > 1 else ''}"
-        print(f"wrote {args.out} ({args.num_images} images, {sampler.describe()}, seed {args.seed}, {processes}, {time.time() - started:.0f} s)")
+        print(
+            f"wrote {args.out} ({args.num_images} images{chosen_classes}, {sampler.describe()}, seed {args.seed}, {processes}, {time.time() - started:.0f} s)"
+        )
     leave_process_group()
 
 
@@ -271,6 +328,19 @@ def add_cli(subparsers) -> None:
         help="ddpm (the paper's ancestral sampler), ddim, dpmsolver (DPM-Solver++ 2M), or auto (ddpm with T steps, else ddim).",
     )
     parser.add_argument("--seed", type=bounded(int, ge=0), default=0)
+    parser.add_argument(
+        "--class_labels",
+        default=None,
+        help="Class-conditional models: comma-separated class names or ids, e.g. cat,dog or 3,5; they share --num_images in order, "
+        "one row each (default: every class).",
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        type=bounded(float, ge=0),
+        default=None,
+        help="Class-conditional models: classifier-free guidance scale s = 1 + w (Ho & Salimans' w): 1 is plain conditional sampling "
+        "(the default), 0 unconditional, larger values follow the class more closely.",
+    )
     parser.add_argument("--batch_size", type=bounded(int, ge=1), default=None, help="Images per forward pass (default: all at once).")
     parser.add_argument("--out", type=output_file, default="samples.png", help="Where to write the grid (PNG).")
     parser.add_argument("--save_individual", action="store_true", help="Also write each image into a folder named after --out.")

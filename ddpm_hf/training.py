@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .conditioning import ClassConditioned, drop_labels
 from .config import TrainingConfig, non_resumable_changes
 from .distributed import leave_process_group
 from .errors import UserError
@@ -81,6 +82,11 @@ class Run:
     metrics: Metrics = field(default_factory=lambda: Metrics())
     fid_evaluator: Any = None  # built at the first evaluation
     num_parameters: int = 0
+    class_labels: Any = None  # data.ClassLabels of a --class_conditional run
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.class_labels.names if self.class_labels is not None else None
 
     @property
     def model_to_sample(self) -> torch.nn.Module:
@@ -110,10 +116,15 @@ def prepare_run(config: TrainingConfig) -> Run:
     check_output_dir(config, folder, resuming=resume_path is not None)
     hub = _check_hub(config, accelerator) if config.push_to_hub else None  # a bad token fails now, not after hours
 
-    # The model and the noise schedule, before the data: a resolution the UNet cannot take fails before decoding.
+    # The dataset and its labels, then the model and the noise schedule: a resolution the UNet cannot take fails before decoding.
+    with accelerator.main_process_first():
+        dataset = data.load_image_dataset(config.dataset, config.split, config.dataset_config)
+        if config.max_train_samples is not None:
+            dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
+    class_labels = data.read_class_labels(dataset, data.find_label_column(dataset, config.label_column)) if config.class_conditional else None
     noise_scheduler = build_scheduler(config)
     set_seed(config.seed)  # the same initial weights on every process and every run with this seed
-    unet = _initial_unet(config)
+    unet = _initial_unet(config, class_labels.num_classes if class_labels is not None else None)
     use_channels_last = _use_feature(config.channels_last, device)
     if use_channels_last:
         unet = unet.to(memory_format=torch.channels_last)
@@ -122,14 +133,19 @@ def prepare_run(config: TrainingConfig) -> Run:
     loss_fn = build_loss(config, noise_scheduler, unet, device)
 
     # Data: decoded once, batches built on the device.
-    with accelerator.main_process_first():
-        dataset = data.load_image_dataset(config.dataset, config.split, config.dataset_config)
-        if config.max_train_samples is not None:
-            dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
     decoded = data.decode_images(
         dataset, config.resolution, config.image_column, config.on_corrupt_image, config.max_in_memory_gb, progress=accelerator.is_local_main_process
     )
-    batches = data.ImageBatches(decoded.images, config.seed, config.random_flip, device, keep_on_host=decoded.memory_mapped)
+    if class_labels is not None:
+        class_labels = class_labels.without_rows(decoded.skipped_rows)  # as the images: undecodable rows dropped
+    batches = data.ImageBatches(
+        decoded.images,
+        config.seed,
+        config.random_flip,
+        device,
+        keep_on_host=decoded.memory_mapped,
+        labels=class_labels.ids if class_labels is not None else None,
+    )
     config = epochs_to_steps(config, len(decoded.images), accelerator)
 
     # Only now is anything written.
@@ -168,6 +184,7 @@ def prepare_run(config: TrainingConfig) -> Run:
         channels_last=use_channels_last,
         hub=hub,
         num_parameters=count_parameters(unet),
+        class_labels=class_labels,
     )
     if resume_path is not None:
         run.step = load_checkpoint(accelerator, resume_path, ema, lr_scheduler)
@@ -227,14 +244,22 @@ def epochs_to_steps(config: TrainingConfig, num_images: int, accelerator) -> Tra
     return dataclasses.replace(config, **changes) if changes else config
 
 
-def _initial_unet(config: TrainingConfig):
-    """A new UNet of the configured architecture, or the weights of --init_from."""
+def _initial_unet(config: TrainingConfig, num_classes: int | None = None):
+    """A new UNet of the configured architecture, or the weights of --init_from; with K classes it embeds K + 1
+    labels, the last one the null label of classifier-free guidance."""
     from .models import build_unet, check_resolution
 
+    num_class_embeds = num_classes + 1 if num_classes is not None else None
     if config.init_from is None:
-        return build_unet(config.model, config.resolution, config.model_config, config.dropout, config.variance_type)
+        return build_unet(config.model, config.resolution, config.model_config, config.dropout, config.variance_type, num_class_embeds)
     unet = _load_unet(config.init_from)
     check_resolution(config.resolution, len(unet.config.block_out_channels))
+    if unet.config.num_class_embeds != num_class_embeds:
+        has = f"{unet.config.num_class_embeds - 1} classes" if unet.config.num_class_embeds else "no classes (unconditional)"
+        wants = f"{num_classes} classes (--class_conditional)" if num_classes is not None else "an unconditional model (no --class_conditional)"
+        raise UserError(
+            f"--init_from {config.init_from} is a model of {has}, but this run trains {wants}. Start from a model of the same kind, or without --init_from."
+        )
     return unet
 
 
@@ -321,7 +346,7 @@ def _use_feature(choice: str, device: torch.device) -> bool:
 
 
 def train_step(run: Run) -> None:
-    """One optimizer step: `gradient_accumulation_steps` micro-batches of L_simple, then the LR schedule and the EMA."""
+    """One optimizer step: `gradient_accumulation_steps` micro-batches of the loss, then the LR schedule and the EMA."""
     config, accelerator = run.config, run.accelerator
     for micro_step in range(config.gradient_accumulation_steps):
         torch.manual_seed(_step_seed(config.seed, run.step, micro_step, accelerator.process_index))
@@ -329,9 +354,13 @@ def train_step(run: Run) -> None:
         x_0 = run.batches.batch(start, run.micro_batch)
         if run.channels_last:
             x_0 = x_0.contiguous(memory_format=torch.channels_last)
+        network = run.unet
+        if run.class_labels is not None:  # labels dropped to the null id with probability --label_dropout
+            labels = drop_labels(run.batches.batch_labels(start, run.micro_batch), config.label_dropout, run.class_labels.num_classes)
+            network = ClassConditioned(run.unet, labels)
         with accelerator.accumulate(run.unet):
             with accelerator.autocast():
-                loss = run.loss_fn(run.unet, x_0)
+                loss = run.loss_fn(network, x_0)
             if config.skip_nonfinite_loss and not bool(torch.isfinite(loss)):  # a host sync, only with this flag
                 run.metrics.skipped_steps += 1
                 run.optimizer.zero_grad(set_to_none=True)
@@ -445,7 +474,7 @@ def upkeep(run: Run, stopping: bool, progress=None) -> None:
     if evaluate:
         evaluate_and_keep_best(run)
     if main and (save or push):
-        save_pipeline(run.model_to_sample, run.noise_scheduler, run.folder.path)
+        save_pipeline(run.model_to_sample, run.noise_scheduler, run.folder.path, run.class_names)
     if main and push:
         run.hub.push_in_background(step)  # uploads a snapshot; training does not wait
 
@@ -505,7 +534,7 @@ def evaluate_and_keep_best(run: Run) -> None:
     accelerator.print(f"step {run.step}: FID {result['fid']:.4f} ({config.eval_num_samples} samples, {sampler.describe()})")
     best_fid = run.folder.best.best_fid()
     if accelerator.is_main_process and (best_fid is None or result["fid"] < best_fid):
-        save_pipeline(run.model_to_sample, run.noise_scheduler, run.folder.best.path)
+        save_pipeline(run.model_to_sample, run.noise_scheduler, run.folder.best.path, run.class_names)
         run.folder.best.write_eval(dict(result, step=run.step))
 
 
@@ -522,7 +551,7 @@ def finish(run: Run, stopped_by: str | None) -> None:
     if accelerator.num_processes > 1:
         _check_replicas_identical(accelerator, accelerator.unwrap_model(run.unet))
     if accelerator.is_main_process:
-        save_pipeline(run.model_to_sample, run.noise_scheduler, run.folder.path)
+        save_pipeline(run.model_to_sample, run.noise_scheduler, run.folder.path, run.class_names)
         if not completed:
             how = "--resume_from_checkpoint latest" if config.checkpoint_every else "(no checkpoint: --checkpoint_every is 0)"
             print(f"Stopped by {stopped_by} at step {run.step}; to continue, run the same command with {how}.")
@@ -681,21 +710,28 @@ def load_checkpoint(accelerator, path: str, ema, lr_scheduler) -> int:
     return int(state["step"])
 
 
-def save_pipeline(unet, scheduler, output_dir: str) -> None:
-    """Save `DDPMPipeline(unet, scheduler)` in safetensors, replacing the previous one only once complete."""
+def save_pipeline(unet, scheduler, output_dir: str, class_names: list[str] | None = None) -> None:
+    """Save `DDPMPipeline(unet, scheduler)` in safetensors, replacing the previous one only once complete. A
+    class-conditional UNet is saved as the class-conditional pipeline, with `class_names` (conditioning.py)."""
     from diffusers import DDPMPipeline
 
+    from .conditioning import make_conditional_pipeline_folder, num_classes
     from .run_folder import PIPELINE_PARTS
 
     staging = os.path.join(output_dir, ".partial-pipeline")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
+        if num_classes(unet) is not None:
+            make_conditional_pipeline_folder(staging, class_names)
         for name in PIPELINE_PARTS:
-            target = os.path.join(output_dir, name)
+            target, saved = os.path.join(output_dir, name), os.path.join(staging, name)
             if os.path.isdir(target):
                 shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
+            elif os.path.isfile(target) and not os.path.exists(saved):  # a part this kind of pipeline does not have
+                os.remove(target)
+            if os.path.exists(saved):
+                os.replace(saved, target)
     except OSError as e:
         raise UserError(
             f"could not save the pipeline into {output_dir} ({e.strerror or e}). Free disk space or fix permissions; checkpoints are intact."

@@ -25,6 +25,8 @@ FREE_TEXT = {
     "--token",
     "--commit_message",
     "--license",
+    "--class_labels",
+    "--guidance_scales",
 }
 # Dummy values for the required arguments of each command, so that only the option under test is wrong.
 REQUIRED = {"--model": "user/model", "--dataset": "user/dataset", "path_a": "user/a", "path_b": "user/b", "output_dir": "."}
