@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .arguments import bounded, is_hub_id, local_path_or_hub_id, output_file
+from .arguments import device as device_type
 from .conditioning import (
     balanced_labels,
     check_guidance,
@@ -30,7 +31,6 @@ from .conditioning import (
     labels_in_blocks,
     num_classes,
 )
-from .arguments import device as device_type
 from .distributed import DEFAULT_TIMEOUT_S, leave_process_group
 from .errors import UserError
 from .run_folder import RunFolder
