@@ -32,6 +32,7 @@ import math
 import numpy as np
 import torch
 
+from .conditioning import num_classes
 from .errors import UserError
 
 FIXED_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
@@ -212,7 +213,9 @@ class DiffusionTerms:
         x_t = self.q_sample(x_0, t, noise)
         parameter = next(unet.parameters())
         timesteps = torch.full((x_0.shape[0],), t, device=parameter.device, dtype=torch.long)
-        model_output = unet(x_t.to(parameter.device, parameter.dtype), timesteps).sample.to(x_0.device)
+        classes = num_classes(unet)  # a class-conditional UNet is scored as the unconditional model of its null label
+        labels = torch.full_like(timesteps, classes) if classes is not None else None
+        model_output = unet(x_t.to(parameter.device, parameter.dtype), timesteps, class_labels=labels).sample.to(x_0.device)
         return self.vb_term(model_output, x_0, x_t, t)
 
 
@@ -260,7 +263,8 @@ def bits_per_dim(
     `kl` (sum of L_1..L_{T-1}) and `decoder` (L_0). `timestep_stride` k > 1 estimates the KL sum from
     about k + T/k of its terms (unbiased, see `kl_timesteps`; one offset per run, drawn from `seed`); the default
     1 is the exact sum over all T terms. With the scheduler's variance_type "learned_range" (or "learned") the UNet
-    gives 2C channels and each term uses its own Sigma_theta (Nichol & Dhariwal 2021, Eq. 15).
+    gives 2C channels and each term uses its own Sigma_theta (Nichol & Dhariwal 2021, Eq. 15). A class-conditional
+    UNet is scored with its null label: the bound on log p(x) of the unconditional model that label dropout trained.
 
     Image i's noise comes from its own generator seeded with (seed, i), so its terms do not depend on the batch
     size or on the process that scores it. With an Accelerate `state` of several processes each scores its share of
@@ -321,5 +325,6 @@ def bits_per_dim(
         "exact_sum_over_t": timestep_stride == 1,
         "clip_denoised": terms.clip_denoised,
         "variance_type": terms.variance_type,
+        **({"class_label": "null (unconditional)"} if num_classes(unet) is not None else {}),
         "per_image_bits_per_dim": total.tolist(),
     }

@@ -23,6 +23,7 @@ import torch
 
 from .arguments import bounded, local_path_or_hub_id, output_file
 from .arguments import device as device_type
+from .conditioning import balanced_labels, num_classes
 from .errors import UserError
 from .run_folder import LOSS_FIGURE, PROGRESS_FIGURE, RunFolder
 from .sampling import SAMPLER_CHOICES
@@ -220,8 +221,10 @@ def reverse_chain(unet, scheduler, seeds, num_inference_steps: int, timesteps=FO
     # DDPMPipeline draws on the execution device; with CPU generators randn_tensor draws on the CPU and moves.
     x = randn_tensor((len(seeds), unet.config.in_channels, *size), generator=generators, device=device, dtype=unet.dtype)
     recorded_x, recorded_x0 = [], []
+    classes = num_classes(unet)  # a class-conditional UNet draws seed number i as class i mod K (no guidance)
+    labels = torch.tensor(balanced_labels(classes, len(seeds)), device=device) if classes is not None else None
     for t in scheduler.timesteps:
-        model_output = unet(x, t).sample
+        model_output = unet(x, t, class_labels=labels).sample
         step = scheduler.step(model_output, t, x, generator=generators)
         if int(t) in shown:
             recorded_x.append(x.float().cpu())

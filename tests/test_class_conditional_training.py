@@ -357,3 +357,30 @@ def test_two_process_conditional_training_resumes_exactly_and_samples_as_one_pro
                module=True)  # fmt: skip
         files[processes] = {p.name: p.read_bytes() for p in sorted((out.parent / "grid").iterdir())}
     assert len(files[1]) == 5 and files[1] == files[2]
+
+
+# ---- the other commands on a conditional model --------------------------------------------------------
+
+
+def test_visualize_reverse_draws_a_conditional_model(conditional_run, tmp_path, capsys):
+    out = tmp_path / "reverse.png"
+    code, err = run_cli(["visualize", "reverse", "--model", str(conditional_run), "--seeds", "0,1", "--scheduler", "ddim", "--steps", "3",
+                         "--timesteps", "999,0", "--out", str(out), "--device", "cpu"], capsys)  # fmt: skip
+    assert code == 0 and out.is_file(), err
+
+
+def test_the_bound_of_a_conditional_model_is_that_of_its_null_label():
+    from diffusers import DDPMScheduler
+
+    from ddpm_hf.nll import bits_per_dim
+
+    unet, scheduler = tiny_conditional_unet(), DDPMScheduler(num_train_timesteps=20)
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    before = bits_per_dim(unet, scheduler, images, progress=False)
+    assert before["class_label"] == "null (unconditional)" and np.isfinite(before["bits_per_dim"])
+    with torch.no_grad():
+        unet.class_embedding.weight[0].add_(3.0)  # a class the bound does not use
+    assert bits_per_dim(unet, scheduler, images, progress=False)["bits_per_dim"] == before["bits_per_dim"]
+    with torch.no_grad():
+        unet.class_embedding.weight[3].add_(3.0)  # the null label, id K = 3
+    assert bits_per_dim(unet, scheduler, images, progress=False)["bits_per_dim"] != before["bits_per_dim"]
