@@ -9,6 +9,7 @@ The core, in the order data flows (read these first):
     training.py     where the model learns: the Accelerate loop, checkpoints, the saved pipeline
     run_folder.py   what a run leaves on disk (OUTPUT_DIR) and the one reader/writer of each file there
     sampling.py     the one sampler factory and sampling loop; `ddpm-hf sample`
+    conditioning.py class-conditional models: labels, classifier-free guidance, the pipeline they are saved as
     distributed.py  heavy work split over Accelerate's processes: chunks by index, per-item seeds, merging
 
 The tools around a trained pipeline (`ddpm-hf COMMAND`, registered in cli.py):
