@@ -13,7 +13,7 @@ The two weights sum to one, so the mix is the same for eps, v and x_0 prediction
 is taken from the conditional pass.
 
 A conditional run folder is saved as a diffusers pipeline whose `model_index.json` names the custom pipeline
-`ddpm_class_conditional.py` (pipelines/, copied beside it) and lists the class names:
+`ddpm_class_conditional.py` (pipelines/, copied beside it) and holds the class names as `id2label`:
 
     DiffusionPipeline.from_pretrained(OUTPUT_DIR_or_repo, custom_pipeline="ddpm_class_conditional", trust_remote_code=True)
 """
@@ -135,8 +135,9 @@ def balanced_labels(count: int, num_images: int) -> list[int]:
 
 
 def class_names_of(model_index: dict | None) -> list[str] | None:
-    names = (model_index or {}).get("class_names")
-    return [str(n) for n in names] if names else None
+    """The class names of a saved pipeline by id, from its model_index.json's `id2label` ({"0": name, ...})."""
+    id2label = (model_index or {}).get("id2label")
+    return [str(id2label[key]) for key in sorted(id2label, key=int)] if id2label else None
 
 
 def is_conditional_index(model_index: dict | None) -> bool:
@@ -147,7 +148,7 @@ def is_conditional_index(model_index: dict | None) -> bool:
 def make_conditional_pipeline_folder(folder: str, class_names: Sequence[str] | None) -> None:
     """Turn the DDPMPipeline saved in `folder` into the class-conditional pipeline: `model_index.json` names
     pipelines/ddpm_class_conditional.py (copied beside it, so that the folder loads on its own and pushes with it)
-    and holds the class names."""
+    and holds the class names as `id2label`."""
     source = packaged_pipeline_file(CONDITIONAL_PIPELINE_FILENAME)
     if source is None:
         raise UserError(
@@ -157,8 +158,8 @@ def make_conditional_pipeline_folder(folder: str, class_names: Sequence[str] | N
     with open(path) as f:
         index = json.load(f)
     index["_class_name"] = [CONDITIONAL_PIPELINE_NAME, CONDITIONAL_PIPELINE_CLASS]
-    if class_names:
-        index["class_names"] = list(class_names)
+    if class_names:  # id2label as diffusers' DiTPipeline has it; a list would be taken for a component on Hub downloads
+        index["id2label"] = {str(i): name for i, name in enumerate(class_names)}
     with open(path, "w") as f:
         json.dump(index, f, indent=2, sort_keys=True)
         f.write("\n")

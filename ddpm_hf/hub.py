@@ -2,17 +2,21 @@
 
 What goes up is what a user needs to load and judge the model, and nothing else (`ALLOWED`): the pipeline
 (`model_index.json`, `unet/`, `scheduler/`), the model card `README.md`, the latest sample grid,
-`training_config.json`, `eval.json` when an evaluation has run, and the custom pipeline file
-`ddpm_trajectory.py`. Checkpoints, optimizer state, logs and tokens never leave the machine, and neither do the
-machine's paths: `training_config.json`, `eval.json` and the card carry only the names of local files and
-folders (`public_training_config`, `public_eval`). A push makes the repo's `ALLOWED` files exactly those of the
-run pushed.
+`training_config.json`, `eval.json` when an evaluation has run, the custom pipeline file `ddpm_trajectory.py`,
+and, for a class-conditional run, the pipeline file its `model_index.json` names, `ddpm_class_conditional.py`
+(both from the package: `conditioning.packaged_pipeline_file`). Checkpoints, optimizer state, logs and tokens
+never leave the machine, and neither do the machine's paths: `training_config.json`, `eval.json` and the card
+carry only the names of local files and folders (`public_training_config`, `public_eval`). A push makes the
+repo's `ALLOWED` files exactly those of the run pushed: an unconditional run pushed over a conditional one
+removes `ddpm_class_conditional.py`.
 
-The repo stays a stock diffusers repo: `DDPMPipeline.from_pretrained("user/name")` and
+An unconditional run's repo stays a stock diffusers repo: `DDPMPipeline.from_pretrained("user/name")` and
 `DDIMPipeline.from_pretrained("user/name")` load it with no extra code, and
 `DiffusionPipeline.from_pretrained("user/name", custom_pipeline="ddpm_trajectory", trust_remote_code=True)`
 loads the trajectory pipeline shipped beside it (diffusers looks for `<custom_pipeline>.py` in the repo and
-loads it at the same revision as the weights).
+loads it at the same revision as the weights). A class-conditional run's repo (conditioning.py) loads only with
+its own pipeline, `DiffusionPipeline.from_pretrained("user/name", custom_pipeline="ddpm_class_conditional",
+trust_remote_code=True)`; stock `DDPMPipeline.from_pretrained` refuses it, and its card says so.
 
 `HubPusher` is what training and `ddpm-hf push` use:
 
@@ -51,6 +55,15 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .arguments import existing_folder, is_hub_id, last_part, local_path_name
+from .conditioning import (
+    CONDITIONAL_PIPELINE_CLASS,
+    CONDITIONAL_PIPELINE_FILENAME,
+    CONDITIONAL_PIPELINE_NAME,
+    MODEL_INDEX,
+    class_names_of,
+    is_conditional_index,
+    packaged_pipeline_file,
+)
 from .errors import UserError
 from .run_folder import EVAL_FILE, SAMPLE_GRID_GLOB, TRAINING_CONFIG, RunFolder, read_json
 
@@ -75,6 +88,7 @@ ALLOWED = (
     TRAINING_CONFIG,
     EVAL_FILE,
     CUSTOM_PIPELINE_FILENAME,
+    CONDITIONAL_PIPELINE_FILENAME,  # class-conditional runs only: a later unconditional push deletes it
 )
 
 # The files `save_pretrained` writes that a pipeline cannot load without.
@@ -106,20 +120,35 @@ _PATH_TOKEN = re.compile(r"[^\s()\[\]{},;'\"`]*[/\\~][^\s()\[\]{},;'\"`]*")
 
 
 def default_custom_pipeline_file() -> Path | None:
-    """The custom pipeline file: `ddpm_hf/pipelines/` in an installed wheel (setup.cfg maps `pipelines/` there),
-    `pipelines/` beside the package in a source checkout or editable install; None if neither has it."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "pipelines" / CUSTOM_PIPELINE_FILENAME, package.parent / "pipelines" / CUSTOM_PIPELINE_FILENAME):
-        if candidate.is_file():
-            return candidate
-    return None
+    """The custom pipeline file `ddpm_trajectory.py` of the package (`conditioning.packaged_pipeline_file`:
+    `ddpm_hf/pipelines/` in an installed wheel, `pipelines/` in a checkout); None if it has none."""
+    return packaged_pipeline_file(CUSTOM_PIPELINE_FILENAME)
+
+
+def is_conditional_folder(output_dir: str | os.PathLike) -> bool:
+    """Whether the pipeline in `output_dir` is class-conditional: its model_index.json names ddpm_class_conditional.py."""
+    return is_conditional_index(read_json(Path(output_dir) / MODEL_INDEX))
+
+
+def conditional_pipeline_file(output_dir: str | os.PathLike) -> Path:
+    """The `ddpm_class_conditional.py` a push of the class-conditional `output_dir` uploads: the package's, else the
+    copy training saved beside the pipeline. `UserError` if neither exists: the repo could not be loaded."""
+    found = packaged_pipeline_file(CONDITIONAL_PIPELINE_FILENAME)
+    if found is None and (Path(output_dir) / CONDITIONAL_PIPELINE_FILENAME).is_file():
+        found = Path(output_dir) / CONDITIONAL_PIPELINE_FILENAME
+    if found is None:
+        raise UserError(
+            f"{output_dir} holds a class-conditional pipeline, but neither it nor the package has {CONDITIONAL_PIPELINE_FILENAME}, "
+            "without which the repo cannot be loaded: reinstall ddpm-hf."
+        )
+    return found
 
 
 def _local_files(output_dir: Path, custom_pipeline_file: Path | None) -> dict[str, Path]:
     """Repo path -> local file for everything uploaded from disk (the card, README.md, is generated)."""
     files: dict[str, Path] = {}
     for pattern in ALLOWED:
-        if pattern in ("README.md", SAMPLE_GRID_GLOB, CUSTOM_PIPELINE_FILENAME):
+        if pattern in ("README.md", SAMPLE_GRID_GLOB, CUSTOM_PIPELINE_FILENAME, CONDITIONAL_PIPELINE_FILENAME):
             continue
         for path in sorted(output_dir.glob(pattern)):
             if path.is_file():
@@ -129,6 +158,8 @@ def _local_files(output_dir: Path, custom_pipeline_file: Path | None) -> dict[st
         files[Path(sample).relative_to(output_dir).as_posix()] = Path(sample)
     if custom_pipeline_file is not None:
         files[CUSTOM_PIPELINE_FILENAME] = Path(custom_pipeline_file)
+    if is_conditional_folder(output_dir):  # the pipeline its model_index.json names
+        files[CONDITIONAL_PIPELINE_FILENAME] = conditional_pipeline_file(output_dir)
     return files
 
 
@@ -140,7 +171,8 @@ def is_allowed(repo_path: str) -> bool:
 def files_to_upload(output_dir: str | os.PathLike, custom_pipeline_file: str | os.PathLike | None = None) -> list[str]:
     """The repo paths a push of `output_dir` uploads, sorted: `ALLOWED` applied to the folder, plus README.md.
 
-    `custom_pipeline_file` defaults to the package's `pipelines/ddpm_trajectory.py`.
+    `custom_pipeline_file` defaults to the package's `pipelines/ddpm_trajectory.py`. A class-conditional folder
+    also uploads `ddpm_class_conditional.py` (`conditional_pipeline_file`).
     """
     custom = Path(custom_pipeline_file) if custom_pipeline_file is not None else default_custom_pipeline_file()
     return sorted([*_local_files(Path(output_dir), custom), "README.md"])
@@ -295,14 +327,69 @@ def _count(value: Any) -> str:
 
 
 def fid_setup(evaluation: dict[str, Any]) -> str:
-    """How a FID of eval.json was measured, e.g. "ddpm 100 steps" (with the network evaluations when they differ)."""
+    """How a FID of eval.json was measured, e.g. "ddpm 100 steps" (with the network evaluations when they differ,
+    and the guidance scale of a class-conditional model's samples: "ddim 50 steps, guidance scale 1.5")."""
     sampler, steps, nfe = evaluation.get("scheduler"), evaluation.get("steps"), evaluation.get("nfe")
     if sampler is None and steps is None:
-        return "sampler not recorded"
-    text = " ".join(part for part in (sampler, f"{steps} steps" if steps is not None else None) if part is not None)
-    if nfe is not None and nfe != steps:
-        text += f" ({nfe} network evaluations)"
+        text = "sampler not recorded"
+    else:
+        text = " ".join(part for part in (sampler, f"{steps} steps" if steps is not None else None) if part is not None)
+        if nfe is not None and nfe != steps:
+            text += f" ({nfe} network evaluations)"
+    guidance = evaluation.get("guidance_scale")
+    if guidance is not None:
+        text += f", guidance scale {guidance:g}" if isinstance(guidance, (int, float)) else f", guidance scale {guidance}"
     return text
+
+
+# ---- class-conditional models ---------------------------------------------------------------------
+
+
+def _cell(text: Any) -> str:
+    """`text` for one cell of a markdown table: one line, its '|' escaped (class names come from the dataset)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _class_text(class_id: int, names: list[str] | None) -> str:
+    """'0 (cat)', or '0' for a model without class names."""
+    return f"{class_id} ({_cell(names[class_id])})" if names and class_id < len(names) else str(class_id)
+
+
+def _classes_section(count: int, names: list[str] | None) -> str:
+    null = f"Id {count} is the null label of classifier-free guidance, not a class."
+    if not names:
+        return f"## Classes\n\n{count} classes: ids 0..{count - 1}, no names (the training labels were bare integers). {null}"
+    rows = "\n".join(f"| {i} | {_cell(name)} |" for i, name in enumerate(names))
+    return f"## Classes\n\n{count} classes; `class_labels` takes a name or an id. {null}\n\n| Id | Name |\n|---|---|\n{rows}"
+
+
+def _example_labels(count: int, names: list[str] | None) -> list[int | str]:
+    """The classes the card's usage samples: the model's first two names, or ids 0 and 1 when it has none."""
+    return list(names[:2]) if names else list(range(min(2, count)))
+
+
+def _cli_class_labels(count: int, names: list[str] | None) -> str:
+    """`--class_labels` of the same classes for `ddpm-hf sample` (which splits at commas): a name it could not read
+    back is given by id."""
+    labels = [
+        label if isinstance(label, str) and "," not in label and label == label.strip() and label else str(i)
+        for i, label in enumerate(_example_labels(count, names))
+    ]
+    return shlex.quote(",".join(labels))
+
+
+def _per_class_fid_rows(per_class: dict[str, Any], names: list[str] | None) -> list[tuple[str, str]]:
+    """(class, FID) cells of eval.json's `per_class_fid` (keyed by class name or id), by class id; other keys last."""
+    lookup = {name: i for i, name in enumerate(names or [])}
+    keyed = []
+    for key, value in per_class.items():
+        class_id = lookup.get(str(key))
+        if class_id is None and str(key).strip().isdigit():
+            class_id = int(str(key).strip())
+        fid = f"{float(value):.2f}" if isinstance(value, (int, float)) else "not recorded"
+        text = _class_text(class_id, names) if class_id is not None else _cell(key)
+        keyed.append(((class_id is None, class_id if class_id is not None else 0, str(key)), text, fid))
+    return [(text, fid) for _, text, fid in sorted(keyed)]
 
 
 def _dataset_text(dataset: Any, hub_datasets: list[str]) -> str:
@@ -331,17 +418,22 @@ def build_model_card(
 ) -> ModelCard:
     """The model card (README.md) of the pipeline in `output_dir` as pushed to `repo_id` at `revision`.
 
-    Reads `unet/config.json`, `scheduler/scheduler_config.json`, training_config.json and eval.json when
-    present, without the machine's paths (`public_training_config`, `public_eval`). `step` is the training step
-    of the weights (default: the step eval.json's FID was measured at, as in best/, else the configured
-    `max_train_steps`); `hardware` is a free text such as "1 x NVIDIA A100". `run_dir` is where the run folder
-    lives when `output_dir` is a snapshot of it.
+    Reads `unet/config.json`, `scheduler/scheduler_config.json`, `model_index.json`, training_config.json and
+    eval.json when present, without the machine's paths (`public_training_config`, `public_eval`). `step` is the
+    training step of the weights (default: the step eval.json's FID was measured at, as in best/, else the
+    configured `max_train_steps`); `hardware` is a free text such as "1 x NVIDIA A100". `run_dir` is where the run
+    folder lives when `output_dir` is a snapshot of it. `custom_pipeline`: the repo holds ddpm_trajectory.py.
+
+    A class-conditional model (its model_index.json names ddpm_class_conditional.py) gets a card of its own: its
+    classes, the grid's rows, usage through that pipeline with classifier-free guidance, and no stock
+    `DDPMPipeline` or trajectory-pipeline usage, neither of which can run it.
     """
     output_dir = Path(output_dir)
     run_dir = Path(run_dir) if run_dir is not None else output_dir
     folder = RunFolder(output_dir)
     unet = read_json(output_dir / "unet" / "config.json") or {}
     scheduler = read_json(output_dir / "scheduler" / "scheduler_config.json") or {}
+    index = read_json(output_dir / MODEL_INDEX)
     config = public_training_config(folder.read_training_config() or {}, run_dir)
     evaluation = public_eval(folder.read_eval(), run_dir)
     fid = evaluation if "fid" in evaluation else None
@@ -350,14 +442,20 @@ def build_model_card(
     name = repo_id.split("/")[-1]
     load = load_arguments(repo_id, revision)
     learned_variance, channels = _learns_variance(scheduler), unet.get("in_channels", 3)
+    conditional = is_conditional_index(index)
+    class_names = class_names_of(index) if conditional else None
+    if conditional:  # K classes: the UNet's last class embedding is the null label
+        embeds = unet.get("num_class_embeds")
+        num_classes = embeds - 1 if isinstance(embeds, int) and embeds > 1 else len(class_names or [])
 
     eval_results = None
     if fid is not None:
         reference = str(fid.get("reference", "unknown"))
         eval_results = [
             EvalResult(
-                task_type="unconditional-image-generation",
-                task_name="Unconditional Image Generation",
+                # The Hub has no class-conditional task; a free task type keeps the result off the unconditional leaderboard.
+                task_type="class-conditional-image-generation" if conditional else "unconditional-image-generation",
+                task_name="Class-conditional Image Generation" if conditional else "Unconditional Image Generation",
                 dataset_type=datasets[0] if datasets else reference,
                 dataset_name=reference,
                 metric_type="fid",
@@ -367,8 +465,9 @@ def build_model_card(
         ]
     card_data = ModelCardData(
         library_name="diffusers",
-        pipeline_tag="unconditional-image-generation",
-        tags=["ddpm", "diffusers", "pytorch", "unconditional-image-generation"],
+        # No Hub pipeline tag fits a class-conditional model (unconditional-image-generation would be wrong): none.
+        pipeline_tag=None if conditional else "unconditional-image-generation",
+        tags=["ddpm", "diffusers", "pytorch"] + (["class-conditional", "classifier-free-guidance"] if conditional else ["unconditional-image-generation"]),
         datasets=datasets or None,
         license=license,
         model_name=name,
@@ -378,6 +477,7 @@ def build_model_card(
     if step is None and fid is not None and isinstance(fid.get("step"), int):
         step = fid["step"]  # best/: the weights are those the FID was measured on
     steps_text = f"{step:,}" if step is not None else f"{config['max_train_steps']:,} (configured)" if "max_train_steps" in config else "unknown"
+    label_dropout = config.get("label_dropout")
     rows = [
         ("Architecture", _architecture(unet) if unet else "`UNet2DModel`"),
         ("Parameters", f"{count_parameters(output_dir / 'unet'):,}"),
@@ -389,6 +489,13 @@ def build_model_card(
         ),
         ("Training steps", steps_text),
     ]
+    if conditional:
+        rows.append(
+            (
+                "Conditioning",
+                f"{num_classes} classes (`num_class_embeds` = {num_classes + 1}, the last the null label), label dropout p_uncond = {_count(label_dropout)}",
+            )
+        )
     if config:
         rows += [
             ("Objective", _objective(config, scheduler)),
@@ -410,24 +517,66 @@ def build_model_card(
         rows.append(("Hardware", hardware))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {key} | {value} |" for key, value in rows])
 
-    sections = [
-        f"# {name}",
-        "A denoising diffusion probabilistic model ([Ho et al., 2020](https://arxiv.org/abs/2006.11239)) for "
-        "unconditional image generation, trained with ddpm-hf (diffusers + Accelerate). It is a stock diffusers "
-        "`DDPMPipeline`: no code from this repo is needed to use it."
-        + (
-            " Its UNet also learns the reverse-process variances ([Nichol & Dhariwal, 2021](https://arxiv.org/abs/2102.09672)): "
-            f"it outputs {2 * channels} channels, the {scheduler.get('prediction_type')} prediction and then the variance, which `DDPMScheduler` reads."
-            if learned_variance
-            else ""
-        ),
-        "## Training\n\n" + table,
-    ]
+    variance_text = (
+        " Its UNet also learns the reverse-process variances ([Nichol & Dhariwal, 2021](https://arxiv.org/abs/2102.09672)): "
+        f"it outputs {2 * channels} channels, the {scheduler.get('prediction_type')} prediction and then the variance, which `DDPMScheduler` reads."
+        if learned_variance
+        else ""
+    )
+    if conditional:
+        dropout_text = f"p = {label_dropout}" if label_dropout is not None else "a probability p that was not recorded"
+        intro = (
+            "A class-conditional denoising diffusion probabilistic model ([Ho et al., 2020](https://arxiv.org/abs/2006.11239)) "
+            "with classifier-free guidance ([Ho & Salimans, 2022](https://arxiv.org/abs/2207.12598)), trained with ddpm-hf "
+            f"(diffusers + Accelerate) on {num_classes} classes. It was trained with label dropout {dropout_text}: each training "
+            "label was replaced by the null label with that probability, so that the one UNet is also the unconditional model "
+            f"that guidance mixes in. It runs with the custom pipeline `{CONDITIONAL_PIPELINE_FILENAME}` in this repo (see Usage): "
+            "stock diffusers `DDPMPipeline` cannot run it (it has no class labels to give the UNet), and "
+            "`DDPMPipeline.from_pretrained` refuses this repo, asking for `trust_remote_code`." + variance_text
+        )
+    else:
+        intro = (
+            "A denoising diffusion probabilistic model ([Ho et al., 2020](https://arxiv.org/abs/2006.11239)) for "
+            "unconditional image generation, trained with ddpm-hf (diffusers + Accelerate). It is a stock diffusers "
+            "`DDPMPipeline`: no code from this repo is needed to use it." + variance_text
+        )
+    sections = [f"# {name}", intro, "## Training\n\n" + table]
+    if conditional:
+        sections.append(_classes_section(num_classes, class_names))
     if grids:
         sample_step, sample = grids[-1]
-        sections.append(f"## Samples\n\nSamples at training step {sample_step:,}:\n\n![samples]({Path(sample).relative_to(output_dir).as_posix()})")
+        if conditional:
+            order = ", ".join(_class_text(i, class_names) for i in range(num_classes))
+            rows_text = f" (plain conditional sampling, guidance scale 1), one row per class, top to bottom: {order}"
+        else:
+            rows_text = ""
+        sections.append(f"## Samples\n\nSamples at training step {sample_step:,}{rows_text}:\n\n![samples]({Path(sample).relative_to(output_dir).as_posix()})")
     cli_revision = f" --revision {revision}" if revision and revision != "main" else ""
-    if learned_variance:
+    if conditional:
+        labels = (
+            "["
+            + ", ".join(json.dumps(label, ensure_ascii=False) if isinstance(label, str) else str(label) for label in _example_labels(num_classes, class_names))
+            + "]"
+        )
+        usage = (
+            "## Usage\n\n```python\nimport torch\nfrom diffusers import DDIMScheduler, DiffusionPipeline\n\n"
+            f'pipeline = DiffusionPipeline.from_pretrained({load}, custom_pipeline="{CONDITIONAL_PIPELINE_NAME}", trust_remote_code=True)\n'
+            "print(pipeline.class_names)  # class id i is named pipeline.class_names[i]"
+            + (" (None: this model has ids only)" if not class_names else "")
+            + "\n\n# 50 DDIM steps instead of T ancestral DDPM steps\n"
+            "pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)\n"
+            f"images = pipeline(class_labels={labels}, guidance_scale=2.0, num_inference_steps=50, num_images_per_label=4, "
+            "generator=torch.Generator().manual_seed(0)).images\n```\n\n"
+            f"`class_labels` takes class names and/or ids, one image per entry (times `num_images_per_label`); `{CONDITIONAL_PIPELINE_FILENAME}` "
+            f"is the `{CONDITIONAL_PIPELINE_CLASS}` that `trust_remote_code=True` runs from this repo, at the revision of the weights. "
+            "`guidance_scale` is s = 1 + w, where w is the guidance weight of Ho & Salimans (2022) in "
+            "(1 + w) eps(x_t, c) - w eps(x_t, null): s = 1 is plain conditional sampling, s = 0 unconditional, and s > 1 "
+            "follows the class more closely at the cost of diversity."
+            + (" With DDIM the pipeline samples from the mean channels of this learned-variance model." if learned_variance else "")
+            + f"\n\nor from the command line: `ddpm-hf sample --model {repo_id}{cli_revision} --class_labels {_cli_class_labels(num_classes, class_names)} "
+            "--guidance_scale 2.0`."
+        )
+    elif learned_variance:
         # Stock DDIMPipeline passes all 6 channels to DDIMScheduler, which has no use for the variance and fails.
         usage = (
             "## Usage\n\n```python\nimport torch\nfrom diffusers import DDPMPipeline\n\n"
@@ -450,7 +599,7 @@ def build_model_card(
             f"or from the command line: `ddpm-hf sample --model {repo_id}{cli_revision}`."
         )
     sections.append(usage)
-    if custom_pipeline:
+    if custom_pipeline and not conditional:  # the trajectory pipeline gives the UNet no class labels
         sections.append(
             "### The denoising trajectory\n\n"
             f"`{CUSTOM_PIPELINE_FILENAME}` in this repo is a custom pipeline ({CUSTOM_PIPELINE_CLASS}) that also returns every "
@@ -468,11 +617,19 @@ def build_model_card(
         )
     if fid is not None:
         measured_at = f"step {fid['step']:,}" if isinstance(fid.get("step"), int) else "these weights"
-        sections.append(
+        evaluation_text = (
             "## Evaluation\n\n| Metric | Value | Samples | Sampler | Seed | Reference | Weights |\n|---|---|---|---|---|---|---|\n"
             f"| FID | {float(fid['fid']):.2f} | {_count(fid.get('num_samples'))} | {fid_setup(fid)} | {_count(fid.get('seed'))} | "
             f"{fid.get('reference', 'not recorded')} | {measured_at} |"
         )
+        if fid.get("class_balanced"):
+            evaluation_text += "\n\nThe samples are class-balanced: every class has the same share of them (within one)."
+        per_class = fid.get("per_class_fid")
+        if isinstance(per_class, dict) and per_class:
+            evaluation_text += "\n\nFID of each class's samples:\n\n| Class | FID |\n|---|---|\n" + "\n".join(
+                f"| {text} | {value} |" for text, value in _per_class_fid_rows(per_class, class_names)
+            )
+        sections.append(evaluation_text)
     content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
     return ModelCard(content)
 
@@ -600,7 +757,8 @@ class HubPusher:
         endpoint: the Hub URL; None: `HF_ENDPOINT` or https://huggingface.co.
         max_retries, backoff: the final push retries transient errors `max_retries` times, waiting
             `backoff`, 2 * `backoff`, 4 * `backoff`... seconds.
-        custom_pipeline_file: the custom pipeline uploaded as `ddpm_trajectory.py`; None: the package's.
+        custom_pipeline_file: the custom pipeline uploaded as `ddpm_trajectory.py`; None: the package's. A
+            class-conditional run's `ddpm_class_conditional.py` always comes from the package (`conditional_pipeline_file`).
         command: "training" (train_ddpm.py --push_to_hub) or "push" (`ddpm-hf push`): what error messages advise.
         repo_flag, token_flag: the option names that error messages tell the user to change; None: those of `command`.
     """
@@ -953,7 +1111,13 @@ def run_push(args: argparse.Namespace) -> None:
     print(
         f"Pushed {args.output_dir} to {pusher.url} (revision {pusher.revision}, commit {sha[:7]}): {len(files_to_upload(args.output_dir, pusher.custom_pipeline_file))} files."
     )
-    print(f"Load it with DDPMPipeline.from_pretrained({load}) or `ddpm-hf sample --model {pusher.repo_id}{cli_revision}`.")
+    if is_conditional_folder(args.output_dir):
+        print(
+            f'Load it with DiffusionPipeline.from_pretrained({load}, custom_pipeline="{CONDITIONAL_PIPELINE_NAME}", trust_remote_code=True) '
+            f"or `ddpm-hf sample --model {pusher.repo_id}{cli_revision} --class_labels ... --guidance_scale 2.0`."
+        )
+    else:
+        print(f"Load it with DDPMPipeline.from_pretrained({load}) or `ddpm-hf sample --model {pusher.repo_id}{cli_revision}`.")
 
 
 def add_cli(subparsers) -> None:
@@ -962,8 +1126,8 @@ def add_cli(subparsers) -> None:
         help="Upload a finished run's pipeline, model card and latest samples to the Hugging Face Hub.",
         description=(
             "Upload OUTPUT_DIR to a Hub model repo: model_index.json, unet/, scheduler/, a model card (README.md), the "
-            "latest sample grid, training_config.json, eval.json and the custom pipeline ddpm_trajectory.py, without "
-            "the machine's paths. Those files of an earlier push that this one does not have are deleted from the repo. "
+            "latest sample grid, training_config.json, eval.json and the custom pipeline ddpm_trajectory.py (and, for a "
+            "class-conditional run, ddpm_class_conditional.py), without the machine's paths. Those files of an earlier push that this one does not have are deleted from the repo. "
             "Checkpoints and logs are never uploaded."
         ),
     )

@@ -206,14 +206,14 @@ def gather_images(unet, sampler: Sampler, num_images: int, seed: int, batch_size
 
 def sample_grid(unet, scheduler, num_images: int, steps: int, seed: int, sampler: str = "auto", batch_size: int | None = None, state=None):
     """A PIL grid of `num_images` samples from `unet` with a fixed seed (the training grids), on the main process.
-    A class-conditional UNet gets one row per class, class 0 at the top, of num_images // K images (at least one)."""
+    A class-conditional UNet gets one row per class, class 0 at the top, of ceil(num_images / K) images each."""
     from diffusers.utils import make_image_grid
 
     chosen = make_sampler(scheduler, sampler, steps)
     classes, labels = num_classes(unet), None
     shape = grid_shape(num_images)
     if classes is not None:
-        per_class = max(1, num_images // classes)
+        per_class = math.ceil(num_images / classes)
         labels, num_images, shape = [k for k in range(classes) for _ in range(per_class)], classes * per_class, (classes, per_class)
     processes = state.num_processes if state is not None else 1
     images = gather_images(unet, chosen, num_images, seed, batch_size or math.ceil(num_images / processes), state=state, class_labels=labels)

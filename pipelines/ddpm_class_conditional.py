@@ -22,10 +22,11 @@ The model is a [`UNet2DModel`] with `num_class_embeds = K + 1` for K classes: id
 last id, `K = num_class_embeds - 1`, is the "no label" (null) class of classifier-free guidance (Ho & Salimans 2022,
 "Classifier-Free Diffusion Guidance"), which the model learned by having labels dropped to it during training.
 
-Class names are optional. They live in the pipeline's own config as `class_names` (a list of K strings, the name of
-class id `i` at index `i`), so `save_pretrained` writes them into `model_index.json` and `from_pretrained` passes them
-back to the pipeline; a folder saved by another pipeline class (e.g. diffusers' `DDPMPipeline`) can carry them as a
-top-level `"class_names"` entry of its `model_index.json`.
+Class names are optional. They live in the pipeline's own config as `id2label` (`{"0": "airplane", ...}`, the
+convention of diffusers' `DiTPipeline`), so `save_pretrained` writes them into `model_index.json` and `from_pretrained`
+passes them back to the pipeline; a folder saved by another pipeline class (e.g. diffusers' `DDPMPipeline`) can carry
+them as a top-level `"id2label"` entry of its `model_index.json`. (Not a list: diffusers reads every list there as a
+pipeline component when it downloads a repo from the Hub.) `pipe.class_names` lists them by id.
 
 Guidance: with the conditional output `e_c = model(x_t, c)` and the unconditional one `e_u = model(x_t, null)`, the
 guided output is `e_u + guidance_scale * (e_c - e_u)` (diffusers' convention). The paper writes it as
@@ -75,18 +76,18 @@ class DDPMClassConditionalPipeline(DiffusionPipeline):
             Any scheduler whose `step` returns `prev_sample`, e.g. [`DDPMScheduler`] (ancestral sampling),
             [`DDIMScheduler`] or [`DPMSolverMultistepScheduler`]. To switch, build the new one from the current config:
             `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.
-        class_names (`list[str]`, *optional*):
-            The name of each class, `class_names[i]` for class id `i`: exactly K distinct strings. Stored in the
-            pipeline config (and so in `model_index.json`); lets `__call__` take names as well as ids.
+        id2label (`dict[int | str, str]`, *optional*):
+            The name of each class id, `{0: "airplane", 1: "automobile", ...}`: exactly the ids `0 .. K-1`, distinct
+            names (diffusers' `DiTPipeline` convention). Stored in the pipeline config (and so in `model_index.json`,
+            keys as strings); lets `__call__` take names as well as ids. See also [`set_class_names`].
     """
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, class_names: list[str] | None = None):
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, id2label: dict[int | str, str] | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        num_classes = self._num_classes()
-        self.register_to_config(class_names=self._checked_class_names(class_names, num_classes))
+        self.register_to_config(id2label=self._checked_id2label(id2label, self._num_classes()))
 
     # ------------------------------------------------------------------ classes
 
@@ -107,6 +108,22 @@ class DDPMClassConditionalPipeline(DiffusionPipeline):
                 "guidance). For an unconditional model use diffusers' DDPMPipeline or pipelines/ddpm_trajectory.py."
             )
         return num_class_embeds - 1
+
+    @classmethod
+    def _checked_id2label(cls, id2label, num_classes: int) -> dict[str, str] | None:
+        """`id2label` as stored: string keys "0" .. "K-1", checked like class names."""
+        if id2label is None or len(id2label) == 0:
+            return None
+        if not isinstance(id2label, dict):
+            raise ValueError(f"id2label must be a dict of class id -> name, got {type(id2label).__name__}; for a list of names use `set_class_names`.")
+        try:
+            ids = sorted(int(key) for key in id2label)
+        except (TypeError, ValueError):
+            raise ValueError(f"id2label keys must be class ids (ints), got {sorted(map(str, id2label))[:5]}.") from None
+        if ids != list(range(num_classes)):
+            raise ValueError(f"id2label must name exactly the class ids 0..{num_classes - 1} of this UNet (num_class_embeds={num_classes + 1}); got ids {ids}.")
+        names = cls._checked_class_names([id2label[key] for key in sorted(id2label, key=int)], num_classes)
+        return {str(i): name for i, name in enumerate(names)}
 
     @staticmethod
     def _checked_class_names(class_names, num_classes: int) -> list[str] | None:
@@ -140,14 +157,15 @@ class DDPMClassConditionalPipeline(DiffusionPipeline):
 
     @property
     def class_names(self) -> list[str] | None:
-        """The class names from the pipeline config (`class_names[i]` names class id `i`), or `None` if it has none."""
-        names = self.config.get("class_names")
-        return list(names) if names else None
+        """The class names from the pipeline config's `id2label` (`class_names[i]` names class id `i`), or `None`."""
+        id2label = self.config.get("id2label")
+        return [id2label[key] for key in sorted(id2label, key=int)] if id2label else None
 
     def set_class_names(self, class_names: Sequence[str] | None) -> None:
-        """Set (or with `None`, remove) the class names after checking them against the UNet; `save_pretrained` then
-        writes them into `model_index.json`."""
-        self.register_to_config(class_names=self._checked_class_names(class_names, self._num_classes()))
+        """Set (or with `None`, remove) the class names, `class_names[i]` for class id `i`, after checking them against
+        the UNet; `save_pretrained` then writes them into `model_index.json` as `id2label`."""
+        names = self._checked_class_names(class_names, self._num_classes())
+        self.register_to_config(id2label={str(i): name for i, name in enumerate(names)} if names else None)
 
     def class_ids(self, class_labels) -> list[int]:
         """Class ids for `class_labels`: a class id (`int`), a class name (`str`), or a list / tuple / 1-D tensor or

@@ -52,11 +52,11 @@ def _gens(seeds) -> list[torch.Generator]:
 
 def _save_conditional(path: Path, unet: UNet2DModel, scheduler, class_names=NAMES) -> Path:
     """A conditional model folder as the training side can write it: a stock DDPMPipeline folder whose
-    model_index.json carries the class names as a top-level "class_names" entry."""
+    model_index.json carries the class names as a top-level "id2label" entry (DiTPipeline's convention)."""
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path)
     if class_names is not None:
         index = json.loads((path / "model_index.json").read_text())
-        index["class_names"] = list(class_names)
+        index["id2label"] = {str(i): name for i, name in enumerate(class_names)}
         (path / "model_index.json").write_text(json.dumps(index))
     return path
 
@@ -83,7 +83,7 @@ def pipeline_class(loaded):
 
 
 def _pipe(pipeline_class, unet, scheduler, class_names=NAMES):
-    pipe = pipeline_class(unet=unet, scheduler=scheduler, class_names=class_names)
+    pipe = pipeline_class(unet=unet, scheduler=scheduler, id2label=dict(enumerate(class_names)) if class_names is not None else None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -145,7 +145,7 @@ def test_loads_custom_class_from_local_file(loaded):
     assert type(loaded).__module__.startswith("diffusers_modules.")  # loaded as a dynamic module, not imported
     assert isinstance(loaded.unet, UNet2DModel) and isinstance(loaded.scheduler, DDPMScheduler)
     assert set(loaded.components) == {"unet", "scheduler"}
-    assert loaded.class_names == NAMES and loaded.config.class_names == NAMES
+    assert loaded.class_names == NAMES and loaded.config.id2label == {str(i): name for i, name in enumerate(NAMES)}
     assert loaded.num_classes == K and loaded.null_class_id == NULL
 
 
@@ -159,7 +159,7 @@ def test_class_names_round_trip_through_model_index(loaded, tmp_path):
     passes them back."""
     loaded.save_pretrained(tmp_path / "saved")
     index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
-    assert index["class_names"] == NAMES
+    assert index["id2label"] == {str(i): name for i, name in enumerate(NAMES)}
     assert index["_class_name"] == "DDPMClassConditionalPipeline"
     again = _load(tmp_path / "saved")
     assert again.class_names == NAMES
@@ -260,10 +260,12 @@ def test_unknown_name_and_out_of_range_ids_raise(loaded):
 
 
 def test_class_names_are_checked(pipeline_class, loaded):
-    with pytest.raises(ValueError, match="exactly one name per class"):
-        pipeline_class(unet=loaded.unet, scheduler=loaded.scheduler, class_names=["a", "b"])
+    with pytest.raises(ValueError, match="exactly the class ids 0..2"):
+        pipeline_class(unet=loaded.unet, scheduler=loaded.scheduler, id2label={0: "a", 1: "b", 2: "c", 3: "d"})
     with pytest.raises(ValueError, match="distinct"):
-        pipeline_class(unet=loaded.unet, scheduler=loaded.scheduler, class_names=["a", "b", "a"])
+        pipeline_class(unet=loaded.unet, scheduler=loaded.scheduler, id2label={0: "a", 1: "b", 2: "a"})
+    with pytest.raises(ValueError, match="exactly the class ids 0..2"):
+        pipeline_class(unet=loaded.unet, scheduler=loaded.scheduler, id2label={0: "a", 1: "b", 3: "c"})
     with pytest.raises(ValueError, match="exactly one name per class"):
         loaded.set_class_names(["a", "b", "c", "d"])
     assert loaded.class_names == NAMES

@@ -73,7 +73,7 @@ def test_the_saved_pipeline_is_the_class_conditional_one_with_the_class_names(co
 
     index = json.loads((conditional_run / "model_index.json").read_text())
     assert index["_class_name"] == ["ddpm_class_conditional", "DDPMClassConditionalPipeline"]
-    assert index["class_names"] == CIFAR10_NAMES
+    assert index["id2label"] == {str(i): name for i, name in enumerate(CIFAR10_NAMES)}  # DiTPipeline's convention
     assert json.loads((conditional_run / "unet" / "config.json").read_text())["num_class_embeds"] == 11  # 10 classes + the null label
     assert (conditional_run / "ddpm_class_conditional.py").read_bytes() == open(PIPELINE_FILE, "rb").read()
     config = json.loads((conditional_run / "training_config.json").read_text())
@@ -315,7 +315,7 @@ def test_string_labels_become_sorted_class_names(tmp_path, micro_unet_config, tr
     dataset = _parquet(tmp_path / "data" / "e.parquet", ["dog", "cat", "dog", "cat"], datasets.Value("string"))
     train_in_process(**quick_options(tmp_path / "run", micro_unet_config, dataset=dataset, resolution=8, max_train_samples=None,
                                      train_batch_size=4, max_train_steps=1, class_conditional=True))  # fmt: skip
-    assert json.loads((tmp_path / "run" / "model_index.json").read_text())["class_names"] == ["cat", "dog"]
+    assert json.loads((tmp_path / "run" / "model_index.json").read_text())["id2label"] == {"0": "cat", "1": "dog"}
 
 
 # ---- two processes -------------------------------------------------------------------------------
