@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .conditioning import ClassConditioned, drop_labels
+from .conditioning import ClassConditioned, drop_labels, num_classes
 from .config import TrainingConfig, non_resumable_changes
 from .distributed import leave_process_group
 from .errors import UserError
@@ -800,10 +800,12 @@ def _compile_or_fall_back(model, micro_batch: int, resolution: int, channels_las
     example = torch.zeros((micro_batch, model.config.in_channels, resolution, resolution), device=device)
     if channels_last:
         example = example.contiguous(memory_format=torch.channels_last)
+    zeros = torch.zeros(micro_batch, dtype=torch.long, device=device)
+    labels = zeros if num_classes(model) is not None else None  # a class-conditional UNet needs its labels
     model.compile()
     try:
         with accelerator.autocast():
-            output = model(example, torch.zeros(micro_batch, dtype=torch.long, device=device)).sample
+            output = model(example, zeros, class_labels=labels).sample
         output.float().square().mean().backward()
         return True
     except Exception as error:

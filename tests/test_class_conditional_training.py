@@ -384,3 +384,14 @@ def test_the_bound_of_a_conditional_model_is_that_of_its_null_label():
     with torch.no_grad():
         unet.class_embedding.weight[3].add_(3.0)  # the null label, id K = 3
     assert bits_per_dim(unet, scheduler, images, progress=False)["bits_per_dim"] != before["bits_per_dim"]
+
+
+def test_compiling_a_conditional_unet_checks_it_with_labels(tmp_path, micro_unet_config, train_in_process, monkeypatch):
+    """--compile runs one forward/backward to catch a failing compiler; that check must give a conditional UNet its
+    labels, or every conditional run on a GPU would fall back to eager mode."""
+    import warnings
+
+    monkeypatch.setattr(torch, "compile", lambda fn, *args, **kwargs: fn)  # "compiles" at once, runs eagerly
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile failed", category=RuntimeWarning)
+        train_in_process(**quick_options(tmp_path / "run", micro_unet_config, class_conditional=True, compile="yes", max_train_steps=1))
