@@ -45,7 +45,7 @@ _SAMPLE_GRID_NAME = re.compile(r"step_(\d+)\.png")
 # eval.json: the latest FID run at the top level, the latest bound and sweep in their own sections.
 # Every FID result carries these keys, whoever computed it (`ddpm-hf evaluate` or --eval_every): the model
 # card reads them.
-EVAL_SECTIONS = ("nll", "sweep")
+EVAL_SECTIONS = ("nll", "sweep", "guidance_sweep")
 FID_RESULT_KEYS = ("fid", "num_samples", "scheduler", "steps", "nfe", "seed", "reference")
 
 
