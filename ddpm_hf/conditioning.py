@@ -51,8 +51,15 @@ def packaged_pipeline_file(filename: str) -> Path | None:
 
 def num_classes(unet) -> int | None:
     """K, the classes a UNet was trained on (its last class embedding is the null label), or None if unconditional."""
-    embeds = unet.config.get("num_class_embeds")
+    config = getattr(unet, "config", None)  # any network: stand-ins in tests, wrappers, UNet2DModel
+    embeds = config.get("num_class_embeds") if isinstance(config, dict) else getattr(config, "num_class_embeds", None)
     return embeds - 1 if embeds else None
+
+
+def class_label_arguments(labels: torch.Tensor | None) -> dict:
+    """The keyword arguments that give `labels` to a network: none for an unconditional one, whose forward may not
+    take `class_labels` at all."""
+    return {"class_labels": labels} if labels is not None else {}
 
 
 def check_guidance(unet, guidance_scale: float | None, class_labels=None) -> float:

@@ -32,7 +32,7 @@ import math
 import numpy as np
 import torch
 
-from .conditioning import num_classes
+from .conditioning import class_label_arguments, num_classes
 from .errors import UserError
 
 FIXED_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
@@ -215,7 +215,7 @@ class DiffusionTerms:
         timesteps = torch.full((x_0.shape[0],), t, device=parameter.device, dtype=torch.long)
         classes = num_classes(unet)  # a class-conditional UNet is scored as the unconditional model of its null label
         labels = torch.full_like(timesteps, classes) if classes is not None else None
-        model_output = unet(x_t.to(parameter.device, parameter.dtype), timesteps, class_labels=labels).sample.to(x_0.device)
+        model_output = unet(x_t.to(parameter.device, parameter.dtype), timesteps, **class_label_arguments(labels)).sample.to(x_0.device)
         return self.vb_term(model_output, x_0, x_t, t)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .conditioning import ClassConditioned, drop_labels, num_classes
+from .conditioning import ClassConditioned, class_label_arguments, drop_labels, num_classes
 from .config import TrainingConfig, non_resumable_changes
 from .distributed import leave_process_group
 from .errors import UserError
@@ -805,7 +805,7 @@ def _compile_or_fall_back(model, micro_batch: int, resolution: int, channels_las
     model.compile()
     try:
         with accelerator.autocast():
-            output = model(example, zeros, class_labels=labels).sample
+            output = model(example, zeros, **class_label_arguments(labels)).sample
         output.float().square().mean().backward()
         return True
     except Exception as error:

@@ -23,7 +23,7 @@ import torch
 
 from .arguments import bounded, local_path_or_hub_id, output_file
 from .arguments import device as device_type
-from .conditioning import balanced_labels, num_classes
+from .conditioning import balanced_labels, class_label_arguments, num_classes
 from .errors import UserError
 from .run_folder import LOSS_FIGURE, PROGRESS_FIGURE, RunFolder
 from .sampling import SAMPLER_CHOICES
@@ -224,7 +224,7 @@ def reverse_chain(unet, scheduler, seeds, num_inference_steps: int, timesteps=FO
     classes = num_classes(unet)  # a class-conditional UNet draws seed number i as class i mod K (no guidance)
     labels = torch.tensor(balanced_labels(classes, len(seeds)), device=device) if classes is not None else None
     for t in scheduler.timesteps:
-        model_output = unet(x, t, class_labels=labels).sample
+        model_output = unet(x, t, **class_label_arguments(labels)).sample
         step = scheduler.step(model_output, t, x, generator=generators)
         if int(t) in shown:
             recorded_x.append(x.float().cpu())
