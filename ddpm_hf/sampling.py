@@ -286,6 +286,8 @@ def run_sample(args) -> None:
     if classes is not None:  # the classes share the images in blocks, one row per class when they divide evenly
         names = class_names_of(DDPMPipeline.load_config(args.model, revision=args.revision))
         ids = class_ids(args.class_labels.split(",") if args.class_labels else range(classes), classes, names)
+        if args.num_images < len(ids):
+            raise UserError(f"--num_images {args.num_images} is fewer than the {len(ids)} classes asked for: give at least {len(ids)}, one per class.")
         labels = labels_in_blocks(ids, args.num_images)
         if args.num_images % len(ids) == 0:
             shape = (len(ids), args.num_images // len(ids))

@@ -233,6 +233,7 @@ def test_sample_cli_draws_the_classes_asked_in_rows(conditional_run, tmp_path, c
     [
         (["--class_labels", "tiger"], "--class_labels: unknown class 'tiger'. Known classes: airplane, automobile"),
         (["--class_labels", "cat,12"], "class id 12 is out of range: this model has 10 classes, ids 0..9"),
+        (["--class_labels", "cat,dog,ship"], "--num_images 2 is fewer than the 3 classes asked for"),
     ],
 )
 def test_sample_refuses_unknown_classes_in_one_line(conditional_run, tmp_path, capsys, arguments, message):
