@@ -29,7 +29,7 @@ import torch
 
 from .arguments import bounded, local_path_or_hub_id, output_file, output_folder
 from .arguments import device as device_type
-from .conditioning import balanced_labels, check_guidance, class_names_of, num_classes
+from .conditioning import balanced_labels, check_guidance, num_classes
 from .distributed import DEFAULT_TIMEOUT_S, leave_process_group, process_device
 from .errors import UserError
 from .fid import (
@@ -51,7 +51,7 @@ from .fid import (
     stats_cache_path,
 )
 from .run_folder import RunFolder
-from .sampling import SAMPLERS, TIMESTEP_SPACINGS, Sampler, generate_images, load_pipeline, make_sampler
+from .sampling import SAMPLERS, TIMESTEP_SPACINGS, Sampler, generate_images, load_pipeline, make_sampler, model_class_names
 
 KID_FEATURES = 5000  # feature rows kept per set for KID (subsets of 1000, as in Binkowski et al.)
 
@@ -448,13 +448,6 @@ def _reference_description(reference: FIDStatistics, spec: str, split: str) -> d
         "resolution": reference.info.get("resolution"),
         "file": reference.info.get("file"),
     }
-
-
-def model_class_names(model: str, revision: str | None = None) -> list[str] | None:
-    """The class names a class-conditional pipeline's model_index.json lists, if any."""
-    from diffusers import DDPMPipeline
-
-    return class_names_of(DDPMPipeline.load_config(model, revision=revision))
 
 
 def _evaluate_runs(

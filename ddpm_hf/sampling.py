@@ -214,7 +214,8 @@ def sample_grid(unet, scheduler, num_images: int, steps: int, seed: int, sampler
     shape = grid_shape(num_images)
     if classes is not None:
         per_class = math.ceil(num_images / classes)
-        labels, num_images, shape = [k for k in range(classes) for _ in range(per_class)], classes * per_class, (classes, per_class)
+        num_images, shape = classes * per_class, (classes, per_class)
+        labels = labels_in_blocks(range(classes), num_images)
     processes = state.num_processes if state is not None else 1
     images = gather_images(unet, chosen, num_images, seed, batch_size or math.ceil(num_images / processes), state=state, class_labels=labels)
     return None if images is None else make_image_grid(to_pil(images), *shape)
@@ -264,12 +265,18 @@ def load_pipeline(model: str, scheduler: str = "ddpm", device: str | None = None
     return pipeline.to(device)
 
 
+def model_class_names(model: str, revision: str | None = None) -> list[str] | None:
+    """The class names of a class-conditional pipeline (folder or Hub id), from its model_index.json's id2label."""
+    from diffusers import DDPMPipeline
+
+    return class_names_of(DDPMPipeline.load_config(model, revision=revision))
+
+
 def run_sample(args) -> None:
     """`ddpm-hf sample`, on every process of a torchrun / `accelerate launch` run: each samples its share, the main
     process writes the grid (and the single images)."""
     import time
 
-    from diffusers import DDPMPipeline
     from diffusers.utils import make_image_grid
 
     from .distributed import process_device, process_state
@@ -284,7 +291,7 @@ def run_sample(args) -> None:
     labels, shape, chosen_classes = None, grid_shape(args.num_images), ""
     classes = num_classes(pipeline.unet)
     if classes is not None:  # the classes share the images in blocks, one row per class when they divide evenly
-        names = class_names_of(DDPMPipeline.load_config(args.model, revision=args.revision))
+        names = model_class_names(args.model, args.revision)
         ids = class_ids(args.class_labels.split(",") if args.class_labels else range(classes), classes, names)
         if args.num_images < len(ids):
             raise UserError(f"--num_images {args.num_images} is fewer than the {len(ids)} classes asked for: give at least {len(ids)}, one per class.")
