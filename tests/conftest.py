@@ -124,6 +124,21 @@ def train_in_process():
     GradientState._reset_state()
 
 
+def offline_env(**extra) -> dict:
+    """The environment of a subprocess that runs our commands: offline (no Hub), one thread per process, this
+    checkout importable, no Hub token; `extra` adds variables (DDPM_HF_CACHE=...)."""
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT, **extra)
+    env.pop("HF_TOKEN", None)
+    return env
+
+
+def as_flags(options: dict) -> list[str]:
+    """{"max_train_steps": 4, ...} -> ["--max_train_steps", "4", ...]: options as a command line."""
+    return [word for name, value in options.items() for word in (f"--{name}", str(value))]
+
+
 def quick_options(output_dir, model_config, **overrides):
     """Options of a few-second run on the built-in CIFAR-10 subset at 16x16."""
     options = dict(

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import MICRO_UNET, REPO_ROOT, quick_options
+from conftest import MICRO_UNET, REPO_ROOT, as_flags, offline_env, quick_options
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -328,19 +328,18 @@ def test_two_process_conditional_training_resumes_exactly_and_samples_as_one_pro
     same weights (labels and their dropout are drawn per step, whatever the process); `ddpm-hf sample --class_labels`
     writes the same files on one and on two processes."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
 
     def launch(processes, arguments, module=False):
         target = ["-m", "ddpm_hf"] if module else [os.path.join(REPO_ROOT, "train_ddpm.py")]
         command = [sys.executable, *target] if processes == 1 else [torchrun, "--standalone", "--nproc_per_node", str(processes), *target]
-        result = subprocess.run([*command, *arguments], capture_output=True, text=True, env=env, timeout=600)
+        result = subprocess.run([*command, *arguments], capture_output=True, text=True, env=offline_env(), timeout=600)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         return result
 
     def training(output_dir, *extra):
         options = quick_options(output_dir, micro_unet_config, class_conditional=True, label_dropout=0.3, max_train_steps=4, checkpoint_every=2, checkpoints_total_limit=2,
                                 random_flip=True, dropout=0.1)  # fmt: skip
-        return [word for name, value in options.items() for word in (f"--{name}", str(value))] + list(extra)
+        return as_flags(options) + list(extra)
 
     launch(2, training(tmp_path / "straight"))
     resumed = launch(2, training(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoints" / "checkpoint-0000002")))

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT, quick_options
+from conftest import REPO_ROOT, as_flags, offline_env, quick_options
 
 from ddpm_hf.config import parse_training_config
 from ddpm_hf.diffusers_example_options import ALIASES, ALREADY_SO, MAPPED, REFUSED
@@ -135,8 +135,7 @@ def test_accelerate_config_decides_mixed_precision_unless_the_flag_is_given(tmp_
         str(config_file),
         os.path.join(REPO_ROOT, "train_ddpm.py"),
     ]
-    command += [word for key, value in options.items() for word in (f"--{key}", str(value))] + flag
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    command += as_flags(options) + flag
+    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((output_dir / "training_config.json").read_text())["mixed_precision"] == expected

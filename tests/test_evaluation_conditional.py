@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import offline_env
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
@@ -330,8 +331,7 @@ def test_two_processes_find_the_fid_and_per_class_fid_of_one(tmp_path):
         STAND_IN
         + "\n\nimport sys\n\nfrom ddpm_hf import fid\nfrom ddpm_hf.cli import main\n\nfid.load_inception = stand_in_inception\nsys.exit(main(sys.argv[1:]))\n"
     )
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), DDPM_HF_CACHE=str(tmp_path / "cache"))
-    env.pop("HF_TOKEN", None)
+    env = offline_env(DDPM_HF_CACHE=str(tmp_path / "cache"))
     results = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"

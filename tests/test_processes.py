@@ -13,17 +13,11 @@ import time
 
 import pytest
 import torch
-from conftest import MICRO_UNET, REPO_ROOT
+from conftest import MICRO_UNET, REPO_ROOT, as_flags, offline_env
 
 from ddpm_hf.run_folder import RunFolder
 
 pytestmark = pytest.mark.slow
-
-
-def env(**extra) -> dict:
-    values = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT, **extra)
-    values.pop("HF_TOKEN", None)
-    return values
 
 
 def launch(processes: int, arguments: list[str], module: bool = True) -> list[str]:
@@ -36,7 +30,7 @@ def launch(processes: int, arguments: list[str], module: bool = True) -> list[st
 
 
 def run(processes: int, arguments: list[str], module: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(launch(processes, arguments, module), capture_output=True, text=True, env=env(), timeout=timeout)
+    result = subprocess.run(launch(processes, arguments, module), capture_output=True, text=True, env=offline_env(), timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -96,7 +90,7 @@ def training_arguments(workspace, output_dir, **overrides) -> list[str]:
         sample_steps=4, num_sample_images=4, eval_every=2, eval_num_samples=8,
     )  # fmt: skip
     options.update(overrides)
-    return [word for name, value in options.items() for word in (f"--{name}", str(value))]
+    return as_flags(options)
 
 
 def test_two_process_training_evaluates_once_and_matches_a_one_process_evaluate(workspace, tmp_path):
@@ -117,7 +111,9 @@ def test_two_process_training_evaluates_once_and_matches_a_one_process_evaluate(
 def test_a_killed_process_ends_the_run_and_it_resumes_from_the_last_complete_checkpoint(workspace, tmp_path):
     output_dir = tmp_path / "run"
     arguments = training_arguments(workspace, output_dir, max_train_steps=100_000, checkpoint_every=3, eval_every=0, ddp_timeout=30, checkpoints_total_limit=2)
-    process = subprocess.Popen(launch(2, arguments, module=False), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True)
+    process = subprocess.Popen(
+        launch(2, arguments, module=False), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offline_env(), start_new_session=True
+    )
     try:
         deadline = time.time() + 300
         while len(RunFolder(output_dir).checkpoints()) < 2:  # two complete checkpoints, training goes on

@@ -13,18 +13,12 @@ import time
 
 import pytest
 import torch
-from conftest import MICRO_UNET, REPO_ROOT, quick_options
+from conftest import MICRO_UNET, REPO_ROOT, offline_env, quick_options
 from safetensors.torch import load_file
 
 from ddpm_hf.errors import UserError
 
 STEPS = 8
-
-
-def _env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
-    env.pop("HF_TOKEN", None)
-    return env
 
 
 def _command(output_dir, unet_json, *extra):
@@ -74,7 +68,7 @@ def _assert_same_weights(a, b):
 
 def _start_and_signal(command, when, sig, timeout=600):
     """Start training, poll until when() is true, send sig; return the finished process and its output."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=offline_env())
     deadline = time.monotonic() + timeout
     while not when():
         assert process.poll() is None, "training ended before the moment to interrupt it: " + process.stderr.read()[-2000:]
@@ -91,7 +85,7 @@ def reference_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     unet_json = tmp / "unet.json"
     unet_json.write_text(json.dumps(MICRO_UNET))
-    result = subprocess.run(_command(tmp / "out", unet_json), capture_output=True, text=True, env=_env(), timeout=600)
+    result = subprocess.run(_command(tmp / "out", unet_json), capture_output=True, text=True, env=offline_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return unet_json, _final_weights(tmp / "out")
 
@@ -111,7 +105,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, reference_ru
 
     code, _, _ = _start_and_signal(_command(output_dir, unet_json), locals()[moment], signal.SIGKILL)
     assert code == -signal.SIGKILL
-    resumed = subprocess.run(_command(output_dir, unet_json, "--resume_from_checkpoint", "latest"), capture_output=True, text=True, env=_env(), timeout=600)
+    resumed = subprocess.run(
+        _command(output_dir, unet_json, "--resume_from_checkpoint", "latest"), capture_output=True, text=True, env=offline_env(), timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout
     _assert_same_weights(_final_weights(output_dir), reference)
@@ -133,7 +129,9 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, reference_
     assert len(message) == 1 and "--resume_from_checkpoint latest" in message[0]
     stopped_at = int(message[0].split(" at step ")[1].split(";")[0])
     assert 3 <= stopped_at < STEPS and (output_dir / "checkpoints" / f"checkpoint-{stopped_at:07d}").is_dir()
-    resumed = subprocess.run(_command(output_dir, unet_json, "--resume_from_checkpoint", "latest"), capture_output=True, text=True, env=_env(), timeout=600)
+    resumed = subprocess.run(
+        _command(output_dir, unet_json, "--resume_from_checkpoint", "latest"), capture_output=True, text=True, env=offline_env(), timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_weights(_final_weights(output_dir), reference)
     steps_logged = [json.loads(line)["step"] for line in history.read_text().splitlines()]
@@ -228,7 +226,7 @@ def test_bad_input_is_explained_and_writes_nothing(tmp_path, micro_unet_config, 
 )
 def test_entry_point_prints_one_line_and_exits_2(tmp_path, argv, message):
     command = [sys.executable, os.path.join(REPO_ROOT, "train_ddpm.py"), "--preset", "quickstart", "--output_dir", str(tmp_path / "out"), *argv]
-    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=300)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and message in lines[-1] and "Traceback" not in result.stderr

@@ -8,17 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_CIFAR10, quick_options
+from conftest import REPO_ROOT, SHARED_CIFAR10, offline_env, quick_options
 from PIL import Image
 from safetensors.torch import load_file
 
 from ddpm_hf.errors import UserError
-
-
-def _subprocess_env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
-    env.pop("HF_TOKEN", None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def trained_output(tmp_path_factory):
         "--hub_token",
         "hf_never_written_anywhere",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(), timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir
 
@@ -113,13 +107,13 @@ def test_sample_cli_writes_a_grid(trained_output, tmp_path):
         "--out",
         str(out),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(), timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     from PIL import Image
 
     assert Image.open(out).size == (32, 32)  # 2 x 2 grid of 16 x 16
     bad = subprocess.run(
-        [sys.executable, "-m", "ddpm_hf.cli", "sample", "--model", str(tmp_path), "--out", str(out)], capture_output=True, text=True, env=_subprocess_env()
+        [sys.executable, "-m", "ddpm_hf.cli", "sample", "--model", str(tmp_path), "--out", str(out)], capture_output=True, text=True, env=offline_env()
     )
     assert bad.returncode == 2 and "not a saved pipeline" in bad.stderr
 
@@ -206,7 +200,7 @@ def test_two_processes_keep_identical_weights_and_write_one_output(tmp_path, mic
         "--logging_steps",
         "2",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(), timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Weights are identical on all 2 processes." in result.stdout
     assert "2 processes x 1 accumulation x 4" in result.stdout
