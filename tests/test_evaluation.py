@@ -20,7 +20,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 from PIL import Image
 
-from ddpm_hf import evaluation, fid, nll
+from ddpm_hf import evaluation, evaluation_cli, evaluation_sweeps, fid, nll
 from ddpm_hf.cli import OneLineErrorParser
 from ddpm_hf.errors import UserError
 from ddpm_hf.losses import DDPMLoss
@@ -40,7 +40,7 @@ def private_cache(tmp_path, monkeypatch):
 def cli(*argv: str) -> None:
     """Run `ddpm-hf <argv>` through this module's own subcommands."""
     parser = OneLineErrorParser(prog="ddpm-hf")
-    evaluation.add_cli(parser.add_subparsers(dest="command", parser_class=OneLineErrorParser))
+    evaluation_cli.add_cli(parser.add_subparsers(dest="command", parser_class=OneLineErrorParser))
     args = parser.parse_args(list(argv))
     args.func(args)
 
@@ -343,7 +343,7 @@ def test_evaluate_fid_writes_eval_json_into_the_model_folder(tmp_path, capsys):
 
 def test_command_line_mistakes_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="SAMPLER:STEPS"):
-        evaluation.parse_sweep("ddpm:1000,euler:10")
+        evaluation_sweeps.parse_sweep("ddpm:1000,euler:10")
     with pytest.raises(UserError, match="needs --steps"):
         resolve_sampler("ddim", None, 1000)
     with pytest.raises(UserError, match="between 1 and"):
@@ -358,9 +358,9 @@ def test_command_line_mistakes_are_user_errors(tmp_path):
         cli("fid", missing, missing)
     with pytest.raises(UserError, match=f"^--reference {re.escape(missing)}: no such file or folder"):
         evaluation.FIDEvaluator(missing, device="cpu")
-    assert evaluation.parse_sweep("ddpm:1000, ddim:50") == [("ddpm", 1000), ("ddim", 50)]
-    assert evaluation.default_output_dir("google/ddpm-cifar10-32") == "eval-google--ddpm-cifar10-32"
-    assert evaluation.default_output_dir(str(tmp_path)) == str(tmp_path)
+    assert evaluation_sweeps.parse_sweep("ddpm:1000, ddim:50") == [("ddpm", 1000), ("ddim", 50)]
+    assert evaluation_cli.default_output_dir("google/ddpm-cifar10-32") == "eval-google--ddpm-cifar10-32"
+    assert evaluation_cli.default_output_dir(str(tmp_path)) == str(tmp_path)
 
 
 def test_an_uncached_reference_alias_offline_says_how_to_cache_it(monkeypatch):
@@ -503,9 +503,9 @@ def test_subcommands_are_registered_with_ddpm_hf():
     from ddpm_hf.cli import build_parser
 
     parser = build_parser()
-    assert parser.parse_args(["evaluate", "--model", "m"]).func is evaluation.run_evaluate
-    assert parser.parse_args(["fid", "a", "b"]).func is evaluation.run_fid
-    assert parser.parse_args(["fid-stats", "--dataset", "d"]).func is evaluation.run_fid_stats
+    assert parser.parse_args(["evaluate", "--model", "m"]).func is evaluation_cli.run_evaluate
+    assert parser.parse_args(["fid", "a", "b"]).func is evaluation_cli.run_fid
+    assert parser.parse_args(["fid-stats", "--dataset", "d"]).func is evaluation_cli.run_fid_stats
 
 
 def test_the_documented_calibration_is_the_recorded_run_of_todays_protocol():
@@ -529,9 +529,9 @@ def test_the_documented_calibration_is_the_recorded_run_of_todays_protocol():
 
 
 def test_the_small_sample_caveat_matches_the_sample_count(capsys):
-    evaluation.note_small_sample_bias(100)
+    evaluation_cli.note_small_sample_bias(100)
     assert "fewer than 2048 images" in capsys.readouterr().out
-    evaluation.note_small_sample_bias(10_000)
+    evaluation_cli.note_small_sample_bias(10_000)
     assert "compare only with FIDs of 10,000 samples" in capsys.readouterr().out
-    evaluation.note_small_sample_bias(50_000)
+    evaluation_cli.note_small_sample_bias(50_000)
     assert capsys.readouterr().out == ""
