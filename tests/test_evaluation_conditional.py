@@ -210,8 +210,8 @@ def test_evaluate_records_guidance_and_per_class_fid(tmp_path, capsys):
 def test_an_unconditional_models_eval_json_is_unchanged(tmp_path):
     model = save_model(tmp_path / "model", classes=None)
     out = tmp_path / "out"
-    cli("evaluate", "--model", model, "--num_samples", "4", "--scheduler", "ddim", "--steps", "2", "--batch_size", "4",
-        "--reference", image_folder(tmp_path / "reference"), "--output", str(out), "--device", "cpu")  # fmt: skip
+    sampling = ["--num_samples", "4", "--scheduler", "ddim", "--steps", "2", "--batch_size", "4"]
+    cli("evaluate", "--model", model, *sampling, "--reference", image_folder(tmp_path / "reference"), "--output", str(out), "--device", "cpu")
     result = json.loads((out / "eval.json").read_text())
     assert math.isfinite(result["fid"])
     assert not {"guidance_scale", "class_balanced", "num_classes", "per_class_fid", "per_class_reference_images"} & set(result)
