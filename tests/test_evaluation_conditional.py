@@ -1,5 +1,5 @@
-"""FID of class-conditional models (ddpm_hf/evaluation.py): balanced classes, the guidance scale, per-class FID, the
-guidance sweep, and the same numbers on one and two processes.
+"""FID of class-conditional models (ddpm_hf/evaluation.py, evaluation_per_class.py, evaluation_sweeps.py): balanced
+classes, the guidance scale, per-class FID, the guidance sweep, and the same numbers on one and two processes.
 
 The FID Inception network takes seconds per few images on two CPU cores, so these tests replace it by a stand-in
 (tests/inception_stand_in.py: 2048 fixed random projections of the 8 x 8 average-pooled input that
