@@ -44,8 +44,8 @@ def prepare(folder: str, resolution: int) -> tuple[str, str]:
 
 
 def evaluate(processes: int, model: str, reference: str, output: str, args) -> tuple[float, dict]:
-    arguments = ["evaluate", "--model", model, "--reference", reference, "--output", output, "--device", "cpu", "--num_samples", str(args.num_samples),
-                 "--scheduler", "ddim", "--steps", str(args.steps), "--batch_size", str(args.batch_size)]  # fmt: skip
+    arguments = ["evaluate", "--model", model, "--reference", reference, "--output", output, "--device", "cpu"]
+    arguments += ["--num_samples", str(args.num_samples), "--scheduler", "ddim", "--steps", str(args.steps), "--batch_size", str(args.batch_size)]
     if processes == 1:
         command = [sys.executable, "-m", "ddpm_hf", *arguments]
     else:

@@ -13,8 +13,14 @@ The core, in the order data flows (read these first):
     distributed.py  heavy work split over Accelerate's processes: chunks by index, per-item seeds, merging
 
 The tools around a trained pipeline (`ddpm-hf COMMAND`, registered in cli.py):
-    evaluation.py   `evaluate`, `fid`, `fid-stats` (fid.py: Inception features, inception_weights.py: where
-                    the network file comes from; nll.py: bits/dim)
+    evaluation.py   what `ddpm-hf evaluate` computes, spread over processes: EvaluateOptions (a field per
+                    option), FIDEvaluator and fid_result (also training's --eval_every), the bound's run; beside it
+        evaluation_cli.py        `evaluate`, `fid`, `fid-stats`: the command line, what they print and write
+        evaluation_sweeps.py     FID against the sampler or the guidance scale: what a sweep varies, table, plot
+        evaluation_per_class.py  per-class FID: labelled reference images and the statistics of each class
+        fid.py                   Inception features, statistics, FID and KID, reference sets (aliases resolved)
+        inception_weights.py     where the Inception network file comes from
+        nll.py                   the terms of the variational bound, in bits/dim
     hub.py          `push`, the model card and pushes during training
     visualize.py    `visualize`, the loss and progress figures (mistakes.py: the tutorial's four mistakes)
     arguments.py    what an option's value may be: bounds, kinds of path, Hub id or local path

@@ -58,6 +58,51 @@ REFERENCE_ALIASES = {
 ALIAS_RESOLUTIONS = {"cifar10-train": 32, "cifar10-test": 32}
 
 
+@dataclass(frozen=True)
+class ReferenceSet:
+    """What a reference names once its alias is resolved (`resolve_reference`): a statistics file, a folder of images
+    or a dataset split."""
+
+    spec: str  # as the user gave it: an alias, a path, a Hub id
+    source: str  # the statistics file, image folder or dataset it names
+    split: str
+    resolution: int | None  # an alias's own image size, else the one asked for (None: the images' own)
+    alias: str | None = None  # `spec` when it is an alias
+
+    @property
+    def is_statistics(self) -> bool:
+        return self.source.endswith(".npz")
+
+    def is_image_folder(self) -> bool:
+        return is_image_folder(self.source)
+
+
+def resolve_reference(
+    spec: str,
+    split: str = "train",
+    resolution: int | None = None,
+    option: str = "--reference",
+    resolution_option: str | None = None,
+    labelled: bool = False,
+) -> ReferenceSet:
+    """The one reader of REFERENCE_ALIASES: `spec` (an alias, a `.npz` file, a folder of images or a dataset) as the
+    set it names. An alias names a dataset split at its own resolution, so another `resolution` is a one-line error:
+    `resolution_option` is the option that asked for it (None: the model's image size), `option` names `spec` as the
+    user gave it, and `labelled` (per-class FID) leaves statistics files out of the advice."""
+    if spec not in REFERENCE_ALIASES:
+        return ReferenceSet(spec, spec, split, resolution)
+    (source, split), native = REFERENCE_ALIASES[spec], ALIAS_RESOLUTIONS[spec]
+    if resolution not in (None, native):
+        if resolution_option is not None:
+            raise UserError(f"{option} {spec} holds {native}x{native} images; drop {resolution_option} or pass the dataset itself.")
+        instead = "a dataset" if labelled else "a dataset or statistics"
+        raise UserError(
+            f"the reference {spec} holds {native}x{native} images but the images to compare are {resolution}x{resolution}. "
+            f"Pass {option} with {instead} at {resolution}x{resolution}."
+        )
+    return ReferenceSet(spec, source, split, native, alias=spec)
+
+
 # ---------------------------------------------------------------------------------------------
 # The feature network
 # ---------------------------------------------------------------------------------------------
@@ -552,24 +597,20 @@ def resolve_statistics(
     recompute: bool = False,
     option: str = "--dataset",
     state=None,
+    resolution_option: str | None = None,
 ) -> FIDStatistics:
     """Statistics of a `.npz` file, a reference alias (cifar10-train), a dataset (cached) or an image folder (not cached).
 
     Dataset statistics are cached under (dataset, split, resolution, protocol); `name` files them under
     another dataset name (e.g. the Hub id of a local copy); `recompute` ignores the cache; `option` is how
-    error messages name `source` (`PATH_A`, `--reference`, ...).
+    error messages name `source` (`PATH_A`, `--reference`, ...), `resolution_option` the option that chose
+    `resolution`, if one did (resolve_reference).
     """
-    if source.endswith(".npz"):
+    reference = resolve_reference(source, split, resolution, option, resolution_option)
+    if reference.is_statistics:
         return FIDStatistics.load(os.path.expanduser(source))
-    alias = None
-    if source in REFERENCE_ALIASES:
-        native = ALIAS_RESOLUTIONS[source]
-        if resolution is not None and resolution != native:
-            raise UserError(
-                f"the reference {source} holds {native}x{native} images but the images to compare are {resolution}x{resolution}. Pass --reference with a dataset or statistics at {resolution}x{resolution}."
-            )
-        alias, (source, split), resolution = source, REFERENCE_ALIASES[source], native
-    if is_image_folder(source):
+    alias, source, split, resolution = reference.alias, reference.source, reference.split, reference.resolution
+    if reference.is_image_folder():
         images = load_image_folder(source, resolution, max_images, progress)
         info = dict(source=os.path.abspath(os.path.expanduser(source)), resolution=int(images.shape[-1]))
         return compute_statistics(images, batch_size, device, keep_features, progress, desc="Inception features", info=info, extractor=extractor, state=state)

@@ -1,7 +1,9 @@
-"""Tests for FID/KID (ddpm_hf/fid.py), the bits/dim bound (ddpm_hf/nll.py) and `ddpm-hf evaluate` (ddpm_hf/evaluation.py).
+"""Tests for FID/KID (ddpm_hf/fid.py), the bits/dim bound (ddpm_hf/nll.py) and `ddpm-hf evaluate`, `fid` and `fid-stats`
+(ddpm_hf/evaluation.py, evaluation_cli.py, evaluation_sweeps.py).
 
-The Inception network runs at roughly 3-10 images/s on two CPU cores, so every test feeds it a
-few dozen images at most; the 50k-image calibration lives in scripts/fid_calibration.py.
+The Inception network runs at roughly 3-10 images/s on two CPU cores, so every test that needs it feeds it a
+few dozen images at most, and the tests of what surrounds it (sampling, eval.json, sweep files) use a stand-in
+(tests/inception_stand_in.py); the 50k-image calibration lives in scripts/fid_calibration.py.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import pytest
 import scipy.linalg
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
+from inception_stand_in import stand_in_inception
 from PIL import Image
 
-from ddpm_hf import evaluation, fid, nll
+from ddpm_hf import evaluation, evaluation_cli, evaluation_sweeps, fid, nll
 from ddpm_hf.cli import OneLineErrorParser
 from ddpm_hf.errors import UserError
 from ddpm_hf.losses import DDPMLoss
@@ -37,10 +40,16 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture
+def inception_stand_in(monkeypatch):
+    """Tests of what surrounds the network (sampling, eval.json, sweep files) run on tests/inception_stand_in.py."""
+    monkeypatch.setattr(fid, "load_inception", stand_in_inception)
+
+
 def cli(*argv: str) -> None:
     """Run `ddpm-hf <argv>` through this module's own subcommands."""
     parser = OneLineErrorParser(prog="ddpm-hf")
-    evaluation.add_cli(parser.add_subparsers(dest="command", parser_class=OneLineErrorParser))
+    evaluation_cli.add_cli(parser.add_subparsers(dest="command", parser_class=OneLineErrorParser))
     args = parser.parse_args(list(argv))
     args.func(args)
 
@@ -217,19 +226,17 @@ def test_inception_features_are_deterministic_and_independent_of_batch_size():
 @pytest.mark.slow
 @needs_cifar10
 def test_fid_real_vs_noise_is_far_larger_than_real_vs_real():
-    real = fid.load_dataset_images(str(CIFAR10), "test", 32, max_images=128, progress=False)
+    real = fid.load_dataset_images(str(CIFAR10), "test", 32, max_images=64, progress=False)
     extractor = fid.InceptionFeatures("cpu")
-    features = {
-        name: torch.cat([extractor(images[i : i + 32]) for i in range(0, 64, 32)])
-        for name, images in (("a", real[:64]), ("b", real[64:]), ("noise", noise_images(64)))
-    }
+    features = {name: extractor(images) for name, images in (("a", real[:32]), ("b", real[32:]), ("noise", noise_images(32)))}
     stats = {name: fid.statistics_of_features(f) for name, f in features.items()}
     real_vs_real, real_vs_noise = fid.fid_from_statistics(stats["a"], stats["b"]), fid.fid_from_statistics(stats["a"], stats["noise"])
-    # With 64 images per set FID is biased upwards (real vs real ~200, vs ~3 with 10k vs 50k), but noise is still far farther.
+    # With 32 images per set FID is biased upwards (real vs real ~240, vs ~3 with 10k vs 50k), but noise is still far
+    # farther (~520).
     assert real_vs_noise > 2 * real_vs_real and real_vs_noise > 350, (real_vs_real, real_vs_noise)
     # KID is unbiased: ~0 for two halves of the test set, large for noise.
-    kid_real, _ = fid.kernel_inception_distance(features["a"].numpy(), features["b"].numpy(), num_subsets=1, subset_size=64)
-    kid_noise, _ = fid.kernel_inception_distance(features["a"].numpy(), features["noise"].numpy(), num_subsets=1, subset_size=64)
+    kid_real, _ = fid.kernel_inception_distance(features["a"].numpy(), features["b"].numpy(), num_subsets=1, subset_size=32)
+    kid_noise, _ = fid.kernel_inception_distance(features["a"].numpy(), features["noise"].numpy(), num_subsets=1, subset_size=32)
     assert abs(kid_real) < 0.05 and kid_noise > 0.3, (kid_real, kid_noise)
 
 
@@ -239,24 +246,26 @@ def test_fid_real_vs_noise_is_far_larger_than_real_vs_real():
 
 
 def test_fid_stats_caches_and_fid_compares_folders_and_statistics(tmp_path, capsys):
-    cli("fid-stats", "--dataset", "builtin:cifar10-1k", "--max_images", "8", "--resolution", "32", "--batch_size", "8", "--device", "cpu")
-    cached = fid.stats_cache_path("builtin:cifar10-1k", "train", 32, max_images=8)
+    cli("fid-stats", "--dataset", "builtin:cifar10-1k", "--max_images", "4", "--resolution", "32", "--batch_size", "4", "--device", "cpu")
+    cached = fid.stats_cache_path("builtin:cifar10-1k", "train", 32, max_images=4)
     assert os.path.isfile(cached) and cached.startswith(str(tmp_path / "cache"))
     assert "cached at" in capsys.readouterr().out
-    cli("fid-stats", "--dataset", "builtin:cifar10-1k", "--max_images", "8", "--resolution", "32", "--device", "cpu")
+    cli("fid-stats", "--dataset", "builtin:cifar10-1k", "--max_images", "4", "--resolution", "32", "--device", "cpu")
     assert "already cached" in capsys.readouterr().out
 
-    # The same 8 images as PNG files: FID against their cached statistics is ~0, against noise it is not.
-    same = save_pngs(cifar_images(8), tmp_path / "same")
-    noise = save_pngs(noise_images(8), tmp_path / "noise")
+    # The same 4 images as PNG files: FID against their cached statistics is ~0, against noise it is not.
+    same = save_pngs(cifar_images(4), tmp_path / "same")
+    noise = save_pngs(noise_images(4), tmp_path / "noise")
     cli("fid", str(same), cached, "--device", "cpu")
     out = capsys.readouterr().out
     assert float(out.split("FID:")[1].split()[0]) < 1e-2
-    assert "(8 vs 8 images)" in out and "strongly biased" in out  # 8 < 2048 images: the caveat is printed
+    assert "(4 vs 4 images)" in out and "strongly biased" in out  # 4 < 2048 images: the caveat is printed
     cli("fid", str(noise), cached, "--device", "cpu")
-    assert float(capsys.readouterr().out.split("FID:")[1].split()[0]) > 100
+    noise_fid = float(capsys.readouterr().out.split("FID:")[1].split()[0])
+    assert noise_fid > 100, noise_fid
 
 
+@pytest.mark.usefixtures("inception_stand_in")
 def test_fid_evaluator_samples_in_eval_mode_and_is_reproducible():
     torch.manual_seed(0)
     unet = build_unet("tiny", 16).train()
@@ -273,6 +282,7 @@ def test_fid_evaluator_samples_in_eval_mode_and_is_reproducible():
     assert len(modes) == 2 * 3  # DDIM with 3 steps (3 < T), twice
 
 
+@pytest.mark.usefixtures("inception_stand_in")
 def test_sweep_writes_table_plot_and_eval_json(tmp_path, capsys):
     model = tiny_pipeline(tmp_path / "model")
     reference = save_pngs(cifar_images(8, resolution=16), tmp_path / "reference")
@@ -308,6 +318,7 @@ def test_sweep_writes_table_plot_and_eval_json(tmp_path, capsys):
     assert "| ddim | 2 | 2 |" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("inception_stand_in")
 def test_evaluate_fid_writes_eval_json_into_the_model_folder(tmp_path, capsys):
     model = tiny_pipeline(tmp_path / "model")
     reference = save_pngs(cifar_images(6, resolution=16), tmp_path / "reference")
@@ -343,7 +354,7 @@ def test_evaluate_fid_writes_eval_json_into_the_model_folder(tmp_path, capsys):
 
 def test_command_line_mistakes_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="SAMPLER:STEPS"):
-        evaluation.parse_sweep("ddpm:1000,euler:10")
+        evaluation_sweeps.parse_sweep("ddpm:1000,euler:10")
     with pytest.raises(UserError, match="needs --steps"):
         resolve_sampler("ddim", None, 1000)
     with pytest.raises(UserError, match="between 1 and"):
@@ -358,9 +369,9 @@ def test_command_line_mistakes_are_user_errors(tmp_path):
         cli("fid", missing, missing)
     with pytest.raises(UserError, match=f"^--reference {re.escape(missing)}: no such file or folder"):
         evaluation.FIDEvaluator(missing, device="cpu")
-    assert evaluation.parse_sweep("ddpm:1000, ddim:50") == [("ddpm", 1000), ("ddim", 50)]
-    assert evaluation.default_output_dir("google/ddpm-cifar10-32") == "eval-google--ddpm-cifar10-32"
-    assert evaluation.default_output_dir(str(tmp_path)) == str(tmp_path)
+    assert evaluation_sweeps.parse_sweep("ddpm:1000, ddim:50") == [("ddpm", 1000), ("ddim", 50)]
+    assert evaluation_cli.default_output_dir("google/ddpm-cifar10-32") == "eval-google--ddpm-cifar10-32"
+    assert evaluation_cli.default_output_dir(str(tmp_path)) == str(tmp_path)
 
 
 def test_an_uncached_reference_alias_offline_says_how_to_cache_it(monkeypatch):
@@ -499,13 +510,57 @@ def test_small_sets_take_the_exact_low_rank_route():
     assert fid.fid_from_statistics(small, other) == pytest.approx(fid.frechet_distance(small.mu, small.sigma, other.mu, other.sigma), rel=1e-9)
 
 
+def test_reference_aliases_are_resolved_in_one_place(tmp_path, capsys):
+    """fid.resolve_reference names what a reference is for `evaluate`, `fid`, `fid-stats`, per-class FID and eval.json."""
+    assert fid.resolve_reference("cifar10-test", "train") == fid.ReferenceSet("cifar10-test", "uoft-cs/cifar10", "test", 32, alias="cifar10-test")
+    assert fid.resolve_reference("cifar10-train", resolution=32).resolution == 32
+    plain = fid.resolve_reference("user/data", "validation", 16)
+    assert plain == fid.ReferenceSet("user/data", "user/data", "validation", 16) and not plain.is_statistics and not plain.is_image_folder()
+    assert fid.resolve_reference("stats.npz").is_statistics
+    assert fid.resolve_reference(str(save_pngs(noise_images(1, 8), tmp_path / "folder"))).is_image_folder()
+    # An alias holds images of its own size: the error says what to do where the size came from.
+    with pytest.raises(
+        UserError,
+        match=r"^the reference cifar10-train holds 32x32 images but the images to compare are 16x16\. Pass --reference with a dataset or statistics at 16x16\.$",
+    ):
+        fid.resolve_reference("cifar10-train", resolution=16)  # evaluate: the model's image size
+    with pytest.raises(UserError, match=r"Pass --reference with a dataset at 16x16\.$"):
+        fid.resolve_reference("cifar10-train", resolution=16, labelled=True)  # per-class FID: statistics hold no classes
+    for command in (["fid", "cifar10-train", str(tmp_path / "folder")], ["fid-stats", "--dataset", "cifar10-train"]):
+        with pytest.raises(UserError, match=r"^(PATH_A|--dataset) cifar10-train holds 32x32 images; drop --resolution or pass the dataset itself\.$"):
+            cli(*command, "--resolution", "16")
+    # eval.json's reference_details of statistics that do not say where they come from: what the alias names.
+    unnamed = fid.statistics_of_features(np.random.default_rng(0).standard_normal((3, 8)))
+    details = evaluation._reference_description(unnamed, "cifar10-test", "train")
+    assert (details["spec"], details["dataset"], details["split"], details["num_images"]) == ("cifar10-test", "uoft-cs/cifar10", "test", 3)
+
+
+def test_evaluate_options_are_the_command_line_by_name():
+    """`ddpm-hf evaluate`'s options become one EvaluateOptions with the same defaults; clashes are refused in Python too."""
+    from ddpm_hf.cli import build_parser
+
+    parser = build_parser()
+    assert evaluation_cli.evaluate_options(parser.parse_args(["evaluate", "--model", "m"])) == evaluation.EvaluateOptions(model="m")
+    options = evaluation_cli.evaluate_options(parser.parse_args(["evaluate", "--model", "m", "--sweep", "ddpm:10,ddim:5", "--guidance_scale", "2"]))
+    assert options.sweep == [("ddpm", 10), ("ddim", 5)] and options.sweep_kind() is evaluation_sweeps.SAMPLER_SWEEP
+    assert options.runs() == [evaluation.Run("ddpm", 10, 2.0), evaluation.Run("ddim", 5, 2.0)]
+    options = evaluation.EvaluateOptions(model="m", scheduler="ddim", steps=4, guidance_sweep=[0, 1.5])
+    assert options.sweep_kind() is evaluation_sweeps.GUIDANCE_SWEEP and options.runs() == [evaluation.Run("ddim", 4, 0.0), evaluation.Run("ddim", 4, 1.5)]
+    assert evaluation.EvaluateOptions(model="m", guidance_scale=3).runs() == [evaluation.Run("ddpm", None, 3)]
+    with pytest.raises(UserError, match="--guidance_sweep and --sweep cannot be combined"):
+        evaluation.EvaluateOptions(model="m", sweep=[("ddim", 2)], guidance_sweep=[1.0])
+    # --ddp_timeout is an option of every run, not of the bound: it comes before the groups' options.
+    usage = parser._subparsers._group_actions[0].choices["evaluate"].format_usage()
+    assert usage.index("--ddp_timeout") < usage.index("--num_samples") < usage.index("--timestep_stride")
+
+
 def test_subcommands_are_registered_with_ddpm_hf():
     from ddpm_hf.cli import build_parser
 
     parser = build_parser()
-    assert parser.parse_args(["evaluate", "--model", "m"]).func is evaluation.run_evaluate
-    assert parser.parse_args(["fid", "a", "b"]).func is evaluation.run_fid
-    assert parser.parse_args(["fid-stats", "--dataset", "d"]).func is evaluation.run_fid_stats
+    assert parser.parse_args(["evaluate", "--model", "m"]).func is evaluation_cli.run_evaluate
+    assert parser.parse_args(["fid", "a", "b"]).func is evaluation_cli.run_fid
+    assert parser.parse_args(["fid-stats", "--dataset", "d"]).func is evaluation_cli.run_fid_stats
 
 
 def test_the_documented_calibration_is_the_recorded_run_of_todays_protocol():
@@ -529,9 +584,9 @@ def test_the_documented_calibration_is_the_recorded_run_of_todays_protocol():
 
 
 def test_the_small_sample_caveat_matches_the_sample_count(capsys):
-    evaluation.note_small_sample_bias(100)
+    evaluation_cli.note_small_sample_bias(100)
     assert "fewer than 2048 images" in capsys.readouterr().out
-    evaluation.note_small_sample_bias(10_000)
+    evaluation_cli.note_small_sample_bias(10_000)
     assert "compare only with FIDs of 10,000 samples" in capsys.readouterr().out
-    evaluation.note_small_sample_bias(50_000)
+    evaluation_cli.note_small_sample_bias(50_000)
     assert capsys.readouterr().out == ""

@@ -1,10 +1,10 @@
-"""FID of class-conditional models (ddpm_hf/evaluation.py): balanced classes, the guidance scale, per-class FID, the
-guidance sweep, and the same numbers on one and two processes.
+"""FID of class-conditional models (ddpm_hf/evaluation.py, evaluation_per_class.py, evaluation_sweeps.py): balanced
+classes, the guidance scale, per-class FID, the guidance sweep, and the same numbers on one and two processes.
 
 The FID Inception network takes seconds per few images on two CPU cores, so these tests replace it by a stand-in
-(`STAND_IN`): 2048 fixed random projections of the 8 x 8 average-pooled input that fid.InceptionFeatures would feed
-the network. Everything around it (sampling, labels, statistics, merging, FID, eval.json) is the real code; the
-network itself is tested in tests/test_evaluation.py.
+(tests/inception_stand_in.py: 2048 fixed random projections of the 8 x 8 average-pooled input that
+fid.InceptionFeatures would feed the network). Everything around it (sampling, labels, statistics, merging, FID,
+eval.json) is the real code; the network itself is tested in tests/test_evaluation.py.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import offline_env
 from diffusers import DDPMScheduler, UNet2DModel
+from inception_stand_in import stand_in_inception
 from PIL import Image
 
 from ddpm_hf import evaluation, fid
@@ -34,35 +35,12 @@ NAMES = ["cat", "dog", "cow"]
 K, SIZE = len(NAMES), 8
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# The stand-in network, as source: the in-process tests exec it, the two-process test's launcher too.
-STAND_IN = '''
-import torch
-
-
-class StandInInception(torch.nn.Module):
-    """N x 3 x 299 x 299 in (x - 128) / 128 -> N x 2048: fixed random projections of the 8 x 8 average-pooled image."""
-
-    def __init__(self):
-        super().__init__()
-        projection = torch.randn(3 * 8 * 8, 2048, generator=torch.Generator().manual_seed(0)) / 8
-        self.register_buffer("projection", projection)
-
-    def forward(self, x):
-        return torch.relu(torch.nn.functional.adaptive_avg_pool2d(x, 8).reshape(x.shape[0], -1) @ self.projection + 0.1)
-
-
-def stand_in_inception(device="cpu"):
-    return StandInInception().to(device)
-'''
-_namespace: dict = {}
-exec(STAND_IN, _namespace)
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
 def stand_in_and_private_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(fid, "load_inception", _namespace["stand_in_inception"])
+    monkeypatch.setattr(fid, "load_inception", stand_in_inception)
     monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path / "cache"))
 
 
@@ -232,8 +210,8 @@ def test_evaluate_records_guidance_and_per_class_fid(tmp_path, capsys):
 def test_an_unconditional_models_eval_json_is_unchanged(tmp_path):
     model = save_model(tmp_path / "model", classes=None)
     out = tmp_path / "out"
-    cli("evaluate", "--model", model, "--num_samples", "4", "--scheduler", "ddim", "--steps", "2", "--batch_size", "4",
-        "--reference", image_folder(tmp_path / "reference"), "--output", str(out), "--device", "cpu")  # fmt: skip
+    sampling = ["--num_samples", "4", "--scheduler", "ddim", "--steps", "2", "--batch_size", "4"]
+    cli("evaluate", "--model", model, *sampling, "--reference", image_folder(tmp_path / "reference"), "--output", str(out), "--device", "cpu")
     result = json.loads((out / "eval.json").read_text())
     assert math.isfinite(result["fid"])
     assert not {"guidance_scale", "class_balanced", "num_classes", "per_class_fid", "per_class_reference_images"} & set(result)
@@ -326,23 +304,15 @@ def test_two_processes_find_the_fid_and_per_class_fid_of_one(tmp_path):
     share of the images, statistics merged, one writer) gives the one-process numbers."""
     model = save_model(tmp_path / "model")
     reference = labelled_dataset(tmp_path / "reference")
-    launcher = tmp_path / "evaluate_with_stand_in.py"
-    launcher.write_text(
-        STAND_IN
-        + "\n\nimport sys\n\nfrom ddpm_hf import fid\nfrom ddpm_hf.cli import main\n\nfid.load_inception = stand_in_inception\nsys.exit(main(sys.argv[1:]))\n"
-    )
-    env = offline_env(DDPM_HF_CACHE=str(tmp_path / "cache"))
-    results = {}
-    for processes in (1, 2):
-        out = tmp_path / f"p{processes}"
-        torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "2"]
-        command = [*(torchrun if processes == 2 else [sys.executable]), str(launcher), "evaluate", "--model", model, "--output", str(out)]
-        # 7 images in chunks of 2: the processes get 4 and 3, and classes 3, 2 and 2 images
-        command += ["--num_samples", "7", "--batch_size", "2", "--scheduler", "ddim", "--steps", "2", "--guidance_scale", "2.5", "--per_class_fid"]
-        command += ["--reference", reference, "--device", "cpu"]
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-        results[processes] = json.loads((out / "eval.json").read_text())
+    # 7 images in chunks of 2: the processes get 4 and 3, and classes 3, 2 and 2 images
+    options = ["--num_samples", "7", "--batch_size", "2", "--scheduler", "ddim", "--steps", "2", "--guidance_scale", "2.5", "--per_class_fid"]
+    options += ["--model", model, "--reference", reference, "--device", "cpu"]
+    cli("evaluate", *options, "--output", str(tmp_path / "p1"))  # one process: this one
+    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    launcher = [str(REPO_ROOT / "tests" / "inception_stand_in.py"), "evaluate", *options, "--output", str(tmp_path / "p2")]
+    done = subprocess.run([*torchrun, *launcher], capture_output=True, text=True, env=offline_env(DDPM_HF_CACHE=str(tmp_path / "cache")), timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    results = {processes: json.loads((tmp_path / f"p{processes}" / "eval.json").read_text()) for processes in (1, 2)}
     one, two = results[1], results[2]
     assert (one["num_processes"], two["num_processes"]) == (1, 2) and two["guidance_scale"] == 2.5
     assert two["fid"] == pytest.approx(one["fid"], rel=1e-9)
