@@ -30,7 +30,7 @@ else
     MODEL=ddpm-cifar10 TRAIN_BATCH=128 TRAIN_STEPS=100 SAMPLE_BATCH=1000 SAMPLE_STEPS=100 DATA_DEVICE=cuda DATA_ROUNDS=3 MAX_SAMPLES=10000 LIMIT_SCALE=1
     FID_BATCH=1000 FID_STEPS=100 FID_ROUNDS=2 FID_REFERENCE=500 FID_UNET_STEPS=10
 fi
-SAMPLE_VARIANTS="fp32,bf16,bf16+compile" FID_VARIANTS="bf16,bf16+compile"   # compiled last: a stage cut short keeps the eager figures
+SAMPLE_VARIANTS="fp32,bf16+oldloop,bf16,bf16+compile+oldloop,bf16+compile" FID_VARIANTS="bf16,bf16+compile"   # compiled last: a stage cut short keeps the eager figures
 # The FID Inception network: the real one where this machine has it, else the stand-in (same graph, random weights:
 # same cost) carried in .whl/. SMOKE makes a stand-in and uses it, to check the path a GPU lease takes.
 STANDIN=.whl/inception_standin.pt FID_INCEPTION=auto
@@ -78,7 +78,9 @@ stage train 230 python3 bench/train_throughput.py --model $MODEL --batch $TRAIN_
 
 # ---- 2. sampling: generate_images vs stock DDPMPipeline (fp32, one generator per image), paper UNet, batch 1000
 # 100 steps of the 1000-step schedule: the UNet is the same at every step, so images/s of the full
-# 1000-step chain are these divided by 10 for both. Variants show what bf16 autocast and compile each add.
+# 1000-step chain are these divided by 10 for both. Variants show what bf16 autocast and compile each add,
+# and +oldloop the loop before issue 20 (timesteps on the device, host syncs before each step's noise draw):
+# the "loop before -> after" lines give images/s before and after, eager and compiled.
 stage sample 160 python3 bench/sample_throughput.py --model $MODEL --batch $SAMPLE_BATCH --steps $SAMPLE_STEPS --rounds 1 \
     --variants "$SAMPLE_VARIANTS" --json "$OUT/sample.json"
 

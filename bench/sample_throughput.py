@@ -13,7 +13,10 @@ one process.
 
 A variant is '+'-joined: fp32 or bf16 (`autocast_dtype=torch.bfloat16`: the UNet under autocast, the
 scheduler in fp32, as `ddpm-hf sample --dtype bf16`), then optionally compile (the UNet through
-`torch.compile`, as `ddpm-hf sample --compile`). The UNet has random weights (seeded): speed does not depend
+`torch.compile`, as `ddpm-hf sample --compile`) and oldloop: the engine's loop as it was before issue 20
+(`old_loop` below: the scheduler's timesteps on the device, so that every DDPM step reads them on the host
+before it draws its noise, and the device waits while the host draws), for images/s before and after on the
+same machine; both loops make the same images. The UNet has random weights (seeded): speed does not depend
 on them. Set-up (the first call, which compiles) happens before a variant's first timed run and is not timed.
 Ctrl-C (or the SIGINT of `timeout`) ends the measurement early: the table then holds the runs that finished.
 """
@@ -33,7 +36,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 DTYPES = ("fp32", "bf16")
-OPTIONS = ("compile",)
+OPTIONS = ("compile", "oldloop")
 WARMUP_STEPS = 2  # set-up run: the full batch, a 2-step chain (compilation does not depend on the step count)
 
 
@@ -64,7 +67,7 @@ def parse_variant(variant: str) -> tuple[str, set[str]]:
     unknown = [flag for flag in flags if flag not in OPTIONS]
     if dtype not in DTYPES or unknown:
         gone = " (graphs, devgen and nchw went with ddpm_hf/fast_sampling.py)" if {"graphs", "devgen", "nchw"} & set(flags) else ""
-        raise SystemExit(f"variant {variant!r}: expected fp32 or bf16, optionally followed by +compile{gone}")
+        raise SystemExit(f"variant {variant!r}: expected fp32 or bf16, optionally followed by +compile and/or +oldloop{gone}")
     return dtype, set(flags)
 
 
@@ -91,13 +94,46 @@ def run_stock(unet, sampler, batch: int, seed: int, device):
     return images, time.perf_counter() - start
 
 
-def run_engine(unet, sampler, batch: int, seed: int, dtype: str, device):
-    """One batch of `generate_images`, as `ddpm-hf sample --batch_size BATCH` makes it on one process."""
+def old_loop(unet, sampler, batch: int, seed: int, autocast_dtype):
+    """The engine's loop before issue 20 (commit 4e0e181), unconditional models: one batch, uint8 images."""
+    import contextlib
+
+    import torch
+
+    from ddpm_hf.distributed import item_generators
+
+    parameter = next(unet.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    scheduler = sampler.scheduler
+    step_arguments = {"eta": 0.0} if sampler.name == "ddim" else {}
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    generators = item_generators(seed, range(batch))
+    with torch.no_grad():
+        scheduler.set_timesteps(sampler.steps, device=device)  # the timesteps on the device: each step reads them back
+        x = torch.cat([torch.randn((1, channels, size, size), generator=g) for g in generators]).to(device, dtype)
+        x = x * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            with autocast:
+                x_in = scheduler.scale_model_input(x, t)
+                model_output = unet(x_in, t).sample.to(dtype)
+            if sampler.name != "ddpm" and model_output.shape[1] == 2 * channels:
+                model_output = model_output[:, :channels]
+            x = scheduler.step(model_output, t, x, generator=generators, **step_arguments).prev_sample
+    return ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def run_engine(unet, sampler, batch: int, seed: int, dtype: str, device, old: bool = False):
+    """One batch of `generate_images`, as `ddpm-hf sample --batch_size BATCH` makes it on one process (or of the
+    loop before issue 20, `old`)."""
     from ddpm_hf.sampling import generate_images
 
     sync(device)
     start = time.perf_counter()
-    ((_, images),) = list(generate_images(unet, sampler, batch, seed, batch_size=batch, autocast_dtype=autocast_dtype_of(dtype)))
+    if old:
+        images = old_loop(unet, sampler, batch, seed, autocast_dtype_of(dtype))
+    else:
+        ((_, images),) = list(generate_images(unet, sampler, batch, seed, batch_size=batch, autocast_dtype=autocast_dtype_of(dtype)))
     sync(device)
     return images, time.perf_counter() - start
 
@@ -127,7 +163,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from ddpm_hf.sampling import make_sampler
+    from ddpm_hf.sampling import compile_for_sampling, make_sampler
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,15 +174,19 @@ def main(argv=None) -> dict:
     unets, setup_seconds = {}, {}
 
     def prepared(variant: str):
-        """The variant's UNet, set up (and compiled) by one untimed warm-up call the first time it is asked for."""
-        if variant not in unets:
-            dtype, flags = parsed[variant]
+        """The variant's UNet, set up (and compiled) by one untimed warm-up call the first time it is asked for.
+        Variants that differ only in the loop share one compiled UNet."""
+        dtype, flags = parsed[variant]
+        key = (dtype, "compile" in flags)
+        if key not in unets:
             start = time.perf_counter()
-            unets[variant] = torch.compile(unet) if "compile" in flags else unet  # a compiled wrapper shares the weights
-            run_engine(unets[variant], warmup_sampler, args.batch, args.seed, dtype, device)
+            unets[key] = compile_for_sampling(unet) if "compile" in flags else unet  # a compiled wrapper shares the weights
+            run_engine(unets[key], warmup_sampler, args.batch, args.seed, dtype, device)
+            run_engine(unets[key], warmup_sampler, args.batch, args.seed, dtype, device, old=True)  # the old loop's int timesteps
             setup_seconds[variant] = time.perf_counter() - start
-            print(f"{variant}: set-up {setup_seconds[variant]:.1f} s (a {warmup_sampler.steps}-step batch)", flush=True)
-        return unets[variant]
+            print(f"{variant}: set-up {setup_seconds[variant]:.1f} s (2-step batches of both loops)", flush=True)
+        setup_seconds.setdefault(variant, 0.0)
+        return unets[key]
 
     times = {name: [] for name in ["stock", *variants]}
     outputs, stock_images = {}, None
@@ -160,7 +200,7 @@ def main(argv=None) -> dict:
                     stock_images, seconds = run_stock(unet, sampler, args.batch, args.seed, device)
                 else:
                     model = prepared(name)
-                    outputs[name], seconds = run_engine(model, sampler, args.batch, args.seed, parsed[name][0], device)
+                    outputs[name], seconds = run_engine(model, sampler, args.batch, args.seed, parsed[name][0], device, "oldloop" in parsed[name][1])
                 times[name].append(seconds)
                 print(f"round {r + 1} {name:24s} {args.batch / seconds:10.2f} img/s ({seconds:.1f} s)", flush=True)
     except KeyboardInterrupt:
@@ -196,6 +236,13 @@ def main(argv=None) -> dict:
     print("(max |diff|: the largest difference of one pixel channel, in 8-bit levels, between the variant's images and the stock ones)")
     if args.steps < 1000:
         print(f"(images/s of the full 1000-step chain: divide by {1000 / args.steps:g})")
+    loop_speedup = {}  # each variant with the current loop over the same variant with the loop before issue 20
+    for name, row in rows.items():
+        dtype, flags = parsed[name]
+        old = next((other for other in rows if parsed[other] == (dtype, flags | {"oldloop"})), None)
+        if "oldloop" not in flags and old is not None:
+            loop_speedup[name] = row["img_per_s"] / rows[old]["img_per_s"]
+            print(f"loop before -> after issue 20, {name}: {rows[old]['img_per_s']:.2f} -> {row['img_per_s']:.2f} img/s ({loop_speedup[name]:.2f}x)")
     summary = {
         "model": args.model,
         "batch": args.batch,
@@ -206,6 +253,7 @@ def main(argv=None) -> dict:
         "stock_img_per_s": stock_rate,
         "stock_seconds": times["stock"],
         "variants": rows,
+        "loop_speedup": loop_speedup,
     }
     if args.json:
         with open(args.json, "w") as f:

@@ -5,7 +5,10 @@
   (DPM-Solver++(2M), Lu et al. 2022); "auto" is ddpm with all T steps and ddim with fewer.
   The training grids, in-training FID, `ddpm-hf sample`, `ddpm-hf evaluate` and `ddpm-hf visualize reverse`
   all choose through it.
-* `generate_images(unet, sampler, ...)` is the reverse chain they all run: uint8 images, batch by batch.
+* `ReverseProcess(unet, sampler, seed, indices)` is the reverse chain they all run, one batch: iterated, it yields a
+  `ReverseStep` (x_t and the predicted x_0) per network evaluation. `generate_images(unet, sampler, ...)` runs it
+  over this process's share of the images (uint8, batch by batch), handing each step to `on_step` if asked.
+* `compile_for_sampling(unet)`: torch.compile for sampling, with a warning and the eager UNet where compiling fails.
 * `ddpm-hf sample`: a grid (and optionally one file per image) from a saved pipeline, folder or Hub id.
 """
 
@@ -14,15 +17,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .arguments import bounded, is_hub_id, local_path_or_hub_id, output_file
 from .arguments import device as device_type
 from .conditioning import (
-    balanced_labels,
     check_guidance,
     class_ids,
     class_names_of,
@@ -38,6 +40,7 @@ from .run_folder import RunFolder
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 SAMPLER_CHOICES = ("auto", *SAMPLERS)
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+LEARNED_VARIANCES = ("learned", "learned_range")
 
 
 @dataclass
@@ -53,6 +56,17 @@ class Sampler:
     def nfe(self) -> int:
         """Network evaluations per image."""
         return len(self.scheduler.timesteps)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether a step adds fresh noise (drawn from each image's own generator)."""
+        return self.name == "ddpm"
+
+    @property
+    def reads_variance(self) -> bool:
+        """Whether the scheduler takes a learned-variance UNet's 2C channels (only DDPM samples with the variance);
+        every other sampler is given the mean part, the first C."""
+        return self.name == "ddpm" and self.scheduler.config.get("variance_type") in LEARNED_VARIANCES
 
     def describe(self) -> str:
         return f"{self.name} {self.steps} steps"
@@ -84,7 +98,7 @@ def check_sampler_spacing(name: str, steps: int, num_train_timesteps: int, times
         )
 
 
-def make_sampler(scheduler, name: str = "auto", steps: int | None = None, timestep_spacing: str | None = None, device=None) -> Sampler:
+def make_sampler(scheduler, name: str = "auto", steps: int | None = None, timestep_spacing: str | None = None) -> Sampler:
     """A sampler that shares the trained noise schedule (betas, T, prediction type, variance) of `scheduler`.
 
     ddpm:      ancestral sampling, Ho et al. (2020) Alg. 2 (strided when K < T)
@@ -102,11 +116,149 @@ def make_sampler(scheduler, name: str = "auto", steps: int | None = None, timest
     check_sampler_spacing(name, steps, num_train_timesteps, spacing, scheduler.config.get("variance_type", "fixed_small"))
     classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
     sampler = classes[name].from_config(scheduler.config, timestep_spacing=spacing)
-    sampler.set_timesteps(steps, device=device)
+    sampler.set_timesteps(steps)
     return Sampler(scheduler=sampler, name=name, steps=steps, timestep_spacing=spacing)
 
 
-@torch.no_grad()
+@dataclass
+class ReverseStep:
+    """One network evaluation of a reverse process, as `ReverseProcess` yields it and `generate_images(on_step=...)`
+    hands it over: the images' x_t as the network saw it and the x_0 it predicts from it.
+
+    `x_t` is in the DDPM (variance-preserving) scale of every sampler, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+    (the network's input, whatever scale a scheduler keeps its own state in), on the sampling device. `pred_x0` is
+    computed the first time it is read: the scheduler's own x_0 where its step returns one (DDPM and DDIM clip it
+    if the model's scheduler clips), otherwise the network's,
+    x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (or its v / x_0 form): nothing is spent on it unread."""
+
+    step: int  # 0 .. num_steps - 1, the network evaluation this is
+    num_steps: int  # the sampler's NFE per image (Sampler.nfe)
+    t: float  # the timestep the network was given (fractional for Karras sigmas)
+    indices: Sequence[int]  # the images of this batch (global indices: image i depends only on (seed, i))
+    x_t: torch.Tensor  # B x C x H x W
+    _pred_x0: torch.Tensor | None = field(default=None, repr=False)
+    _compute_pred_x0: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def pred_x0(self) -> torch.Tensor:
+        if self._pred_x0 is None:
+            self._pred_x0 = self._compute_pred_x0()
+        return self._pred_x0
+
+
+def network_x0(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t: float) -> torch.Tensor:
+    """The x_0 the network predicts from x_t at timestep t, from its mean output (eps, v or x_0, the model's
+    `prediction_type`), Ho et al. (2020) Eq. 15 and its v / x_0 forms. abar_t of a fractional t (Karras sigmas)
+    is interpolated in log sigma, as diffusers' schedulers place such a t."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "sample":
+        return model_output
+    abar = scheduler.alphas_cumprod.double()
+    low = min(int(math.floor(t)), len(abar) - 1)
+    if t == low:
+        abar_t = float(abar[low])
+    else:  # sigma = sqrt((1 - abar) / abar) interpolated in log space between the two integer timesteps
+        log_sigma = 0.5 * torch.log((1 - abar) / abar)
+        weight = t - low
+        abar_t = float(torch.sigmoid(-2 * ((1 - weight) * log_sigma[low] + weight * log_sigma[low + 1])))
+    if prediction_type == "epsilon":
+        return (x_t - math.sqrt(1 - abar_t) * model_output) / math.sqrt(abar_t)
+    if prediction_type == "v_prediction":
+        return math.sqrt(abar_t) * x_t - math.sqrt(1 - abar_t) * model_output
+    raise ValueError(f"prediction_type {prediction_type!r}: expected epsilon, v_prediction or sample.")
+
+
+def check_labels_fit(unet, class_labels, guidance_scale: float) -> int | None:
+    """K, the classes of a class-conditional `unet` (None: unconditional, which takes no labels and no guidance)."""
+    classes = num_classes(unet)
+    if classes is None and (class_labels is not None or guidance_scale != 1.0):
+        raise UserError("class labels and guidance need a class-conditional model, but this one is unconditional.")
+    return classes
+
+
+class ReverseProcess:
+    """The reverse process of `sampler` for the images `indices` of `seed`, one batch: iterate it to run it (one
+    `ReverseStep` per network evaluation), then `x_0` (model range, on the device) and `images()` hold the result.
+
+        process = ReverseProcess(unet, make_sampler(pipeline.scheduler, "ddim", 50), seed=0, indices=range(4))
+        for state in process:
+            if state.step % 10 == 0:
+                show(state.x_t, state.pred_x0)
+        grid = process.images()  # uint8: what `ddpm-hf sample --scheduler ddim --steps 50 --seed 0 --num_images 4` makes
+
+    Image i depends only on (seed, i): its x_T and every noise a stochastic sampler adds come from its own CPU
+    generator (`distributed.item_generators`), whatever the batch it is in. A class-conditional UNet makes image i
+    of class `class_labels[k]` (k its place in `indices`; default: class i mod K, as `generate_images`) with
+    classifier-free guidance scale `guidance_scale`. `autocast_dtype` (e.g. torch.bfloat16) runs the UNet under
+    autocast; the sampler's arithmetic stays in the UNet's parameter dtype. The caller sets eval mode.
+
+    No step reads a value of the device on the host: the scheduler gets its timesteps on the CPU and the network
+    its own device copy, so the host queues the next network call while the device computes. The one exception
+    is DDPM's noise, which diffusers' DDPMScheduler draws from the images' CPU generators inside `step` and copies
+    to the device: the host draws it while the network runs, and waits only for that copy.
+    """
+
+    def __init__(
+        self,
+        unet,
+        sampler: Sampler,
+        seed: int,
+        indices: Sequence[int],
+        class_labels: Sequence[int] | None = None,
+        guidance_scale: float = 1.0,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        classes = check_labels_fit(unet, class_labels, guidance_scale)
+        if classes is not None and class_labels is None:
+            class_labels = [i % classes for i in indices]  # conditioning.balanced_labels: image i is of class i mod K
+        if class_labels is not None and len(class_labels) != len(indices):
+            raise ValueError(f"class_labels holds {len(class_labels)} labels for {len(indices)} images: give one per image.")
+        self.unet, self.sampler, self.seed, self.indices = unet, sampler, seed, indices
+        self.class_labels, self.guidance_scale, self.autocast_dtype = class_labels, guidance_scale, autocast_dtype
+        self.x_0: torch.Tensor | None = None
+
+    @torch.no_grad()  # on a generator: grad mode is off while it runs, and back as it was while the caller holds a step
+    def __iter__(self) -> Iterator[ReverseStep]:
+        from .distributed import item_generators
+
+        unet, sampler, scheduler = self.unet, self.sampler, self.sampler.scheduler
+        parameter = next(unet.parameters())
+        device, dtype = parameter.device, parameter.dtype
+        size = unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        channels = unet.config.in_channels
+        autocast = torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None else contextlib.nullcontext()
+        generators = item_generators(self.seed, self.indices)
+        step_arguments = {"generator": generators} if sampler.stochastic else {"eta": 0.0} if sampler.name == "ddim" else {}
+        labels = torch.tensor(self.class_labels).to(device) if self.class_labels is not None else None
+
+        scheduler.set_timesteps(sampler.steps)  # on the CPU: step() then reads no device value; also resets multistep state
+        network_timesteps = scheduler.timesteps.to(device)  # one copy per batch; a 0-d device tensor per call keeps a compiled UNet's graph
+        x = torch.cat([torch.randn((1, channels, height, width), generator=g) for g in generators]).to(device, dtype)
+        x = x * scheduler.init_noise_sigma
+        for k, t in enumerate(scheduler.timesteps):
+            x_in = scheduler.scale_model_input(x, t)
+            with autocast:
+                t_in = network_timesteps[k]
+                model_output = unet(x_in, t_in).sample if labels is None else guided_model_output(unet, x_in, t_in, labels, self.guidance_scale)
+                model_output = model_output.to(dtype)
+            mean = model_output[:, :channels]  # a learned-variance UNet's 2C channels: mean part, then variance
+            output = scheduler.step(model_output if sampler.reads_variance else mean, t, x, **step_arguments)
+            x0 = getattr(output, "pred_original_sample", None)
+            yield ReverseStep(
+                k, len(scheduler.timesteps), float(t), self.indices, x_in, x0,
+                (lambda mean=mean, x_in=x_in, t=float(t): network_x0(scheduler, mean, x_in, t)) if x0 is None else None,
+            )  # fmt: skip
+            x = output.prev_sample
+        self.x_0 = x
+
+    def images(self) -> torch.Tensor:
+        """The result as uint8 B x C x H x W on the CPU, quantised as a PNG would be."""
+        if self.x_0 is None:
+            raise RuntimeError("iterate the ReverseProcess first: it has not run yet.")
+        return ((self.x_0.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 def generate_images(
     unet,
     sampler: Sampler,
@@ -119,15 +271,17 @@ def generate_images(
     autocast_dtype: torch.dtype | None = None,
     class_labels: Sequence[int] | None = None,
     guidance_scale: float = 1.0,
+    on_step: Callable[[ReverseStep], None] | None = None,
 ) -> Iterator[tuple[range | None, torch.Tensor | None]]:
-    """The reverse chain of `sampler`, for this process's share of images 0 .. num_images - 1.
+    """The reverse process of `sampler`, for this process's share of images 0 .. num_images - 1.
 
     Yields one (indices, images) pair per round (ddpm_hf/distributed.py): uint8 B x C x H x W on the CPU,
     quantised as a PNG would be, or (None, None) when this process has no chunk in that round, so that callers
-    may meet the other processes after every round. Image i depends only on (seed, i): its x_T and every step's
-    noise come from its own generator, whatever the batch size, the process count or the process that makes it.
-    `state` is an Accelerate PartialState (None: one process); `autocast_dtype` e.g. torch.bfloat16 runs the UNet
-    under autocast, the scheduler in float32. `unet` is put in eval mode meanwhile.
+    may meet the other processes after every round. Image i depends only on (seed, i) (`ReverseProcess`), whatever
+    the batch size, the process count or the process that makes it. `state` is an Accelerate PartialState (None:
+    one process); `autocast_dtype` e.g. torch.bfloat16 runs the UNet under autocast, the scheduler in float32.
+    `unet` is put in eval mode meanwhile. `on_step(ReverseStep)`, if given, sees every network evaluation of every
+    batch (x_t and the predicted x_0 of its images) as it happens.
 
     A class-conditional UNet makes image i of class `class_labels[i]` (default: every class equally often,
     `conditioning.balanced_labels`) with classifier-free guidance scale `guidance_scale` (conditioning.py: one
@@ -135,26 +289,14 @@ def generate_images(
     """
     from tqdm.auto import tqdm
 
-    from .distributed import item_generators, items_in_round, rounds
+    from .distributed import items_in_round, rounds
 
     if num_images < 1 or batch_size < 1:
         raise UserError(f"the number of images ({num_images}) and --batch_size ({batch_size}) must be positive.")
     process_index, num_processes = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    classes = num_classes(unet)
-    if classes is None and (class_labels is not None or guidance_scale != 1.0):
-        raise UserError("class labels and guidance need a class-conditional model, but this one is unconditional.")
-    if classes is not None and class_labels is None:
-        class_labels = balanced_labels(classes, num_images)
+    check_labels_fit(unet, class_labels, guidance_scale)  # here too: a process may have no batch to find out on
     if class_labels is not None and len(class_labels) != num_images:
         raise ValueError(f"class_labels holds {len(class_labels)} labels for {num_images} images: give one per image.")
-    parameter = next(unet.parameters())
-    device, dtype = parameter.device, parameter.dtype
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    channels = unet.config.in_channels
-    scheduler = sampler.scheduler
-    step_arguments = {"eta": 0.0} if sampler.name == "ddim" else {}
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     was_training = unet.training
     unet.eval()
     try:
@@ -163,23 +305,75 @@ def generate_images(
                 if indices is None:
                     yield None, None
                     continue
-                generators = item_generators(seed, indices)
-                scheduler.set_timesteps(sampler.steps, device=device)  # also resets multistep solvers
-                x = torch.cat([torch.randn((1, channels, height, width), generator=g) for g in generators]).to(device, dtype)
-                x = x * scheduler.init_noise_sigma
-                labels = torch.tensor([class_labels[i] for i in indices], device=device) if class_labels is not None else None
-                for t in scheduler.timesteps:
-                    with autocast:
-                        x_in = scheduler.scale_model_input(x, t)
-                        model_output = unet(x_in, t).sample if labels is None else guided_model_output(unet, x_in, t, labels, guidance_scale)
-                        model_output = model_output.to(dtype)
-                    if sampler.name != "ddpm" and model_output.shape[1] == 2 * channels:  # only DDPM reads a learned variance: mean part
-                        model_output = model_output[:, :channels]
-                    x = scheduler.step(model_output, t, x, generator=generators, **step_arguments).prev_sample
-                yield indices, ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+                labels = [class_labels[i] for i in indices] if class_labels is not None else None
+                process = ReverseProcess(unet, sampler, seed, indices, labels, guidance_scale, autocast_dtype)
+                for step in process:
+                    if on_step is not None:
+                        on_step(step)
+                yield indices, process.images()
                 bar.update(items_in_round(num_images, batch_size, num_processes, round_index))
     finally:
         unet.train(was_training)
+
+
+def compile_for_sampling(unet, backend="inductor", mode: str | None = None):
+    """`torch.compile(unet, backend=backend, mode=mode)` for sampling, falling back to `unet` itself (eager) with a
+    warning if compiling fails: no Triton or C++ compiler, an unsupported platform, a Dynamo or backend error.
+
+    torch.compile works at the first call, so the returned module catches the failure there (and at any later
+    recompilation) and from then on runs `unet` eagerly. Only compilation failures fall back: an out-of-memory
+    error is raised as itself, and an error of the model (a wrong input, say) as Dynamo reports it. The module
+    reads like `unet` (`config`, `parameters()`, `eval()`) for `generate_images` and its callers."""
+    try:
+        compiled = torch.compile(unet, backend=backend, mode=mode)
+    except RuntimeError as error:  # e.g. a Python version Dynamo does not support yet
+        _warn_compile_failed(error)
+        return unet
+    return CompiledOrEager(unet, compiled)
+
+
+def _warn_compile_failed(error: BaseException) -> None:
+    import warnings
+
+    reason = " ".join(str(error).split())[:300]
+    warnings.warn(f"torch.compile failed ({type(error).__name__}: {reason}); sampling goes on without compiling, which is slower.", stacklevel=3)
+
+
+def _out_of_memory_in(error: BaseException) -> BaseException | None:
+    """The out-of-memory error that caused `error` (Dynamo wraps a backend's errors), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, torch.OutOfMemoryError):
+            return error
+        seen.add(id(error))
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return None
+
+
+class CompiledOrEager(torch.nn.Module):
+    """`compiled` (torch.compile of `unet`) until compiling fails, then `unet`: see `compile_for_sampling`."""
+
+    def __init__(self, unet, compiled):
+        super().__init__()
+        self.unet, self.compiled = unet, compiled
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, *args, **kwargs):
+        from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError, InvalidBackend, Unsupported
+
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except (BackendCompilerFailed, InternalTorchDynamoError, InvalidBackend, Unsupported) as error:
+                out_of_memory = _out_of_memory_in(error)
+                if out_of_memory is not None:
+                    raise out_of_memory from None
+                _warn_compile_failed(error)
+                self.compiled = None
+        return self.unet(*args, **kwargs)
 
 
 def to_pil(images_uint8: torch.Tensor) -> list:
@@ -300,7 +494,7 @@ def run_sample(args) -> None:
             shape = (len(ids), args.num_images // len(ids))
         shown = [names[i] if names else str(i) for i in dict.fromkeys(ids)]
         chosen_classes = f", classes {','.join(shown)}, guidance scale {guidance_scale:g}"
-    unet = torch.compile(pipeline.unet) if args.compile else pipeline.unet
+    unet = compile_for_sampling(pipeline.unet) if args.compile else pipeline.unet
     batch_size = args.batch_size or math.ceil(args.num_images / state.num_processes)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     images = gather_images(

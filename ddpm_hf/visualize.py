@@ -13,7 +13,6 @@ a training loop. Timesteps are 0-based as in diffusers (t = 0 .. T-1).
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch
 
 from .arguments import bounded, local_path_or_hub_id, output_file
 from .arguments import device as device_type
-from .conditioning import balanced_labels, class_label_arguments, num_classes
+from .conditioning import balanced_labels, num_classes
 from .errors import UserError
 from .run_folder import LOSS_FIGURE, PROGRESS_FIGURE, RunFolder
 from .sampling import SAMPLER_CHOICES
@@ -180,65 +179,72 @@ def check_timesteps(timesteps, num_train_timesteps: int, option: str) -> None:
 @dataclass
 class ReverseChain:
     seeds: list[int]
-    timesteps: list[int]  # the shown steps t, as the sampler visited them, from T-1 down
-    x_t: torch.Tensor  # S x K x 3 x H x W: the sample entering step t
-    pred_x0: torch.Tensor  # S x K x 3 x H x W: the x_0 the network predicts from it (clipped if the scheduler clips)
-    final: torch.Tensor  # S x 3 x H x W: the output, x_0 after the last step
-    scheduler_name: str
-    num_inference_steps: int
+    timesteps: list[float]  # the shown steps t, as the sampler visited them, from T-1 down (fractional for Karras sigmas)
+    x_t: torch.Tensor  # S x K x C x H x W: what the network saw at step t (the DDPM scale, whatever the sampler)
+    pred_x0: torch.Tensor  # S x K x C x H x W: the x_0 predicted there (ddpm_hf.sampling.ReverseStep.pred_x0)
+    final: torch.Tensor  # S x C x H x W: the output, x_0 after the last step
+    sampler: str  # what ran, e.g. "ddim 50 steps"
+    labels: list[str] | None = None  # the class of each seed's image (class-conditional models)
 
 
-def nearest_visited(wanted, visited: list[int]) -> list[int]:
+def nearest_visited(wanted, visited: list[float]) -> list[float]:
     """For each wanted timestep, the closest one the sampler visits; duplicates dropped, order of `visited` kept."""
     chosen = {min(visited, key=lambda v: (abs(v - t), v)) for t in wanted}
-    return [v for v in visited if v in chosen]
+    return [v for v in dict.fromkeys(visited) if v in chosen]
 
 
-@torch.no_grad()
-def reverse_chain(unet, scheduler, seeds, num_inference_steps: int, timesteps=FORWARD_TIMESTEPS, device: str | torch.device | None = None) -> ReverseChain:
-    """Run the reverse chain with the stock scheduler's `step`, recording x_t and `pred_original_sample` at `timesteps`.
+def reverse_chain(unet, sampler, seeds, timesteps=FORWARD_TIMESTEPS, class_labels=None, guidance_scale: float = 1.0, class_names=None) -> ReverseChain:
+    """The reverse process of `sampler` (`ddpm_hf.sampling.make_sampler`) for each seed, run by the one sampling
+    engine (`ddpm_hf.sampling.ReverseProcess`), with x_t and the predicted x_0 recorded at `timesteps`.
 
-    Each seed has its own generator, used for x_T and every step's noise, so seed s gives exactly the image of
-    `DDPMPipeline(...)(batch_size=1, generator=torch.Generator().manual_seed(s))` (and the same for DDIM)."""
-    from diffusers.utils.torch_utils import randn_tensor
+    Seed s is image 0 of seed s: exactly the image `ddpm-hf sample --seed s --num_images 1` makes with the same
+    sampler (and, for a class-conditional model, `--class_labels C --guidance_scale G`; `class_labels` holds one
+    class id per seed, default class i mod K for the i-th seed)."""
+    from .sampling import ReverseProcess
 
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise UserError("--seeds is empty. Give one or more seeds like 0,1,2.")
-    total = scheduler.config.num_train_timesteps
-    if not 0 < num_inference_steps <= total:
-        raise UserError(f"--steps {num_inference_steps}: give 1 to {total} (the model's T) denoising steps.")
+    total = sampler.scheduler.config.num_train_timesteps
     check_timesteps(timesteps, total, "--timesteps")
-    device = torch.device(device or next(unet.parameters()).device)
-    scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(num_inference_steps)
-    visited = [int(t) for t in scheduler.timesteps]
-    shown = nearest_visited(timesteps, visited)
-
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    # DDPMPipeline draws on the execution device; with CPU generators randn_tensor draws on the CPU and moves.
-    x = randn_tensor((len(seeds), unet.config.in_channels, *size), generator=generators, device=device, dtype=unet.dtype)
-    recorded_x, recorded_x0 = [], []
-    classes = num_classes(unet)  # a class-conditional UNet draws seed number i as class i mod K (no guidance)
-    labels = torch.tensor(balanced_labels(classes, len(seeds)), device=device) if classes is not None else None
-    for t in scheduler.timesteps:
-        model_output = unet(x, t, **class_label_arguments(labels)).sample
-        step = scheduler.step(model_output, t, x, generator=generators)
-        if int(t) in shown:
-            recorded_x.append(x.float().cpu())
-            recorded_x0.append(step.pred_original_sample.float().cpu())
-        x = step.prev_sample
+    classes = num_classes(unet)
+    if classes is not None and class_labels is None:
+        class_labels = balanced_labels(classes, len(seeds))
+    was_training = unet.training
+    unet.eval()
+    recorded_x, recorded_x0, finals, shown = [], [], [], None
+    try:
+        for i, seed in enumerate(seeds):
+            process = ReverseProcess(unet, sampler, seed, range(1), None if class_labels is None else [class_labels[i]], guidance_scale)
+            seen, row_x, row_x0 = set(), [], []
+            for step in process:
+                if shown is None:  # the sampler's visited timesteps, known once its timesteps are set
+                    shown = nearest_visited(timesteps, [float(t) for t in sampler.scheduler.timesteps])
+                if step.t in shown and step.t not in seen:  # Heun visits a t twice: its first visit is shown
+                    seen.add(step.t)
+                    row_x.append(step.x_t[0].float().cpu())
+                    row_x0.append(step.pred_x0[0].float().cpu())
+            recorded_x.append(torch.stack(row_x))
+            recorded_x0.append(torch.stack(row_x0))
+            finals.append(process.x_0[0].float().cpu())
+    finally:
+        unet.train(was_training)
+    names = None
+    if class_labels is not None:
+        names = [class_names[c] if class_names else f"class {c}" for c in class_labels]
     return ReverseChain(
         seeds=seeds,
         timesteps=shown,
-        x_t=torch.stack(recorded_x, dim=1),
-        pred_x0=torch.stack(recorded_x0, dim=1),
-        final=x.float().cpu(),
-        scheduler_name=type(scheduler).__name__,
-        num_inference_steps=num_inference_steps,
+        x_t=torch.stack(recorded_x),
+        pred_x0=torch.stack(recorded_x0),
+        final=torch.stack(finals),
+        sampler=sampler.describe(),
+        labels=names,
     )
+
+
+def timestep_label(t: float) -> str:
+    return f"t={t:g}" if t == int(t) else f"t={t:.1f}"
 
 
 def reverse_figure(chain: ReverseChain):
@@ -248,14 +254,15 @@ def reverse_figure(chain: ReverseChain):
     for i, seed in enumerate(chain.seeds):
         cells.append(list(x_t[i]) + [final[i]])
         cells.append(list(pred_x0[i]) + [None])
-        row_labels += [f"seed {seed}: $x_t$", rf"seed {seed}: $\hat x_0$"]
+        name = f"seed {seed}" + (f" ({chain.labels[i]})" if chain.labels else "")
+        row_labels += [f"{name}: $x_t$", rf"{name}: $\hat x_0$"]
     height, width = x_t.shape[2:4]
     columns = len(chain.timesteps) + 1
     figure = _new_figure(max(7.0, 2.0 + 1.0 * columns), 1.0 + 0.95 * len(cells))
     axes = figure.subplots()
-    _montage_axes(axes, tile(cells), [f"t={t}" for t in chain.timesteps] + ["output"], row_labels, (height, width), 2)
+    _montage_axes(axes, tile(cells), [timestep_label(t) for t in chain.timesteps] + ["output"], row_labels, (height, width), 2)
     axes.set(
-        title=f"Reverse process: $x_t$ and predicted $\\hat x_0$ ({chain.scheduler_name}, {chain.num_inference_steps} steps)",
+        title=f"Reverse process: $x_t$ and predicted $\\hat x_0$ ({chain.sampler})",
         xlabel="timestep t (sampling runs left to right, from noise to image)",
         ylabel="seed",
     )
@@ -409,17 +416,28 @@ def run_forward(args) -> None:
 
 
 def run_reverse(args) -> None:
-    from .sampling import load_pipeline, make_sampler
+    from .conditioning import check_guidance, class_ids
+    from .sampling import load_pipeline, make_sampler, model_class_names
 
     seeds = parse_int_list(args.seeds, "--seeds")
     pipeline = load_pipeline(args.model, device=args.device, revision=args.revision)
     total = pipeline.scheduler.config.num_train_timesteps
     steps = args.steps if args.steps is not None or args.scheduler in ("ddpm", "auto") else 50
     sampler = make_sampler(pipeline.scheduler, args.scheduler, steps)
+    guidance_scale = check_guidance(pipeline.unet, args.guidance_scale, args.class_labels)
+    labels, names, classes = None, None, num_classes(pipeline.unet)
+    if classes is not None:
+        names = model_class_names(args.model, args.revision)
+        if args.class_labels:
+            labels = class_ids(args.class_labels.split(","), classes, names)
+            if len(labels) not in (1, len(seeds)):
+                raise UserError(f"--class_labels gives {len(labels)} classes for {len(seeds)} seeds: give one class for all seeds, or one per seed.")
+            labels = labels * len(seeds) if len(labels) == 1 else labels
     timesteps = parse_int_list(args.timesteps, "--timesteps") if args.timesteps else sorted({min(t, total - 1) for t in FORWARD_TIMESTEPS}, reverse=True)
-    chain = reverse_chain(pipeline.unet, sampler.scheduler, seeds, sampler.steps, timesteps, pipeline.device)
+    chain = reverse_chain(pipeline.unet, sampler, seeds, timesteps, labels, guidance_scale, names)
     save_figure(reverse_figure(chain), args.out)
-    print(f"wrote {args.out} (seeds {','.join(map(str, seeds))}, {sampler.describe()}, shown at t = {','.join(map(str, chain.timesteps))})")
+    shown = ",".join(timestep_label(t)[2:] for t in chain.timesteps)
+    print(f"wrote {args.out} (seeds {','.join(map(str, seeds))}, {sampler.describe()}, shown at t = {shown})")
 
 
 def add_cli(subparsers) -> None:
@@ -451,7 +469,10 @@ def add_cli(subparsers) -> None:
     reverse = commands.add_parser("reverse", help="The reverse chain of a saved pipeline: x_t and the predicted x_0 at chosen steps.")
     reverse.add_argument("--model", required=True, type=local_path_or_hub_id, help="Training OUTPUT_DIR or Hub id (user/name).")
     reverse.add_argument(
-        "--seeds", default="0,1,2", help="One pair of rows per seed, comma-separated; seed s gives the image `ddpm-hf sample --seed s --num_images 1` gives."
+        "--seeds",
+        default="0,1,2",
+        help="One pair of rows per seed, comma-separated; seed s gives the image `ddpm-hf sample --seed s --num_images 1` gives "
+        "with the same --scheduler and --steps (and --class_labels, --guidance_scale).",
     )
     reverse.add_argument("--scheduler", default="ddpm", choices=SAMPLER_CHOICES, help="ddpm (the paper's ancestral sampler), ddim, dpmsolver, or auto.")
     reverse.add_argument("--steps", type=bounded(int, ge=1), default=None, help="Denoising steps (default: T for ddpm, 50 for ddim).")
@@ -459,6 +480,15 @@ def add_cli(subparsers) -> None:
         "--timesteps",
         default=None,
         help="Steps shown, comma-separated; each is moved to the nearest step the sampler visits (default: 999,750,500,250,100,50,0).",
+    )
+    reverse.add_argument(
+        "--class_labels",
+        default=None,
+        help="Class-conditional models: the class of every seed's image, or one class per seed, comma-separated names or ids "
+        "(default: class i mod K for the i-th seed).",
+    )
+    reverse.add_argument(
+        "--guidance_scale", type=bounded(float, ge=0), default=None, help="Class-conditional models: classifier-free guidance scale (default 1), as `sample`."
     )
     reverse.add_argument("--out", type=output_file, default="reverse.png", help="Where to write the figure (PNG).")
     reverse.add_argument("--device", type=device_type, default=None, help="cpu or cuda (default: cuda when available).")

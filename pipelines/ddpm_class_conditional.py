@@ -44,6 +44,7 @@ samples from the mean alone and is given only the first C channels.
 import inspect
 import numbers
 from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 import torch
@@ -84,7 +85,9 @@ class DDPMClassConditionalPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, id2label: dict[int | str, str] | None = None):
+    # `Union[int, str]`, not `int | str`, inside the dict: diffusers' loader checks each init argument against this
+    # annotation and unpacks only typing.Union there, so `dict[int | str, str]` made every load warn "Expected types".
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, id2label: dict[Union[int, str], str] | None = None):  # noqa: UP007
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(id2label=self._checked_id2label(id2label, self._num_classes()))

@@ -446,3 +446,35 @@ def test_caller_latents(loaded):
     torch.testing.assert_close(from_latents, from_gens, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\)"):
         pipe(["cat", "dog"], latents=latents[:1], num_inference_steps=1)
+
+
+def test_stock_diffusers_loads_a_saved_conditional_folder_without_a_warning(tmp_path):
+    """Issue 24 item 5: diffusers checks every init argument against the pipeline's annotation, and read
+    `dict[int | str, str]` as not matching the id2label of model_index.json ("Expected types for id2label ...")."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from ddpm_hf.conditioning import make_conditional_pipeline_folder
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    folder = _save_conditional(tmp_path / "model", _unet(), DDPMScheduler(num_train_timesteps=100), class_names=None)
+    make_conditional_pipeline_folder(str(folder), NAMES)  # as training saves it: model_index.json names the file beside it
+    library_logger, records = logging.getLogger("diffusers"), Records()  # diffusers' loggers do not propagate to the root
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()
+    library_logger.addHandler(records)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    finally:
+        library_logger.removeHandler(records)
+        diffusers_logging.set_verbosity(verbosity)
+    assert type(pipe).__name__ == "DDPMClassConditionalPipeline" and pipe.class_names == NAMES
+    assert records.messages == []

@@ -139,7 +139,7 @@ def test_tutorial_runs_prints_what_it_shows_and_draws_every_picture(tmp_path, mo
         assert os.path.isfile(committed), f"{name} is not in docs/: run `python tests/test_tutorial.py`"
         assert os.path.getsize(committed) < MAX_PNG_BYTES, f"docs/{name} is {os.path.getsize(committed):,} bytes; keep pictures under {MAX_PNG_BYTES:,}"
         assert_not_blank(committed)
-    assert namespace["result"].step == 4 and namespace["chain"].num_inference_steps == 10  # the directives took effect
+    assert namespace["result"].step == 4 and namespace["chain"].sampler == "ddpm 10 steps"  # the directives took effect
 
 
 def test_directives_replace_assignments_and_refuse_unknown_names():

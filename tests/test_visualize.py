@@ -144,41 +144,98 @@ def test_forward_cli_errors_say_what_to_fix(tmp_path, capsys, arguments, message
 # ---------------------------------------------------------------------------------------------
 
 
-def test_reverse_chain_is_the_stock_pipelines_chain(tmp_path, capsys, micro_unet_config, train_in_process):
-    from diffusers import DDIMPipeline, DDPMPipeline
+K_CLASSES = 2
+REVERSE_MODELS = {  # the three kinds of model issue 24 met `visualize reverse` on
+    "fixed variance": ({}, {"variance_type": "fixed_large"}),
+    "learned variance": ({"out_channels": 6}, {"variance_type": "learned_range"}),
+    "class-conditional, learned variance": ({"out_channels": 6, "num_class_embeds": K_CLASSES + 1}, {"variance_type": "learned_range"}),
+}
 
-    from ddpm_hf.sampling import load_pipeline
 
-    output_dir = train_micro(train_in_process, tmp_path, micro_unet_config)
-    for scheduler, pipeline_class, steps in (("ddpm", DDPMPipeline, 10), ("ddim", DDIMPipeline, 5)):
-        pipeline = load_pipeline(output_dir, scheduler, device="cpu", steps=steps)
-        chain = visualize.reverse_chain(pipeline.unet, pipeline.scheduler, seeds=[3, 5], num_inference_steps=steps, timesteps=(999, 480, 0))
-        pipeline.scheduler.set_timesteps(steps)
-        visited = [int(t) for t in pipeline.scheduler.timesteps]
-        assert chain.timesteps == [visited[0], min(visited, key=lambda v: abs(v - 480)), 0]
-        assert chain.x_t.shape == chain.pred_x0.shape == (2, 3, 3, 16, 16) and chain.final.shape == (2, 3, 16, 16)
-        # x_t at the first step is x_T, drawn from each seed's own generator
-        assert torch.equal(chain.x_t[1, 0], torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))[0])
-        assert chain.pred_x0.abs().max() <= 1.0  # clip_sample
-        stock = pipeline_class(unet=pipeline.unet, scheduler=pipeline.scheduler)
-        stock.set_progress_bar_config(disable=True)
-        generators = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(5)]
-        images = stock(batch_size=2, generator=generators, num_inference_steps=steps, output_type="pt").images
-        assert torch.allclose((chain.final / 2 + 0.5).clamp(0, 1), images, atol=1e-5), scheduler
+@pytest.fixture(scope="module")
+def reverse_models(tmp_path_factory, one_thread_per_module):
+    """Untrained micro pipelines (T = 50, 8x8) of each kind, saved as training saves them."""
+    from conftest import MICRO_UNET
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-        figure = visualize.reverse_figure(chain)
-        assert_labelled(figure)
-        path = visualize.save_figure(figure, str(tmp_path / f"reverse_{scheduler}.png"))
-        assert png_size(path) == figure_pixels(figure)
-        assert_not_blank(path, montage=True)
+    from ddpm_hf.conditioning import make_conditional_pipeline_folder
 
-    out = tmp_path / "cli" / "reverse.png"
-    code, err = run_cli(["visualize", "reverse", "--model", output_dir, "--seeds", "0,1,2", "--steps", "5", "--device", "cpu", "--out", str(out)], capsys)
-    assert code == 0, err
-    smaller = tmp_path / "cli" / "reverse1.png"
-    assert run_cli(["visualize", "reverse", "--model", output_dir, "--seeds", "0", "--steps", "5", "--device", "cpu", "--out", str(smaller)], capsys)[0] == 0
-    assert_not_blank(out, montage=True)
-    assert png_size(out)[1] > png_size(smaller)[1]  # two rows (x_t, x0_hat) per seed
+    folders = {}
+    for kind, (unet_options, scheduler_options) in REVERSE_MODELS.items():
+        torch.manual_seed(0)
+        unet = UNet2DModel(**{**MICRO_UNET, **unet_options}, sample_size=8)
+        folder = tmp_path_factory.mktemp("reverse_model")
+        DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=50, **scheduler_options)).save_pretrained(folder)
+        if "num_class_embeds" in unet_options:
+            make_conditional_pipeline_folder(str(folder), ["cat", "dog"])
+        folders[kind] = str(folder)
+    return folders
+
+
+def as_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("kind", REVERSE_MODELS)
+def test_reverse_figure_is_the_sampling_engine_for_every_sampler(kind, reverse_models, tmp_path, capsys):
+    """Issue 24 item 1: the figure runs the one engine, for every sampler the factory offers (dpmsolver crashed:
+    its step returns no x_0; ddim crashed on a learned variance), and seed s is image 0 of `ddpm-hf sample --seed s
+    --num_images 1` with the same sampler (reverse seeded with manual_seed(s) and differed by 83/255 per pixel)."""
+    from ddpm_hf.distributed import item_generators
+    from ddpm_hf.sampling import SAMPLERS, gather_images, load_pipeline, make_sampler
+
+    pipeline = load_pipeline(reverse_models[kind], device="cpu")
+    conditional = "conditional" in kind
+    labels, scale = ([1, 0], 2.0) if conditional else (None, 1.0)
+    for name in SAMPLERS:  # the command, as a user runs it
+        out = tmp_path / f"{name}.png"
+        arguments = ["--class_labels", "dog,cat", "--guidance_scale", "2"] if conditional else []
+        code, err = run_cli(
+            ["visualize", "reverse", "--model", reverse_models[kind], "--scheduler", name, "--steps", "3", "--seeds", "4,7", "--device", "cpu", "--out", str(out), *arguments],
+            capsys,
+        )  # fmt: skip
+        assert code == 0, (name, err)
+        assert_not_blank(out, montage=True)
+    for name in SAMPLERS:  # what it shows
+        sampler = make_sampler(pipeline.scheduler, name, 3)
+        chain = visualize.reverse_chain(pipeline.unet, sampler, [4, 7], (49, 0), class_labels=labels, guidance_scale=scale, class_names=["cat", "dog"])
+        visited = [float(t) for t in sampler.scheduler.timesteps]
+        assert chain.timesteps == [visited[0], visited[-1]], name
+        assert chain.x_t.shape == chain.pred_x0.shape == (2, 2, 3, 8, 8) and chain.final.shape == (2, 3, 8, 8)
+        assert torch.isfinite(chain.pred_x0).all(), name
+        x_T = torch.randn((1, 3, 8, 8), generator=item_generators(7, range(1))[0])  # image 0 of seed 7's own generator
+        scheduler = sampler.scheduler
+        scheduler.set_timesteps(sampler.steps)  # x_t is what the network saw: x_T in the DDPM scale
+        torch.testing.assert_close(chain.x_t[1, 0], scheduler.scale_model_input(x_T * scheduler.init_noise_sigma, scheduler.timesteps[0])[0])
+        for i, seed in enumerate(chain.seeds):
+            expected = gather_images(
+                pipeline.unet, sampler, 1, seed, batch_size=1, class_labels=None if labels is None else [labels[i]], guidance_scale=scale
+            )  # fmt: skip
+            assert torch.equal(as_uint8(chain.final[i]), expected[0]), (name, seed)
+    figure = visualize.reverse_figure(chain)
+    assert_labelled(figure)
+    if conditional:
+        assert "dog" in figure.get_axes()[0].get_yticklabels()[0].get_text()
+
+
+def test_reverse_seed_is_image_0_of_sample_with_that_seed(reverse_models, tmp_path, capsys):
+    """The help's promise, command against command: the output column of `visualize reverse --seeds s` is the PNG of
+    `ddpm-hf sample --seed s --num_images 1`, for a class-conditional model with its class and guidance."""
+    from ddpm_hf.sampling import SAMPLERS, load_pipeline, make_sampler
+
+    folder = reverse_models["class-conditional, learned variance"]
+    pipeline = load_pipeline(folder, device="cpu")
+    for name in SAMPLERS:  # the command, as a user runs it
+        out = tmp_path / f"{name}.png"
+        code, err = run_cli(
+            ["sample", "--model", folder, "--scheduler", name, "--steps", "3", "--seed", "11", "--num_images", "1", "--class_labels", "dog", "--guidance_scale", "3", "--device", "cpu", "--out", str(out)],
+            capsys,
+        )  # fmt: skip
+        assert code == 0, err
+        sampler = make_sampler(pipeline.scheduler, name, 3)
+        chain = visualize.reverse_chain(pipeline.unet, sampler, [11], (49, 0), class_labels=[1], guidance_scale=3.0, class_names=["cat", "dog"])
+        assert chain.labels == ["dog"]
+        assert np.array_equal(np.asarray(Image.open(out)), as_uint8(chain.final[0]).permute(1, 2, 0).numpy()), name
 
 
 @pytest.mark.parametrize(
@@ -187,7 +244,8 @@ def test_reverse_chain_is_the_stock_pipelines_chain(tmp_path, capsys, micro_unet
         (["--steps", "5000"], "must be between 1 and the model's T = 1000"),
         (["--seeds", ""], "--seeds is empty"),
         (["--timesteps", "-1"], "timesteps run from 0 to 999"),
-        (["--scheduler", "euler"], "invalid choice: 'euler'"),
+        (["--scheduler", "nonsense"], "invalid choice: 'nonsense'"),
+        (["--class_labels", "cat"], "--class_labels needs a class-conditional model"),
     ],
 )
 def test_reverse_cli_errors_say_what_to_fix(tmp_path, capsys, micro_unet_config, arguments, message):
