@@ -30,15 +30,9 @@ from PIL import Image
 from ddpm_hf.cli import main
 from ddpm_hf.config import config_from_dict
 from ddpm_hf.errors import UserError
-from ddpm_hf.hub import (
-    ALLOWED,
-    CUSTOM_PIPELINE_FILENAME,
-    HubPusher,
-    build_model_card,
-    default_custom_pipeline_file,
-    default_repo_name,
-    files_to_upload,
-)
+from ddpm_hf.hub import HubPusher, default_repo_name
+from ddpm_hf.model_card import build_model_card
+from ddpm_hf.repo_contents import ALLOWED, CUSTOM_PIPELINE_FILENAME, default_custom_pipeline_file, files_to_upload
 from ddpm_hf.run_folder import RunFolder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +75,10 @@ def make_output_dir(path: Path, seed: int = 0, evaluation: bool = True) -> Path:
     """An OUTPUT_DIR as a quickstart run leaves it: pipeline, config, samples, checkpoints, logs, plots, eval."""
     path.mkdir(parents=True, exist_ok=True)
     save_pipeline(path, seed)
-    config_from_dict({"preset": "quickstart", "output_dir": str(path), "hub_token": "hf_must_never_be_uploaded"}).save(path / "training_config.json")
+    # At the size of tiny_unet, as training records it.
+    config_from_dict({"preset": "quickstart", "resolution": 16, "output_dir": str(path), "hub_token": "hf_must_never_be_uploaded"}).save(
+        path / "training_config.json"
+    )
     (path / "samples").mkdir()
     for step, color in ((300, "red"), (600, "blue")):
         Image.new("RGB", (64, 64), color).save(path / "samples" / f"step_{step:07d}.png")
@@ -147,9 +144,9 @@ def test_files_to_upload_is_exactly_the_allowed_set(tmp_path):
     assert "checkpoints/*" not in ALLOWED and "logs/*" not in ALLOWED
 
 
-def test_a_wheel_install_ships_the_custom_pipeline(tmp_path):
+def test_a_wheel_install_ships_the_custom_pipeline_and_the_card_template(tmp_path):
     # A non-editable install has no pipelines/ beside the package: setup.cfg maps it into the wheel as
-    # ddpm_hf/pipelines/, where default_custom_pipeline_file() looks first.
+    # ddpm_hf/pipelines/, where default_custom_pipeline_file() looks first. The card's template is package data.
     pytest.importorskip("setuptools")
     source, wheel_dir, site = tmp_path / "source", tmp_path / "wheel", tmp_path / "site"
     # Build from a copy: setuptools writes build/ and *.egg-info beside the sources.
@@ -171,7 +168,7 @@ def test_a_wheel_install_ships_the_custom_pipeline(tmp_path):
         cwd=tmp_path,
     )
     found = subprocess.run(
-        [sys.executable, "-c", "from ddpm_hf.hub import default_custom_pipeline_file as f; print(f())"],
+        [sys.executable, "-c", "from ddpm_hf.repo_contents import default_custom_pipeline_file as f; print(f())"],
         check=True,
         capture_output=True,
         text=True,
@@ -180,6 +177,8 @@ def test_a_wheel_install_ships_the_custom_pipeline(tmp_path):
     ).stdout.strip()
     assert Path(found) == site / "ddpm_hf" / "pipelines" / CUSTOM_PIPELINE_FILENAME
     assert Path(found).read_bytes() == (REPO_ROOT / "pipelines" / CUSTOM_PIPELINE_FILENAME).read_bytes()
+    template = Path("templates") / "model_card.md.jinja"
+    assert (site / "ddpm_hf" / template).read_bytes() == (REPO_ROOT / "ddpm_hf" / template).read_bytes()
 
 
 def test_push_uploads_only_the_allowed_files(hub_server, tmp_path):
