@@ -16,12 +16,18 @@ diffusers' `from_pretrained` (and `ddpm-hf sample --model user/name`): nothing o
     pusher.check()                  # before the first training step: token, repo id, create the repo
     pusher.push_in_background(step) # every --push_every steps, after saving the pipeline: never waits on the network
     pusher.push_final(step)         # at the end: blocking, retried; a failure, Ctrl-C or SIGTERM is a `UserError`
+
+A background push sends a snapshot of the run folder, so that training may save again while it uploads. Files that
+the run's writers replace by a new file (the pipeline: training.save_pipeline's os.replace; training_config.json
+and eval.json: run_folder's atomic writer) are hard-linked into it, which costs no copy; a sample grid, which a
+resumed run rewrites in place, is copied.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -43,7 +49,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .arguments import existing_folder
-from .conditioning import CONDITIONAL_PIPELINE_NAME
+from .conditioning import CONDITIONAL_PIPELINE_FILENAME, CONDITIONAL_PIPELINE_NAME
 from .errors import UserError
 from .model_card import DEFAULT_LICENSE, build_model_card, load_arguments
 from .repo_contents import (
@@ -63,6 +69,11 @@ logger = logging.getLogger(__name__)
 
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 DEFAULT_REPO_NAME = "ddpm"  # when nothing of the output folder's name is usable
+
+# What a snapshot may hard-link: files that the run's writers replace by a new file rather than rewrite in place
+# (training.save_pipeline moves each part of the pipeline into place with os.replace; run_folder writes the JSON files
+# through a temporary file and os.replace). A link keeps the content of the moment; everything else is copied.
+REPLACED_NOT_REWRITTEN = ("model_index.json", "unet/*", "scheduler/*", CONDITIONAL_PIPELINE_FILENAME, TRAINING_CONFIG, EVAL_FILE)
 
 
 def describe_hardware(num_processes: int = 1) -> str:
@@ -157,6 +168,18 @@ def _sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _snapshot_file(source: Path, target: Path, link: bool) -> None:
+    """Put `source` at `target`: a hard link when `link` (no copy: the link keeps this content when the writer
+    replaces the file), else, or where the file system gives no link (another device, no hard links), a copy."""
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(source, target)
 
 
 @dataclass
@@ -451,7 +474,8 @@ class HubPusher:
             for repo_path, source in local_files(self.output_dir, None).items():
                 target = root / repo_path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
+                replaced = source == self.output_dir / repo_path and any(fnmatch.fnmatchcase(repo_path, p) for p in REPLACED_NOT_REWRITTEN)
+                _snapshot_file(source, target, link=replaced)
             upload.contents = self._contents(root, step)
         except BaseException:
             upload.cleanup()
