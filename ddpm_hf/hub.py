@@ -1,14 +1,17 @@
 """Push a run to the Hugging Face Hub: the pre-flight check, the background pusher, retries and snapshots.
 
 What a push uploads, without the machine's paths, is decided in repo_contents.py; the model card it writes,
-README.md, in model_card.py. An unconditional run's repo stays a stock diffusers repo:
-`DDPMPipeline.from_pretrained("user/name")` and `DDIMPipeline.from_pretrained("user/name")` load it with no extra
-code, and `DiffusionPipeline.from_pretrained("user/name", custom_pipeline="ddpm_trajectory", trust_remote_code=True)`
-loads the trajectory pipeline shipped beside it (diffusers looks for `<custom_pipeline>.py` in the repo and loads it
-at the same revision as the weights). A class-conditional run's repo (conditioning.py) loads only with its own
+README.md, in model_card.py. A push makes the repo's `ALLOWED` files exactly those of the run pushed (an
+unconditional run pushed over a conditional one removes `ddpm_class_conditional.py`) and leaves others alone.
+
+An unconditional run's repo stays a stock diffusers repo: `DDPMPipeline.from_pretrained("user/name")` and
+`DDIMPipeline.from_pretrained("user/name")` load it with no extra code, and
+`DiffusionPipeline.from_pretrained("user/name", custom_pipeline="ddpm_trajectory", trust_remote_code=True)` loads
+the trajectory pipeline shipped beside it (diffusers looks for `<custom_pipeline>.py` in the repo and loads it at
+the same revision as the weights). A class-conditional run's repo (conditioning.py) loads only with its own
 pipeline, `DiffusionPipeline.from_pretrained("user/name", custom_pipeline="ddpm_class_conditional",
 trust_remote_code=True)`; stock `DDPMPipeline.from_pretrained` refuses it, and its card says so. Pulling is
-diffusers' `from_pretrained` (and `ddpm-hf sample --model user/name`): nothing of this package is needed.
+diffusers' `from_pretrained` (and `ddpm-hf sample --model user/name`): nothing of this module is needed.
 
 `HubPusher` is what training and `ddpm-hf push` use:
 

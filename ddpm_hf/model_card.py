@@ -118,8 +118,8 @@ def build_model_card(
     `DDPMPipeline` or trajectory-pipeline usage, neither of which can run it.
     """
     run = _Run(Path(output_dir), Path(run_dir) if run_dir is not None else Path(output_dir))
-    facts = card_facts(run, repo_id, step=step, hardware=hardware, custom_pipeline=custom_pipeline, revision=revision, space_id=space_id)
-    data = card_data(run, facts.name, license)
+    facts = _card_facts(run, repo_id, step=step, hardware=hardware, custom_pipeline=custom_pipeline, revision=revision, space_id=space_id)
+    data = _card_data(run, facts.name, license)
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),
@@ -195,7 +195,7 @@ class _Run:
 # ---- the facts the template shows -----------------------------------------------------------------
 
 
-def card_facts(
+def _card_facts(
     run: _Run, repo_id: str, *, step: int | None, hardware: str | None, custom_pipeline: bool, revision: str | None, space_id: str | None
 ) -> CardFacts:
     fid = run.fid
@@ -257,7 +257,7 @@ def _training_rows(run: _Run, step: int | None, hardware: str | None) -> list[tu
             ("Conditioning", f"{count} classes (`num_class_embeds` = {count + 1}, the last the null label), label dropout p_uncond = {_count(dropout)}")
         )
     if config:
-        rows.append(("Objective", _objective(config, scheduler)))
+        rows.append(("Objective", _objective(config, run.learned_variance)))
         if config.get("init_from"):
             rows.append(("Started from", _started_from(config["init_from"], run.base_model)))
         rows += [
@@ -311,11 +311,11 @@ def _variance_text(scheduler: dict) -> str:
     return f"variance {variance}"
 
 
-def _objective(config: dict, scheduler: dict) -> str:
+def _objective(config: dict, learned_variance: bool) -> str:
     """The training objective, from training_config.json (`loss`, `vlb_weight`; a run from before they existed trained L_simple)."""
     loss = config.get("loss", "auto")
     if loss == "auto":
-        loss = "hybrid" if scheduler.get("variance_type") in ("learned_range", "learned") else "simple"
+        loss = "hybrid" if learned_variance else "simple"
     if loss == "hybrid":
         return f"L_hybrid = L_simple + lambda L_vlb with lambda = {config.get('vlb_weight')} (Nichol & Dhariwal 2021, Eq. 16)"
     if loss == "vlb":
@@ -414,7 +414,7 @@ def fid_setup(evaluation: dict[str, Any]) -> str:
     return text
 
 
-def fid_reference(fid: dict[str, Any]) -> tuple[str, str | None]:
+def _fid_reference(fid: dict[str, Any]) -> tuple[str, str | None]:
     """(dataset, split) that a FID (and KID) of eval.json was measured against: its `reference_details` (a Hub id,
     `local:NAME` or a built-in name, and the split), else the reference as given (a run from before they existed)."""
     details = fid.get("reference_details")
@@ -428,7 +428,7 @@ def _reference_text(fid: dict[str, Any]) -> str:
     """The Reference cell: the reference as given (an alias such as cifar10-test, a file, a dataset), and the dataset
     and split it stands for when they say more."""
     given = fid.get("reference", "not recorded")
-    dataset, split = fid_reference(fid)
+    dataset, split = _fid_reference(fid)
     said = f"{dataset}, split {split}" if split is not None else dataset
     return _cell(given if said == given else f"{given} ({said})")
 
@@ -443,7 +443,7 @@ def _fid_rows(fid: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
-def nll_dataset(nll: dict[str, Any]) -> tuple[str, str | None]:
+def _nll_dataset(nll: dict[str, Any]) -> tuple[str, str | None]:
     """(dataset, split) of eval.json's bits/dim bound."""
     split = nll.get("split")
     return str(nll.get("dataset", "unknown")), str(split) if split is not None else None
@@ -457,7 +457,7 @@ def _nll_setup(nll: dict[str, Any], conditional: bool) -> str:
 
 
 def _nll_row(nll: dict[str, Any], conditional: bool) -> tuple[str, ...]:
-    dataset, split = nll_dataset(nll)
+    dataset, split = _nll_dataset(nll)
     spread = f" ± {nll['bits_per_dim_stderr']:.4f}" if _finite(nll.get("bits_per_dim_stderr")) else ""
     images = f"{nll['num_images']:,} images" if isinstance(nll.get("num_images"), int) else "not recorded"
     reference = _cell(f"{dataset}, split {split}" if split is not None else dataset)
@@ -475,7 +475,7 @@ def _nll_row(nll: dict[str, Any], conditional: bool) -> tuple[str, ...]:
 # ---- the Hub metadata -----------------------------------------------------------------------------
 
 
-def card_data(run: _Run, name: str, license: str) -> ModelCardData:
+def _card_data(run: _Run, name: str, license: str) -> ModelCardData:
     """The card's YAML metadata: library, task or tags, training datasets, licence, base model, results."""
     base_model = run.base_model
     return ModelCardData(
@@ -488,59 +488,45 @@ def card_data(run: _Run, name: str, license: str) -> ModelCardData:
         base_model=base_model,
         base_model_relation="finetune" if base_model is not None else None,  # --init_from: every weight trained further
         model_name=name,
-        eval_results=eval_results(run) or None,
+        eval_results=_eval_results(run) or None,
     )
 
 
-def eval_results(run: _Run) -> list[EvalResult]:
+def _eval_results(run: _Run) -> list[EvalResult]:
     """One `EvalResult` per metric in eval.json: FID, KID, bits/dim."""
-    task_type, task_name = CONDITIONAL_TASK if run.conditional else UNCONDITIONAL_TASK
-    results = []
+    # (dataset, split, metric type, metric name, value, arguments) of each measured metric
+    measured: list[tuple[str, str | None, str, str, float, dict[str, Any]]] = []
     fid = run.fid
     if fid is not None:
-        dataset, split = fid_reference(fid)
-        arguments = {
-            key: fid[key]
-            for key in ("num_samples", "scheduler", "steps", "nfe", "timestep_spacing", "seed", "guidance_scale", "step")
-            if fid.get(key) is not None
-        }
+        dataset, split = _fid_reference(fid)
+        keys = ("num_samples", "scheduler", "steps", "nfe", "timestep_spacing", "seed", "guidance_scale", "step")
+        arguments = {key: fid[key] for key in keys if fid.get(key) is not None}
         setup = f"{_count(fid.get('num_samples'))} samples, {fid_setup(fid)}"
-        metrics = [("fid", f"FID ({setup})", float(fid["fid"]), arguments)]
+        measured.append((dataset, split, "fid", f"FID ({setup})", float(fid["fid"]), arguments))
         if _finite(fid.get("kid")):
             spread = {"kid_std": fid["kid_std"]} if _finite(fid.get("kid_std")) else {}
-            metrics.append(("kid", f"KID ({setup})", float(fid["kid"]), dict(arguments, **spread)))
-        results += [
-            EvalResult(
-                task_type=task_type,
-                task_name=task_name,
-                dataset_type=dataset,
-                dataset_name=dataset,
-                dataset_split=split,
-                metric_type=metric,
-                metric_name=metric_name,
-                metric_value=value,
-                metric_args=args or None,
-            )
-            for metric, metric_name, value, args in metrics
-        ]
+            measured.append((dataset, split, "kid", f"KID ({setup})", float(fid["kid"]), dict(arguments, **spread)))
     nll = run.nll
     if nll is not None:
-        dataset, split = nll_dataset(nll)
+        dataset, split = _nll_dataset(nll)
         arguments = {key: nll[key] for key in ("num_images", "timestep_stride", "exact_sum_over_t", "seed") if nll.get(key) is not None}
         if _finite(nll.get("bits_per_dim_stderr")):
             arguments["stderr"] = nll["bits_per_dim_stderr"]
         images = f"{nll['num_images']:,} images" if isinstance(nll.get("num_images"), int) else "images not recorded"
-        results.append(
-            EvalResult(
-                task_type=task_type,
-                task_name=task_name,
-                dataset_type=dataset,
-                dataset_name=dataset,
-                dataset_split=split,
-                metric_type="bits_per_dim",
-                metric_name=f"Bits/dim (NLL bound, {images}, {_nll_setup(nll, run.conditional)})",
-                metric_value=float(nll["bits_per_dim"]),
-                metric_args=arguments or None,
-            )
+        name = f"Bits/dim (NLL bound, {images}, {_nll_setup(nll, run.conditional)})"
+        measured.append((dataset, split, "bits_per_dim", name, float(nll["bits_per_dim"]), arguments))
+    task_type, task_name = CONDITIONAL_TASK if run.conditional else UNCONDITIONAL_TASK
+    return [
+        EvalResult(
+            task_type=task_type,
+            task_name=task_name,
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split=split,
+            metric_type=metric,
+            metric_name=name,
+            metric_value=value,
+            metric_args=arguments or None,
         )
-    return results
+        for dataset, split, metric, name, value, arguments in measured
+    ]
