@@ -21,7 +21,9 @@ The tools around a trained pipeline (`ddpm-hf COMMAND`, registered in cli.py):
         fid.py                   Inception features, statistics, FID and KID, reference sets (aliases resolved)
         inception_weights.py     where the Inception network file comes from
         nll.py                   the terms of the variational bound, in bits/dim
-    hub.py          `push`, the model card and pushes during training
+    hub.py          `push` and pushes during training: the pre-flight check, the background pusher, retries,
+                    snapshots (repo_contents.py: what a repo holds, without the machine's paths; model_card.py:
+                    the card, from templates/model_card.md.jinja)
     visualize.py    `visualize`, the loss and progress figures (mistakes.py: the tutorial's four mistakes)
     arguments.py    what an option's value may be: bounds, kinds of path, Hub id or local path
 
