@@ -21,6 +21,7 @@ import os
 import shutil
 import warnings
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from importlib import resources
 
 import numpy as np
@@ -403,19 +404,43 @@ def decode_images(
         # Read the encoded bytes ourselves: decoding happens exactly once, in _decode.
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     cache_path = _decoded_cache_path(dataset, column, resolution, on_corrupt)
-    decodes_first = state is None or state.is_local_main_process
-    if not decodes_first:
-        state.wait_for_everyone()  # while the first process of this machine decodes
-    try:
-        cached = _load_decoded(cache_path)
+    with _first_process_of_each_machine_first(state):
+        cached = _load_decoded(cache_path)  # for the others: what the first process decoded
         if cached is None:
             return _decode(dataset.select_columns([column]), column, resolution, on_corrupt, max_in_memory_gb, cache_path, progress)
         storage, skipped, upscaled = cached
         _warn_about(skipped, upscaled, count, len(storage), resolution)
         return DecodedImages(images=torch.from_numpy(storage), skipped_rows=skipped, upscaled=upscaled)
+
+
+# The first decode of a large dataset may take hours, longer than the process group's timeout (--ddp_timeout), which
+# is there to notice a lost process: the others wait for it in a group of their own without that limit. A process
+# that dies still ends the run: the launcher (torchrun, accelerate launch) then stops the others.
+_DECODE_WAIT = timedelta(days=7)
+
+
+@contextlib.contextmanager
+def _first_process_of_each_machine_first(state):
+    """The block runs on the first process of each machine, then on the others (Accelerate's local_main_process_first),
+    however long the first one takes; after an error too, so the others meet the same error, not a time-out."""
+    import torch.distributed as dist
+
+    if state is None or state.num_processes == 1:
+        yield
+        return
+    group = dist.new_group(backend="gloo", timeout=_DECODE_WAIT) if dist.is_available() and dist.is_initialized() else None
+    wait = (lambda: dist.barrier(group=group)) if group is not None else state.wait_for_everyone
+    try:
+        if not state.is_local_main_process:
+            wait()
+        try:
+            yield
+        finally:
+            if state.is_local_main_process:
+                wait()
     finally:
-        if decodes_first and state is not None:
-            state.wait_for_everyone()  # after an error too: the others then meet the same error, not a time-out
+        if group is not None:
+            dist.destroy_process_group(group)
 
 
 def _decode(column_data, column: str, resolution: int, on_corrupt: str, max_in_memory_gb: float, cache_path: str, progress: bool) -> DecodedImages:
@@ -635,7 +660,8 @@ DEVICE_WITH_FLIPS, DEVICE, HOST = "device, with flips", "device", "host"
 def free_memory(device: torch.device) -> int:
     """Bytes free on `device` now: the accelerator's free memory, for the CPU the host's."""
     if device.type == "cpu":
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+        names = getattr(os, "sysconf_names", {})  # free pages: POSIX systems with Linux's extension (not macOS)
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if "SC_AVPHYS_PAGES" in names else 0
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     backend = getattr(torch, device.type, None)  # e.g. torch.xpu

@@ -27,12 +27,13 @@ import json, sys, time
 import ddpm_hf.data as data
 from ddpm_hf.distributed import leave_process_group, process_state
 
-state = process_state("cpu")  # gloo, as the ddpm-hf commands join a torchrun
+# gloo, as the ddpm-hf commands join a torchrun; a collective gives up after 6 s, as after --ddp_timeout
+state = process_state("cpu", timeout_s=6)
 opened, created = [], []
 open_image, create_memory_map, resize = data.open_image, data._create_memory_map, data.resize_and_crop
 data.open_image = lambda value: (opened.append(1), open_image(value))[1]
 data._create_memory_map = lambda *args: (created.append(1), create_memory_map(*args))[1]
-data.resize_and_crop = lambda image, size: (time.sleep(0.01), resize(image, size))[1]  # long enough for both to overlap
+data.resize_and_crop = lambda image, size: (time.sleep(0.35), resize(image, size))[1]  # decoding outlasts that timeout
 dataset = data.load_image_dataset("builtin:cifar10-1k").select(range(24))
 decoded = data.decode_images(dataset, 8, progress=False, state=state)
 report = dict(opened=len(opened), files_created=len(created), memory_mapped=decoded.memory_mapped, shape=list(decoded.images.shape))
@@ -43,6 +44,8 @@ leave_process_group()
 
 
 def test_two_processes_decode_once_and_both_map_the_one_file(tmp_path):
+    """The second process waits for the first one's decoding, even beyond the collectives' timeout (meant for a lost
+    process, not for a first decode that takes hours), then maps the file it wrote."""
     script = tmp_path / "decode.py"
     script.write_text(_DECODE_ON_TWO_PROCESSES)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
