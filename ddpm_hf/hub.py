@@ -436,9 +436,11 @@ class HubPusher:
                     self.check()
                 check_pipeline_folder(self.output_dir)
                 upload = _Upload(step, self._contents(self.output_dir, step))
+                target = self.url
                 try:
                     sha = self._with_retries(lambda: self._commit(upload), f"pushing to {self.repo_id}", None)
                     if self.space_id is not None:
+                        target = f"{self.api.endpoint}/spaces/{self.space_id}"
                         space = _Upload(None, space_files(self.output_dir, self.repo_id, self.revision, self.license))
                         self._with_retries(lambda: self._commit(space, repo_type="space"), f"pushing the Space {self.space_id}", None)
                     return sha
@@ -446,7 +448,7 @@ class HubPusher:
                     raise
                 except Exception as error:
                     raise UserError(
-                        f"pushing to {self.url} failed ({_describe(error)}). The local output in {self.output_dir} is "
+                        f"pushing to {target} failed ({_describe(error)}). The local output in {self.output_dir} is "
                         f"intact; push it again with `{self.retry_command()}`."
                     ) from error
             except (KeyboardInterrupt, _Terminated) as stop:

@@ -1,6 +1,6 @@
 """Drive `ddpm-hf demo` in headless Chromium: start it, generate in the page, and save a screenshot.
 
-    python scripts/demo_screenshot.py --model ddpm-cifar10-quickstart --out docs/images/demo.png
+    python scripts/demo_screenshot.py --model ddpm-cifar10-quickstart --sampler ddpm --steps 1000 --out docs/images/demo.png
 
 This made the README's docs/images/demo.png, and tests/test_demo.py drives the page with the same functions. It needs
 selenium (the test extra) and a Chromium with its driver on PATH: Debian's `chromium` and `chromium-driver`, which
@@ -196,12 +196,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_images", type=int, default=8)
+    parser.add_argument("--height", type=int, default=1450, help="Of the window, in pixels (the width is 1400).")
     args = parser.parse_args()
     settings = {"sampler": args.sampler, "steps-input": args.steps, "seed": args.seed, "num-images": args.num_images}
-    with demo_server(args.model, env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")) as url, chromium() as driver:
+    with demo_server(args.model, env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")) as url, chromium(1400, args.height) as driver:
         driver.get(url)
         wait_for(driver, "#generate")
-        generate(driver, settings, args.num_images)
+        generate(driver, settings, args.num_images, timeout=1800)
         driver.save_screenshot(args.out)
     print(f"wrote {args.out}")
 

@@ -22,6 +22,7 @@ from PIL import Image
 from ddpm_hf.cli import main
 from ddpm_hf.conditioning import make_conditional_pipeline_folder
 from ddpm_hf.run_folder import RunFolder
+from ddpm_hf.sampling import SAMPLERS
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 import demo_screenshot as browser  # noqa: E402
@@ -169,6 +170,42 @@ def test_one_generation_at_a_time_and_the_others_wait_in_line(demo):
     assert waiting and max(waiting) - min(waiting) >= 2, seen  # it waited in line while the first one generated
 
 
+def test_an_unconditional_model_streams_its_reverse_process_and_ends_with_the_images_of_ddpm_hf_sample(tmp_path, one_thread):
+    """The engine side of the page, without a server: frames while it samples, then what `ddpm-hf sample` makes."""
+    from ddpm_hf.demo import DemoModel
+    from ddpm_hf.space_app import app
+
+    folder = save_model(tmp_path / "uncond", class_names=None)
+    model = DemoModel(str(folder))
+    settings = model.page_settings()
+    assert settings.classes is None and list(settings.samplers) == ["auto", *SAMPLERS] and settings.default_steps == T
+    updates = list(model.generate(app.check_request(settings, "ddim", 10, 4, 3)))
+    frames, result = updates[:-1], updates[-1]
+    assert [frame.step for frame in frames] == list(range(1, 11)) and all(frame.num_steps == 10 for frame in frames)
+    assert frames[0].x_t.shape == (16 * 8, 3 * 16 * 8, 3)  # three 16 px images side by side, enlarged 8 times: 384 px wide
+    assert not np.array_equal(frames[0].pred_x0, frames[-1].pred_x0)  # the prediction changes as x_t is denoised
+    grid = sample(folder, tmp_path / "cli.png", scheduler="ddim", steps=10, seed=4, num_images=3)
+    np.testing.assert_array_equal(np.asarray(app.grid(result.images).convert("RGB")), np.asarray(Image.open(grid).convert("RGB")))
+    assert result.description == "ddim 10 steps, seed 4"
+
+
+def test_a_hub_model_shows_its_cards_metadata_and_eval_json(hub_server, model, tmp_path):
+    """`ddpm-hf demo --model user/name`: the model, its card and eval.json come from the Hub (here the local one)."""
+    import subprocess
+
+    from ddpm_hf.hub import HubPusher
+
+    HubPusher("alice/cond-ddpm", hub_server.token, False, model, endpoint=hub_server.url, command="push").push_final()
+    code = "from ddpm_hf.demo import DemoModel; s = DemoModel('alice/cond-ddpm', revision='main').page_settings(); print(s.classes); print(s.facts)"
+    env = dict(hub_server.env, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert shown.returncode == 0, shown.stderr
+    assert str(CLASSES) in shown.stdout
+    assert f"[alice/cond-ddpm]({hub_server.url}/alice/cond-ddpm)" in shown.stdout
+    assert "FID: 123.40" in shown.stdout and "bits/dim: 7.891" in shown.stdout and "license: apache-2.0" in shown.stdout
+    assert "- FID (1,000 samples" in shown.stdout  # the card's model-index results
+
+
 def test_without_gradio_the_command_says_what_to_install(model, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # as importlib sees a package that is not installed
     with pytest.raises(SystemExit) as stop:
@@ -188,3 +225,14 @@ def test_a_folder_that_is_not_a_pipeline_is_the_one_line_error_before_any_server
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "not a saved pipeline" in err[0]
     assert not launched.is_set()
+
+
+def test_grids_offered_for_download_are_forgotten_after_an_hour(tmp_path):
+    from ddpm_hf.space_app import app
+
+    for name, age_s in (("old", 2 * app.KEEP_FILES_S), ("new", 60)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "samples.png").write_bytes(b"png")
+        os.utime(tmp_path / name / "samples.png", (time.time() - age_s, time.time() - age_s))
+    app.forget_old_files(str(tmp_path))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["new"]

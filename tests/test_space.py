@@ -20,6 +20,7 @@ from conftest import REPO_ROOT
 from huggingface_hub import SpaceCard
 from PIL import Image
 from test_demo import CLASSES, T, save_model
+from test_hub import cli_in_process
 
 from ddpm_hf.cli import main
 from ddpm_hf.conditioning import CONDITIONAL_PIPELINE_NAME
@@ -99,16 +100,6 @@ def grid_of_result(result, conditional: bool) -> np.ndarray:
     return np.asarray(app.grid(result.images, one_class=conditional).convert("RGB"))
 
 
-def cli_in_process(args: list[str], endpoint: str, monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)  # what HF_ENDPOINT sets at import
-    try:
-        status = main(args)
-    except SystemExit as stop:
-        status = stop.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
 @pytest.mark.slow
 def test_a_pushed_space_runs_without_ddpm_hf_and_answers_with_the_images_of_ddpm_hf_sample(hub_server, tmp_path, monkeypatch, capsys, one_thread):
     model = save_model(tmp_path / "cond-run")
@@ -177,3 +168,10 @@ def test_the_space_push_retries_and_a_space_it_cannot_write_fails_before_any_upl
     pusher("run-demo").push_final()  # a name alone: in the user's namespace, like --repo_id
     assert len(hub_server.requests_to("/api/spaces/alice/run-demo/commit", method="POST")) == 3
     assert set(hub_server.repo_files("alice/run-demo", repo_type="space")) == {".gitattributes", *SPACE_FILES}
+
+    hub_server.fail_next(10, status=503, path_prefix="/api/spaces/alice/other-demo/commit")
+    with pytest.raises(UserError) as failed:  # 503 after every retry
+        pusher("alice/other-demo").push_final()
+    message = str(failed.value)
+    assert f"pushing to {hub_server.url}/spaces/alice/other-demo failed" in message and "--space alice/other-demo`" in message
+    assert hub_server.token not in message

@@ -46,6 +46,7 @@ MAX_GUIDANCE_SCALE = 20.0
 LIVE_FRAMES = 25  # about this many x_t / x_0 pictures per generation
 DISPLAY_SIDE = 192  # each sample is upscaled to at least this many screen pixels a side
 PREVIEW_SIDE = 384  # the live pictures (every image side by side) to at least this many
+KEEP_FILES_S = 3600  # how long the grids offered for download, and Gradio's copies of what it sent, are kept
 
 
 # ---- what a visitor asks for, and what they get ---------------------------------------------------------
@@ -258,6 +259,15 @@ def model_shape(unet, scheduler, num_classes: int | None) -> dict[str, str]:
 # ---- the page -------------------------------------------------------------------------------------------
 
 
+def forget_old_files(folder: str, max_age_s: float = KEEP_FILES_S) -> None:
+    """Remove the grids offered for download more than `max_age_s` ago: a Space runs for months."""
+    import shutil
+
+    for old in Path(folder).glob("*/*.png"):
+        if time.time() - old.stat().st_mtime > max_age_s:
+            shutil.rmtree(old.parent, ignore_errors=True)
+
+
 def progress_html(done: int, total: int, t: float | None = None) -> str:
     at = f", t = {t:g}" if t is not None else ""
     return f'<div id="steps-done">Step {done} / {total}{at}</div><progress id="steps" value="{done}" max="{total}" style="width:100%"></progress>'
@@ -277,11 +287,13 @@ def build_page(settings: PageSettings, generate: Callable[[Request], Iterator[Fr
         try:
             request = check_request(settings, sampler, steps, seed, num_images, class_name, guidance_scale)
             for update in generate(request):
-                if isinstance(update, Frame):
+                if isinstance(update, Result):
+                    result = update
+                else:
                     yield update.x_t, update.pred_x0, progress_html(update.step, update.num_steps, update.t), gr.skip(), gr.skip(), gr.skip()
         except (InputError, *input_errors) as error:
             raise gr.Error(one_line(error), print_exception=False) from None
-        result = update
+        forget_old_files(output_folder)
         path = Path(tempfile.mkdtemp(dir=output_folder)) / f"samples-seed{request.seed}-{request.sampler}-{request.steps}.png"
         grid(result.images, one_class=request.class_name is not None).save(path)
         pictures = [upscale(image.permute(1, 2, 0).numpy(), DISPLAY_SIDE) for image in result.images]
@@ -293,7 +305,8 @@ def build_page(settings: PageSettings, generate: Callable[[Request], Iterator[Fr
         )
         yield gr.skip(), gr.skip(), gr.skip(), list(zip(pictures, captions)), gr.update(value=str(path), visible=True), summary
 
-    with gr.Blocks(title=settings.title) as page:
+    # Gradio keeps what it sent in a cache of its own: files older than an hour go, every hour.
+    with gr.Blocks(title=settings.title, delete_cache=(KEEP_FILES_S, KEEP_FILES_S)) as page:
         gr.Markdown(
             f"# {settings.title}\nSample from a DDPM and watch its reverse process: x_t, the noisy images the network sees, "
             "and the x_0 it predicts from them, step by step."
