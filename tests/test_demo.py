@@ -152,22 +152,24 @@ def test_out_of_range_input_is_a_message_and_the_server_keeps_serving(demo):
 
 
 def test_one_generation_at_a_time_and_the_others_wait_in_line(demo):
-    """Two visitors at once: the second request waits, first in line, while the first one's frames keep coming."""
+    """Two visitors at once: the second request waits, first in line, for as long as the first one runs."""
     from gradio_client import Client
     from gradio_client.utils import Status
 
-    first = Client(demo, verbose=False).submit("ddpm", T, 0, 8, "cat", 2.0, api_name="/generate")
-    while first.status().code not in (Status.PROCESSING, Status.ITERATING):
+    running = (Status.PROCESSING, Status.ITERATING)
+    first = Client(demo, verbose=False).submit("ddpm", T, 0, 16, "cat", 2.0, api_name="/generate")
+    while first.status().code not in running:
         time.sleep(0.01)
     second = Client(demo, verbose=False).submit("ddim", 4, 1, 2, "dog", 1.0, api_name="/generate")
-    seen = []  # (outputs of the first so far, the second's status, its place in line)
+    waited = []  # when the second was seen waiting first in line while the first was running
     while not second.done():
-        status = second.status()
-        seen.append((len(first.outputs()), status.code, status.rank))
-        time.sleep(0.02)
-    assert len(first.result()[3]) == 8 and len(second.result()[3]) == 2
-    waiting = [outputs for outputs, code, rank in seen if code == Status.IN_QUEUE and rank == 0]
-    assert waiting and max(waiting) - min(waiting) >= 2, seen  # it waited in line while the first one generated
+        ours, theirs = second.status(), first.status()
+        if ours.code == Status.IN_QUEUE and ours.rank == 0 and theirs.code in running:
+            waited.append(time.monotonic())
+        time.sleep(0.01)
+    assert len(first.result()[3]) == 16 and len(second.result()[3]) == 2
+    # Sampling 16 images takes a while: a second request let through at once would not have waited this long.
+    assert waited and waited[-1] - waited[0] > 0.2, waited
 
 
 def test_an_unconditional_model_streams_its_reverse_process_and_ends_with_the_images_of_ddpm_hf_sample(tmp_path, one_thread):
@@ -179,7 +181,13 @@ def test_an_unconditional_model_streams_its_reverse_process_and_ends_with_the_im
     model = DemoModel(str(folder))
     settings = model.page_settings()
     assert settings.classes is None and list(settings.samplers) == ["auto", *SAMPLERS] and settings.default_steps == T
-    updates = list(model.generate(app.check_request(settings, "ddim", 10, 4, 3)))
+    calls = []
+    model.unet.register_forward_hook(lambda *_: calls.append(1))
+    updates = []
+    for update in model.generate(app.check_request(settings, "ddim", 10, 4, 3)):
+        updates.append((update, len(calls)))
+    assert [made for _, made in updates] == [*range(1, 11), 10]  # each frame as soon as its step is computed, not at the end
+    updates = [update for update, _ in updates]
     frames, result = updates[:-1], updates[-1]
     assert [frame.step for frame in frames] == list(range(1, 11)) and all(frame.num_steps == 10 for frame in frames)
     assert frames[0].x_t.shape == (16 * 8, 3 * 16 * 8, 3)  # three 16 px images side by side, enlarged 8 times: 384 px wide
