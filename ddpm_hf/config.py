@@ -379,6 +379,13 @@ def load_yaml_options(path: str) -> dict[str, Any]:
     return values
 
 
+def _preset_defaults(preset: Any, where: str) -> dict[str, Any]:
+    """The options preset `preset` sets, with its name; `where` starts the message of an unknown one."""
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise UserError(f"{where}{preset!r}: unknown preset. Choose one of: {', '.join(PRESETS)}.")
+    return dict(PRESETS[preset], preset=preset)
+
+
 def _pre_parse(argv: list[str]) -> tuple[str, str | None]:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset", default="cifar10")
@@ -419,16 +426,11 @@ def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
 
     argv = translate_flags(list(sys.argv[1:] if argv is None else argv))
     preset, config_path = _pre_parse(argv)
-    if preset not in PRESETS:
-        raise UserError(f"--preset {preset}: unknown preset. Choose one of: {', '.join(PRESETS)}.")
-    defaults = dict(PRESETS[preset], preset=preset)
+    defaults = _preset_defaults(preset, "--preset ")
     if config_path is not None:
         yaml_values = load_yaml_options(config_path)
         if "preset" in yaml_values and yaml_values["preset"] != preset and "--preset" not in argv:
-            preset = yaml_values["preset"]
-            if preset not in PRESETS:
-                raise UserError(f"--config {config_path}: unknown preset {preset!r}. Choose one of: {', '.join(PRESETS)}.")
-            defaults = dict(PRESETS[preset], preset=preset)
+            defaults = _preset_defaults(yaml_values["preset"], f"--config {config_path}: preset ")
         yaml_values.pop("preset", None)
         defaults.update(yaml_values)
         defaults["config"] = config_path
@@ -448,10 +450,7 @@ def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
 def config_from_dict(values: dict[str, Any]) -> TrainingConfig:
     """Build a config in code (tests, notebooks): preset defaults <- `values`."""
     _check_option_names(values, "")
-    preset = values.get("preset", "cifar10")
-    if preset not in PRESETS:
-        raise UserError(f"preset {preset!r}: unknown preset. Choose one of: {', '.join(PRESETS)}.")
-    config = TrainingConfig(**{**PRESETS[preset], "preset": preset, **values})
+    config = TrainingConfig(**{**_preset_defaults(values.get("preset", "cifar10"), "preset "), **values})
     validate(config)
     return config
 
@@ -472,12 +471,16 @@ def validate(config: TrainingConfig) -> None:
             continue
         if typing.get_origin(kind) is Literal:
             choices = typing.get_args(kind)
-            if value not in choices:
+            if not isinstance(value, str) or value not in choices:
                 raise UserError(f"--{name} {value!r}: invalid choice. Choose one of: {', '.join(choices)}.")
         elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):
             raise UserError(f"--{name} must be a whole number, got {value!r}.")
         elif kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
             raise UserError(f"--{name} must be a finite number, got {value!r}.")
+        elif kind is bool and not isinstance(value, bool):
+            raise UserError(f"--{name} must be true or false, got {value!r}.")
+        elif kind is str and not isinstance(value, str):  # flags are always text; a YAML file gives numbers, lists and null their own types
+            raise UserError(f"--{name} must be text, got {value!r} ({type(value).__name__}). {_text_fix(name, value)}")
         if kind in (int, float) and not field_bounds(name).contains(value):
             raise UserError(f"--{name} must be {bounds_text(name)}, got {value}.")
         if meta["path"] == "file" and not (isinstance(value, str) and os.path.isfile(value)):
@@ -504,6 +507,17 @@ def validate(config: TrainingConfig) -> None:
 
         sampler, steps = resolve_sampler(config.sample_scheduler, config.sample_steps, config.num_train_timesteps, option="--sample_scheduler")
         check_sampler_spacing(sampler, steps, config.num_train_timesteps, config.timestep_spacing, config.variance_type)
+
+
+def _text_fix(name: str, value: Any) -> str:
+    """How to write `value` as the text option `name` in a YAML file."""
+    if isinstance(value, bool):
+        return "In a YAML file, quote it: unquoted yes, no, true and false are booleans there."
+    if isinstance(value, (int, float)):
+        return f'In a YAML file, quote it: {name}: "{value}".'
+    if value is None:
+        return f"Give it a value, or leave {name} out for the default."
+    return f"Give one text value, not a {type(value).__name__}."
 
 
 def _check_objective(config: TrainingConfig) -> None:
