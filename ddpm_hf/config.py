@@ -86,7 +86,8 @@ class TrainingConfig:
         "Defaults to start from: 'cifar10' (the DDPM paper's run), 'iddpm-cifar10' (Improved DDPM's, learned variances) or 'quickstart'.", default="cifar10"
     )
     config: str | None = option("YAML file of options (keys are these option names); flags override it.", default=None, path="file", resumable=True)
-    output_dir: str | None = option("Where the pipeline, samples, checkpoints and logs go (default: per preset).", default=None, path="output")
+    # Resumable: the folder a run continues in is where its checkpoint is read from; a checkpoint may also continue elsewhere.
+    output_dir: str | None = option("Where the pipeline, samples, checkpoints and logs go (default: per preset).", default=None, path="output", resumable=True)
     overwrite: bool = option("Allow writing into an existing OUTPUT_DIR that holds a run of another configuration.", default=False, resumable=True)
     seed: int = option("Seed for data order, noise, timesteps and dropout: the same seed repeats a run.", default=0, ge=0, le=SEED_MAX)
 
@@ -124,8 +125,15 @@ class TrainingConfig:
         default="ddpm-cifar10",
     )
     model_config: str | None = option("JSON file of UNet2DModel arguments; replaces --model.", default=None, path="file")
-    dropout: float | None = option("Dropout in the UNet's residual blocks (default: the architecture's own).", default=None, ge=0, lt=1)
-    init_from: str | None = option("Start from the UNet weights of a saved pipeline (folder or Hub id), e.g. to fine-tune.", default=None, path="pipeline")
+    dropout: float | None = option(
+        "Dropout in the UNet's residual blocks (default: the architecture's own, or that of the --init_from model).", default=None, ge=0, lt=1
+    )
+    init_from: str | None = option(
+        "Start from the UNet weights of a saved pipeline (folder or Hub id), e.g. to fine-tune; it trains with dropout on, at --resolution, "
+        "which becomes its saved sample_size.",
+        default=None,
+        path="pipeline",
+    )
     num_train_timesteps: int = option("T, the number of diffusion steps.", default=1000, ge=1)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = option(
         "Noise schedule: 'linear' (the paper) or 'squaredcos_cap_v2' (cosine, Nichol & Dhariwal 2021).", default="linear"
@@ -176,7 +184,11 @@ class TrainingConfig:
     ema_warmup: bool = option("Ramp the EMA decay up as 1 - (1 + step/inv_gamma)^-power instead of a fixed decay.", default=False)
     ema_inv_gamma: float = option("inv_gamma of the EMA warm-up.", default=1.0, gt=0)
     ema_power: float = option("power of the EMA warm-up.", default=0.75, gt=0)
-    skip_nonfinite_loss: bool = option("On a NaN/inf loss, skip the step and count it instead of stopping.", default=False)
+    skip_nonfinite_loss: bool = option(
+        "On a NaN/inf loss (on any process), skip the whole optimizer step on every process and count it instead of stopping.",
+        default=False,
+        resumable=True,  # the fix that a run stopped by a NaN loss may resume with
+    )
 
     # ---- speed ----------------------------------------------------------------------------------
     compile: Literal["auto", "yes", "no"] = option("torch.compile the UNet: 'auto' compiles on CUDA only.", default="auto", resumable=True)
@@ -333,13 +345,20 @@ def resumable_options() -> set[str]:
 
 def non_resumable_changes(previous: dict[str, Any], current: TrainingConfig) -> list[tuple[str, Any, Any]]:
     """(name, previous value, current value) of every option, by name, that `current` sets differently from
-    `previous` (a saved training_config.json) and that a continued run may not change. Keys of `previous` that
-    are no option (any more) are ignored; an option missing from `previous` counts as None."""
+    `previous` (a saved training_config.json, or a checkpoint's `fixed_options`) and that a continued run may not
+    change. Keys of `previous` that are no option (any more) are ignored, and so are options that `previous` lacks
+    (a run of an older version, which had no such option: its behaviour was the default's)."""
     changes = []
-    for name, value in sorted(current.to_json_dict().items()):
-        if not TrainingConfig.__dataclass_fields__[name].metadata["resumable"] and previous.get(name) != value:
-            changes.append((name, previous.get(name), value))
+    for name, value in sorted(fixed_options(current).items()):
+        if name in previous and previous[name] != value:
+            changes.append((name, previous[name], value))
     return changes
+
+
+def fixed_options(config: TrainingConfig) -> dict[str, Any]:
+    """The options a continued run may not change (resumable=False), as training_config.json writes them: a
+    checkpoint records them, and resuming from it checks them (`non_resumable_changes`)."""
+    return {name: value for name, value in config.to_json_dict().items() if not TrainingConfig.__dataclass_fields__[name].metadata["resumable"]}
 
 
 def _check_option_names(names: Any, where: str) -> None:
