@@ -131,7 +131,11 @@ def run_demo(args) -> None:
         raise UserError(f"`ddpm-hf demo` needs Gradio, which is not installed: {INSTALL_HINT}.")
     model = DemoModel(args.model, args.revision, args.device)  # a bad --model is the one-line error, before any server
     app = build_app(model)
-    _, local_url, share_url = app.launch(server_name="127.0.0.1", server_port=args.port, share=args.share, prevent_thread_lock=True, quiet=True)
+    try:
+        _, local_url, share_url = app.launch(server_name="127.0.0.1", server_port=args.port, share=args.share, prevent_thread_lock=True, quiet=True)
+    except OSError as error:  # Gradio's answer to a port in use
+        where = f"--port {args.port}" if args.port else "the ports from 7860 on"
+        raise UserError(f"{where}: cannot serve there ({str(error).split('.')[0]}). Choose a free port with --port.") from None
     print(f"ddpm-hf demo of {args.model} on {local_url}" + (f", shared at {share_url}" if share_url else "") + " (Ctrl-C stops it)", flush=True)
     try:
         app.block_thread()

@@ -235,6 +235,14 @@ def test_a_folder_that_is_not_a_pipeline_is_the_one_line_error_before_any_server
     assert not launched.is_set()
 
 
+def test_a_port_in_use_is_the_one_line_error(demo, model, capsys):
+    busy = demo.rsplit(":", 1)[1]  # the module's demo server listens there
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--model", str(model), "--port", busy])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and f"--port {busy}: cannot serve there" in err[0]
+
+
 def test_grids_offered_for_download_are_forgotten_after_an_hour(tmp_path):
     from ddpm_hf.space_app import app
 
