@@ -12,7 +12,7 @@
 * `ddpm-hf demo`: loads the model (a folder that is not a pipeline is the one-line error, before any server starts)
   and serves the page on 127.0.0.1, one generation at a time: Gradio's queue shows the others their place in line.
 
-Gradio is an extra (`pip install "ddpm-hf[demo]"`); only this module and the Space's app import it.
+Gradio is an extra (`pip install "ddpm-hf[demo]"`): only the page (space_app/app.py) imports it, when it is built.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .errors import UserError
 from .space_app import app as page
 
 INSTALL_HINT = 'pip install "ddpm-hf[demo]"'
-DEFAULT_SAMPLER, DEFAULT_STEPS = "auto", 50  # auto: ddim with 50 steps (make_sampler)
+DEFAULT_SAMPLER, DEFAULT_STEPS = "auto", 50  # make_sampler's auto: ddim with 50 steps (ddpm for a model with T <= 50)
 
 
 class DemoModel:
@@ -101,10 +101,7 @@ class DemoModel:
             done = state.step + 1
             if done % every == 0 or done == state.num_steps:
                 yield page.Frame(done, state.num_steps, state.t, page.live_picture(state.x_t), page.live_picture(state.pred_x0))
-        description = f"{sampler.describe()}, seed {request.seed}"
-        if request.class_name is not None:
-            description += f", class {request.class_name}, guidance scale {request.guidance_scale:g}"
-        yield page.Result(process.images(), time.perf_counter() - started, description)
+        yield page.Result(process.images(), time.perf_counter() - started, sampler.describe())
 
 
 def _hub_file(repo_id: str, filename: str, revision: str | None) -> str | None:

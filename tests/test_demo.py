@@ -194,7 +194,7 @@ def test_an_unconditional_model_streams_its_reverse_process_and_ends_with_the_im
     assert not np.array_equal(frames[0].pred_x0, frames[-1].pred_x0)  # the prediction changes as x_t is denoised
     grid = sample(folder, tmp_path / "cli.png", scheduler="ddim", steps=10, seed=4, num_images=3)
     np.testing.assert_array_equal(np.asarray(app.grid(result.images).convert("RGB")), np.asarray(Image.open(grid).convert("RGB")))
-    assert result.description == "ddim 10 steps, seed 4"
+    assert result.sampler == "ddim 10 steps"
 
 
 def test_a_hub_model_shows_its_cards_metadata_and_eval_json(hub_server, model, tmp_path):

@@ -100,7 +100,6 @@ def grid_of_result(result, conditional: bool) -> np.ndarray:
     return np.asarray(app.grid(result.images, one_class=conditional).convert("RGB"))
 
 
-@pytest.mark.slow
 def test_a_pushed_space_runs_without_ddpm_hf_and_answers_with_the_images_of_ddpm_hf_sample(hub_server, tmp_path, monkeypatch, capsys, one_thread):
     model = save_model(tmp_path / "cond-run")
     command = ["push", str(model), "--repo_id", "alice/cond-ddpm", "--space", "alice/cond-demo", "--token", hub_server.token]

@@ -77,7 +77,7 @@ class Frame:
 class Result:
     images: torch.Tensor  # uint8 N x C x H x W, quantised as a PNG is
     seconds: float
-    description: str  # "ddim 50 steps, seed 0"
+    sampler: str  # what sampled them: "ddim 50 steps"
 
 
 @dataclass
@@ -95,6 +95,7 @@ class PageSettings:
     facts: str = ""  # Markdown beside the images: what the model is
     device: str = "cpu"
     sampler_help: str | None = None
+    live: bool = True  # whether `generate` yields frames: the page then shows x_t and x_0 while it samples
 
 
 class InputError(ValueError):
@@ -277,13 +278,15 @@ def build_page(settings: PageSettings, generate: Callable[[Request], Iterator[Fr
     """The Gradio Blocks (queued, not launched): the controls, the live reverse process and a progress bar of its
     steps, the samples, the grid to download, the time it took, and `settings.facts` beside them.
 
-    `generate(request)` yields a `Frame` now and then while it samples (none is fine), then the `Result`. An
-    `InputError`, or one of `input_errors` raised by `generate`, is shown on the page as its message."""
+    `generate(request)` yields a `Frame` now and then while it samples (with `settings.live`), then the `Result`. Any
+    tqdm progress bar it runs (a diffusers pipeline's) is shown too. An `InputError`, or one of `input_errors` raised
+    by `generate`, is shown on the page as its message."""
     import gradio as gr
 
     output_folder = tempfile.mkdtemp(prefix="ddpm-demo-")
 
-    def run(sampler, steps, seed, num_images, class_name=None, guidance_scale=None):
+    # A gr.Progress default argument is how Gradio hands a function its progress tracker.
+    def run(sampler, steps, seed, num_images, class_name=None, guidance_scale=None, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         try:
             request = check_request(settings, sampler, steps, seed, num_images, class_name, guidance_scale)
             for update in generate(request):
@@ -299,18 +302,19 @@ def build_page(settings: PageSettings, generate: Callable[[Request], Iterator[Fr
         pictures = [upscale(image.permute(1, 2, 0).numpy(), DISPLAY_SIDE) for image in result.images]
         pictures = [picture.squeeze(-1) if picture.shape[-1] == 1 else picture for picture in pictures]
         captions = [f"image {i}" + (f" ({request.class_name})" if request.class_name is not None else "") for i in range(len(pictures))]
+        made = f"{result.sampler}, seed {request.seed}"
+        if request.class_name is not None:
+            made += f", class {request.class_name}, guidance scale {request.guidance_scale:g}"
         summary = (
-            f"{len(pictures)} images in {result.seconds:.2f} s on {settings.device}: {result.description}.\n\n"
+            f"{len(pictures)} images in {result.seconds:.2f} s on {settings.device}: {made}.\n\n"
             f"The same images from the command line: `{sample_command(settings, request)}`"
         )
         yield gr.skip(), gr.skip(), gr.skip(), list(zip(pictures, captions)), gr.update(value=str(path), visible=True), summary
 
     # Gradio keeps what it sent in a cache of its own: files older than an hour go, every hour.
     with gr.Blocks(title=settings.title, delete_cache=(KEEP_FILES_S, KEEP_FILES_S)) as page:
-        gr.Markdown(
-            f"# {settings.title}\nSample from a DDPM and watch its reverse process: x_t, the noisy images the network sees, "
-            "and the x_0 it predicts from them, step by step."
-        )
+        watch = " and watch its reverse process: x_t, the noisy images the network sees, and the x_0 it predicts from them, step by step"
+        gr.Markdown(f"# {settings.title}\nSample from a DDPM{watch if settings.live else ''}.")
         with gr.Row():
             with gr.Column(scale=2):
                 with gr.Row():
@@ -329,8 +333,8 @@ def build_page(settings: PageSettings, generate: Callable[[Request], Iterator[Fr
                         guidance_help = f"s = 1 + w: 1 is plain conditional sampling, 0 unconditional; at most {MAX_GUIDANCE_SCALE:g}"
                         inputs.append(gr.Number(1.0, label="Guidance scale", info=guidance_help, elem_id="guidance"))
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
-                progress = gr.HTML(progress_html(0, 0), elem_id="progress")
-                with gr.Row():
+                progress = gr.HTML(progress_html(0, 0), visible=settings.live, elem_id="progress")
+                with gr.Row(visible=settings.live):
                     x_t = gr.Image(label="x_t: what the network sees", format="png", interactive=False, elem_id="live-x-t")
                     pred_x0 = gr.Image(label="predicted x_0", format="png", interactive=False, elem_id="live-x0")
                 gallery = gr.Gallery(label="Samples", format="png", columns=4, object_fit="none", height="auto", elem_id="samples")
@@ -361,7 +365,6 @@ class HubModel:
         self.pipeline = DiffusionPipeline.from_pretrained(
             self.model, revision=self.revision, custom_pipeline=settings["pipeline"], trust_remote_code=True, use_safetensors=True
         ).to(self.device)
-        self.pipeline.set_progress_bar_config(disable=True)
         self.class_names = getattr(self.pipeline, "class_names", None)
         self.num_classes = getattr(self.pipeline, "num_classes", None)
 
@@ -394,6 +397,7 @@ class HubModel:
             classes=classes,
             facts=facts_markdown(self.model, f"{constants.ENDPOINT}/{self.model}", model_shape(unet, scheduler, self.num_classes), card, evaluation),
             device=self.device,
+            live=False,  # the pipeline runs the chain to the end; the page follows its progress bar
         )
 
     def scheduler(self, name: str):
@@ -413,7 +417,7 @@ class HubModel:
         else:
             images = pipeline(batch_size=request.num_images, **options).images
         uint8 = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # the pipeline's output is x_0 / 2 + 0.5, clipped
-        yield Result(uint8, time.perf_counter() - started, f"{request.sampler} {request.steps} steps, seed {request.seed}")
+        yield Result(uint8, time.perf_counter() - started, f"{request.sampler} {request.steps} steps")
 
     def class_id(self, class_name: str) -> int:
         return self.class_names.index(class_name) if self.class_names else int(class_name)
