@@ -7,8 +7,10 @@ This one file is two things:
   runs without ddpm-hf: like the custom pipelines uploaded with the model, it needs only diffusers, torch and gradio
   (numpy and huggingface_hub come with them). It reads `space.json`, written by the push (the model repo and its
   revision, the pipeline to load it with, the samplers ddpm-hf offers, each a diffusers scheduler class and config),
-  loads the model from the Hub with the custom pipeline in the model repo, and samples with it;
-* the page of `ddpm-hf demo` (ddpm_hf/demo.py), which samples through ddpm-hf's own engine instead: `build_page`.
+  loads the model from the Hub with the custom pipeline in the model repo, and samples with it. The pipeline runs the
+  chain to its end, so the Space's page follows its progress bar instead of showing x_t and x_0 live;
+* the page of `ddpm-hf demo` (ddpm_hf/demo.py), which samples through ddpm-hf's own engine instead and shows every
+  few steps' x_t and predicted x_0 while it runs: `build_page`.
 
 Either way image i of seed s starts from its own generator, seeded with `item_seed(s, i)` as `ddpm-hf sample` seeds
 it (ddpm_hf/distributed.py), so the page shows the images `ddpm-hf sample` makes with the same model, sampler,
