@@ -249,7 +249,7 @@ def make_sampler(
     sampler = getattr(diffusers, kind.scheduler_class).from_config(trained, **options)
     sampler.set_timesteps(steps)
     check_timesteps_of(sampler, name, steps, spacing, karras)
-    return Sampler(scheduler=sampler, name=name, steps=steps, timestep_spacing=spacing, solver_order=order, karras_sigmas=karras)
+    return Sampler(scheduler=sampler, name=name, steps=steps, timestep_spacing=spacing, solver_order=order, karras_sigmas=bool(karras))
 
 
 @dataclass
