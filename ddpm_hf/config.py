@@ -25,6 +25,7 @@ import yaml
 
 from .arguments import Bounds, writable_location_problem
 from .errors import UserError
+from .sampling import SAMPLER_CHOICES
 
 # A dataset name starting with this prefix is a file shipped inside the package (see ddpm_hf/assets/).
 BUILTIN_DATASET_PREFIX = "builtin:"
@@ -211,7 +212,7 @@ class TrainingConfig:
     logging_steps: int = option("Log loss, lr, grad norm and img/s every N optimizer steps (one host sync per N).", default=50, ge=1, resumable=True)
     sample_every: int = option("Write a sample grid every N steps (and at the end); 0 turns sampling off.", default=10_000, ge=0, resumable=True)
     sample_steps: int = option("Denoising steps for the sample grid and --eval_every's FID.", default=100, ge=1, resumable=True)
-    sample_scheduler: Literal["auto", "ddpm", "ddim", "dpmsolver"] = option(
+    sample_scheduler: Literal[SAMPLER_CHOICES] = option(
         "Sampler of the grids and of --eval_every's FID (ddpm_hf.sampling.make_sampler): 'auto' is DDIM when --sample_steps < T, else DDPM. Briefly trained models look better with ddpm.",
         default="auto",
     )
@@ -525,11 +526,12 @@ def validate(config: TrainingConfig) -> None:
             "--report_to wandb with --hub_token would send the token to Weights & Biases with the run's options. "
             "Log in with `hf auth login` (or set HF_TOKEN) instead of --hub_token."
         )
-    if config.sample_every or config.eval_every:  # the grids and FID sample through the one sampler factory
-        from .sampling import check_sampler_spacing, resolve_sampler
+    if config.sample_every or config.eval_every:  # the grids and FID sample through the one sampler factory: its refusals, now
+        from .models import build_scheduler
+        from .sampling import make_sampler, resolve_sampler
 
-        sampler, steps = resolve_sampler(config.sample_scheduler, config.sample_steps, config.num_train_timesteps, option="--sample_scheduler")
-        check_sampler_spacing(sampler, steps, config.num_train_timesteps, config.timestep_spacing, config.variance_type)
+        resolve_sampler(config.sample_scheduler, config.sample_steps, config.num_train_timesteps, option="--sample_scheduler")
+        make_sampler(build_scheduler(config), config.sample_scheduler, config.sample_steps)
 
 
 def _text_fix(name: str, value: Any) -> str:
