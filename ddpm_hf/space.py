@@ -88,11 +88,15 @@ def sampler_settings(output_dir: str | os.PathLike) -> dict:
     T = trained.config.num_train_timesteps
     samplers = {}
     for name in SAMPLERS:
-        try:
-            scheduler = make_sampler(trained, name, T).scheduler
-        except UserError:  # a sampler this model cannot use
-            continue
-        samplers[name] = {"class": type(scheduler).__name__, "config": json.loads(scheduler.to_json_string())}
+        # The scheduler's config does not depend on the steps, but make_sampler refuses some step counts for some
+        # samplers (multistep solvers with K close to T): ask at a few, a small K first.
+        for steps in dict.fromkeys((min(10, T), T // 2 or 1, T)):
+            try:
+                scheduler = make_sampler(trained, name, steps).scheduler
+            except UserError:
+                continue
+            samplers[name] = {"class": type(scheduler).__name__, "config": json.loads(scheduler.to_json_string())}
+            break  # a sampler refused at every K is one this model cannot use: the Space does not offer it
     default_sampler, default_steps = resolve_sampler("auto", min(50, T), T)
     return {"samplers": samplers, "default_sampler": default_sampler, "default_steps": default_steps}
 
