@@ -24,7 +24,9 @@ The tools around a trained pipeline (`ddpm-hf COMMAND`, registered in cli.py):
         nll.py                   the terms of the variational bound, in bits/dim
     hub.py          `push` and pushes during training: the pre-flight check, the background pusher, retries,
                     snapshots (repo_contents.py: what a repo holds, without the machine's paths; model_card.py:
-                    the card, from templates/model_card.md.jinja)
+                    the card, from templates/model_card.md.jinja; space.py: the model's Space, `push --space`)
+    demo.py         `demo`: the model in the browser, sampled through the engine while the page shows x_t and x_0;
+                    the page is space_app/app.py, the Space's own app (diffusers, torch and gradio only)
     visualize.py    `visualize`, the loss and progress figures (mistakes.py: the tutorial's four mistakes)
     arguments.py    what an option's value may be: bounds, kinds of path, Hub id or local path
 

@@ -12,7 +12,7 @@ import sys
 from .errors import UserError, exit_with
 
 # Modules that register subcommands, in the order `ddpm-hf --help` lists them.
-COMMAND_MODULES = ("sampling", "hub", "evaluation_cli", "visualize")
+COMMAND_MODULES = ("sampling", "hub", "evaluation_cli", "visualize", "demo")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -20,6 +20,9 @@ diffusers' `from_pretrained` (and `ddpm-hf sample --model user/name`): nothing o
     pusher.push_in_background(step) # every --push_every steps, after saving the pipeline: never waits on the network
     pusher.push_final(step)         # at the end: blocking, retried; a failure, Ctrl-C or SIGTERM is a `UserError`
 
+With `space_id`, the pusher also owns the model's Space (space.py): `check` creates it too, before anything is
+uploaded, the card links it, and `push_final` pushes it after the model, with the same token and retries.
+
 A background push sends a snapshot of the run folder, so that training may save again while it uploads. Files that
 the run's writers replace by a new file (the pipeline: training.save_pipeline's os.replace; training_config.json
 and eval.json: run_folder's atomic writer) are hard-linked into it, which costs no copy; a sample grid, which a
@@ -67,6 +70,7 @@ from .repo_contents import (
     public_training_config,
 )
 from .run_folder import EVAL_FILE, TRAINING_CONFIG, RunFolder
+from .space import is_space_file, space_files
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +222,7 @@ class HubPusher:
             class-conditional run's `ddpm_class_conditional.py` always comes from the package (`conditional_pipeline_file`).
         command: "training" (train_ddpm.py --push_to_hub) or "push" (`ddpm-hf push`): what error messages advise.
         repo_flag, token_flag: the option names that error messages tell the user to change; None: those of `command`.
+        space_id: "user/name" of a Gradio Space that shows the model (space.py), pushed after it; None: no Space.
     """
 
     def __init__(
@@ -238,6 +243,7 @@ class HubPusher:
         command: str = "training",
         repo_flag: str | None = None,
         token_flag: str | None = None,
+        space_id: str | None = None,
     ):
         if command not in ("training", "push"):
             raise ValueError(f"command must be 'training' or 'push', not {command!r}")
@@ -254,6 +260,7 @@ class HubPusher:
         self.command = command
         self.repo_flag = repo_flag or ("--repo_id" if command == "push" else "--hub_model_id")
         self.token_flag = token_flag or ("--token" if command == "push" else "--hub_token")
+        self.space_id = space_id
         self.custom_pipeline_file = Path(custom_pipeline_file) if custom_pipeline_file is not None else default_custom_pipeline_file()
         if self.custom_pipeline_file is None:
             logger.warning(f"{CUSTOM_PIPELINE_FILENAME} was not found in the package: the push will not include the custom pipeline.")
@@ -280,6 +287,8 @@ class HubPusher:
             command += ["--revision", self.revision]
         if self.license != DEFAULT_LICENSE:
             command += ["--license", self.license]
+        if self.space_id is not None:
+            command += ["--space", self.space_id]
         return shlex.join(command)
 
     # ---- before training ------------------------------------------------------------------------
@@ -307,26 +316,9 @@ class HubPusher:
                 f"https://huggingface.co/settings/tokens and pass it with {self.token_flag} or HF_TOKEN."
             )
 
-        if self.repo_id is None:
-            self.repo_id = f"{self.user}/{default_repo_name(self.output_dir)}"
-        elif "/" not in self.repo_id:
-            self.repo_id = f"{self.user}/{self.repo_id}"
-        try:
-            validate_repo_id(self.repo_id)
-            if self.repo_id.count("/") != 1:
-                raise HFValidationError("it must be 'namespace/name'")
-        except HFValidationError as e:
-            raise UserError(
-                f"{self.repo_flag} {self.repo_id!r} is not a valid repo id ({' '.join(str(e).split())}). "
-                f"Use 'user/name', e.g. '{self.user}/ddpm-cifar10': letters, digits, '-', '_' and '.', at most 96 characters."
-            ) from None
-        namespace = self.repo_id.split("/")[0]
-        if namespace not in namespaces:
-            raise UserError(
-                f"{self.repo_flag} {self.repo_id}: the token {self._token_source} belongs to '{self.user}', who cannot "
-                f"push to the namespace '{namespace}' (yours: {', '.join(namespaces)}). Use {self.repo_flag} "
-                f"{self.user}/{self.repo_id.split('/')[1]}, or a token of an account that may write to '{namespace}'."
-            )
+        self.repo_id = self._full_repo_id(self.repo_id or default_repo_name(self.output_dir), self.repo_flag, namespaces)
+        if self.space_id is not None:
+            self.space_id = self._full_repo_id(self.space_id, "--space", namespaces)
 
         self._check_call(
             lambda: self.api.create_repo(self.repo_id, token=self.token, private=self.private, exist_ok=True),
@@ -342,9 +334,36 @@ class HubPusher:
                 lambda: self.api.create_branch(self.repo_id, branch=self.revision, token=self.token, exist_ok=True),
                 f"creating the branch {self.revision}",
             )
+        if self.space_id is not None:
+            self._check_call(
+                lambda: self.api.create_repo(self.space_id, token=self.token, private=self.private, repo_type="space", space_sdk="gradio", exist_ok=True),
+                f"creating the Space {self.space_id}",
+            )
         self._checked = True
         logger.info(f"Hub: pushing to {self.url} as {self.user}.")
         return self.repo_id
+
+    def _full_repo_id(self, repo_id: str, flag: str, namespaces: list[str]) -> str:
+        """`repo_id` as "namespace/name" ("name" goes in the user's namespace), checked to be valid and writable."""
+        if "/" not in repo_id:
+            repo_id = f"{self.user}/{repo_id}"
+        try:
+            validate_repo_id(repo_id)
+            if repo_id.count("/") != 1:
+                raise HFValidationError("it must be 'namespace/name'")
+        except HFValidationError as e:
+            raise UserError(
+                f"{flag} {repo_id!r} is not a valid repo id ({' '.join(str(e).split())}). "
+                f"Use 'user/name', e.g. '{self.user}/ddpm-cifar10': letters, digits, '-', '_' and '.', at most 96 characters."
+            ) from None
+        namespace = repo_id.split("/")[0]
+        if namespace not in namespaces:
+            raise UserError(
+                f"{flag} {repo_id}: the token {self._token_source} belongs to '{self.user}', who cannot "
+                f"push to the namespace '{namespace}' (yours: {', '.join(namespaces)}). Use {flag} "
+                f"{self.user}/{repo_id.split('/')[1]}, or a token of an account that may write to '{namespace}'."
+            )
+        return repo_id
 
     def _check_call(self, fn: Callable[[], Any], what: str):
         # A check should fail in seconds: two retries at most for a network blip.
@@ -417,13 +436,19 @@ class HubPusher:
                     self.check()
                 check_pipeline_folder(self.output_dir)
                 upload = _Upload(step, self._contents(self.output_dir, step))
+                target = self.url
                 try:
-                    return self._with_retries(lambda: self._commit(upload), f"pushing to {self.repo_id}", None)
+                    sha = self._with_retries(lambda: self._commit(upload), f"pushing to {self.repo_id}", None)
+                    if self.space_id is not None:
+                        target = f"{self.api.endpoint}/spaces/{self.space_id}"
+                        space = _Upload(None, space_files(self.output_dir, self.repo_id, self.revision, self.license))
+                        self._with_retries(lambda: self._commit(space, repo_type="space"), f"pushing the Space {self.space_id}", None)
+                    return sha
                 except UserError:
                     raise
                 except Exception as error:
                     raise UserError(
-                        f"pushing to {self.url} failed ({_describe(error)}). The local output in {self.output_dir} is "
+                        f"pushing to {target} failed ({_describe(error)}). The local output in {self.output_dir} is "
                         f"intact; push it again with `{self.retry_command()}`."
                     ) from error
             except (KeyboardInterrupt, _Terminated) as stop:
@@ -462,6 +487,7 @@ class HubPusher:
             custom_pipeline=self.custom_pipeline_file is not None,
             revision=self.revision,
             run_dir=self.output_dir,
+            space_id=self.space_id,
         )
         contents["README.md"] = str(card).encode()
         return contents
@@ -513,18 +539,23 @@ class HubPusher:
             finally:
                 upload.cleanup()
 
-    def _commit(self, upload: _Upload) -> str:
+    def _commit(self, upload: _Upload, repo_type: str = "model") -> str:
         operations = [
             CommitOperationAdd(path_in_repo=path, path_or_fileobj=value if isinstance(value, bytes) else str(value))
             for path, value in sorted(upload.contents.items())
         ]
         # The repo's ALLOWED files become exactly this push's: an older grid, or the eval.json and
         # training_config.json of another run, would describe other weights. Files added by hand stay.
-        remote = self.api.list_repo_files(self.repo_id, revision=self.revision, token=self.token)
-        operations += [CommitOperationDelete(path_in_repo=path) for path in remote if is_allowed(path) and path not in upload.contents]
-        message = self.commit_message or (f"Upload pipeline (step {upload.step})" if upload.step is not None else "Upload pipeline")
-        info = self.api.create_commit(self.repo_id, operations, commit_message=message, revision=self.revision, token=self.token)
-        logger.info(f"Hub: pushed step {upload.step} to {self.url} ({info.oid[:7]}).")
+        # A Space's files (space.py) likewise; it runs its main branch.
+        repo_id, revision, managed = (self.repo_id, self.revision, is_allowed) if repo_type == "model" else (self.space_id, "main", is_space_file)
+        remote = self.api.list_repo_files(repo_id, revision=revision, repo_type=repo_type, token=self.token)
+        operations += [CommitOperationDelete(path_in_repo=path) for path in remote if managed(path) and path not in upload.contents]
+        if repo_type == "space":
+            message = f"Space of {self.repo_id}"
+        else:
+            message = self.commit_message or (f"Upload pipeline (step {upload.step})" if upload.step is not None else "Upload pipeline")
+        info = self.api.create_commit(repo_id, operations, commit_message=message, revision=revision, repo_type=repo_type, token=self.token)
+        logger.info(f"Hub: pushed {'the Space' if repo_type == 'space' else f'step {upload.step}'} to {repo_id} ({info.oid[:7]}).")
         return info.oid
 
     def _with_retries(self, fn: Callable[[], Any], what: str, explain: Callable[[BaseException], UserError] | None, retries: int | None = None):
@@ -558,6 +589,7 @@ def run_push(args: argparse.Namespace) -> None:
         commit_message=args.commit_message,
         license=args.license,
         command="push",
+        space_id=args.space,
     )
     try:
         pusher.check()
@@ -576,6 +608,8 @@ def run_push(args: argparse.Namespace) -> None:
         )
     else:
         print(f"Load it with DDPMPipeline.from_pretrained({load}) or `ddpm-hf sample --model {pusher.repo_id}{cli_revision}`.")
+    if pusher.space_id is not None:
+        print(f"Its Space: {pusher.api.endpoint}/spaces/{pusher.space_id} (the Hub builds and starts it in a few minutes).")
 
 
 def add_cli(subparsers) -> None:
@@ -596,4 +630,9 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--revision", default=None, help="Branch to push to, created if missing (default: main).")
     parser.add_argument("--commit_message", default=None, help="Commit message (default: 'Upload pipeline').")
     parser.add_argument("--license", default=DEFAULT_LICENSE, help=f"License in the model card's metadata (default: {DEFAULT_LICENSE}).")
+    parser.add_argument(
+        "--space",
+        default=None,
+        help="Also push a Gradio Space, 'user/name', that samples the model in the browser (the `ddpm-hf demo` page); the card links it.",
+    )
     parser.set_defaults(func=run_push)

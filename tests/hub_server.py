@@ -9,15 +9,16 @@ Like the Hub it keeps git-like history: every commit has a sha and a full file l
 commits, and old commits stay readable. Repos are public or private; tokens map to a user and a role.
 
 Dataset repos are read-only: `server.add_dataset(repo_id, files)` puts one there, which `datasets` then reads
-through the same info, tree, paths-info and resolve endpoints (under /api/datasets/ and /datasets/).
+through the same info, tree, paths-info and resolve endpoints (under /api/datasets/ and /datasets/). Space repos
+(`create_repo(..., repo_type="space")`) are written and read like model repos, under /api/spaces/ and /spaces/.
 
 Test hooks:
     server.add_dataset(repo_id, {path: bytes})       a public dataset repo holding these files
     server.fail_next(n, status=503, path_prefix=...)  the next n matching requests fail with `status`
     server.pause(path_prefix)                         matching requests wait until the returned Event is set
     server.requests                                   every request: method, path, token
-    server.uploads[repo_id]                           the paths each commit added, in order
-    server.repo_files(repo_id, revision)              {path: bytes} of a revision
+    server.uploads[repo_id]                           the paths each commit added, in order ("spaces/<id>" for a Space)
+    server.repo_files(repo_id, revision, repo_type)   {path: bytes} of a revision
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ GITATTRIBUTES = b"""*.bin filter=lfs diff=lfs merge=lfs -text
 LFS_EXTENSIONS = (".bin", ".ckpt", ".png", ".jpg", ".pt", ".pth", ".safetensors", ".npy", ".npz", ".parquet")
 LFS_MIN_SIZE = 10 * 1024 * 1024
 _DATASET_PREFIX = "datasets/"  # dataset repos live in HubServer.repos under "datasets/<id>", model repos under "<id>"
+_SPACE_PREFIX = "spaces/"  # and Space repos under "spaces/<id>"
+_PREFIXES = {"model": "", "dataset": _DATASET_PREFIX, "space": _SPACE_PREFIX}
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -86,6 +89,11 @@ class Repo:
     private: bool
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
+    prefix: str = ""  # where HubServer.repos keeps it: "" (a model), "datasets/" or "spaces/"
+
+    @property
+    def key(self) -> str:
+        return self.prefix + self.repo_id
 
 
 @dataclass
@@ -176,10 +184,10 @@ class HubServer:
     def add_token(self, token: str, user: str, role: str = "write") -> None:
         self.tokens[token] = (user, role)
 
-    def create_repo(self, repo_id: str, private: bool = False) -> None:
+    def create_repo(self, repo_id: str, private: bool = False, repo_type: str = "model") -> None:
         """Create a repo directly (test setup), as `POST /api/repos/create` would."""
         with self._lock:
-            self._create_repo(repo_id, private)
+            self._create_repo(repo_id, private, _PREFIXES[repo_type])
 
     def add_dataset(self, repo_id: str, files: dict[str, bytes]) -> None:
         """A public dataset repo holding `files` (test setup). Stored apart from model repos, as on the Hub."""
@@ -193,10 +201,10 @@ class HubServer:
             repo.branches["main"] = self._add_commit(repo, None, "initial commit", stored).sha
             self.repos[_DATASET_PREFIX + repo_id] = repo
 
-    def repo_files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+    def repo_files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
         """The content of every file of `repo_id` at `revision` (a branch or a commit sha)."""
         with self._lock:
-            commit = self._resolve(self.repos[repo_id], revision)
+            commit = self._resolve(self.repos[_PREFIXES[repo_type] + repo_id], revision)
             return {path: self._content(stored) for path, stored in commit.files.items()}
 
     def commit_shas(self, repo_id: str, branch: str = "main") -> list[str]:
@@ -213,14 +221,14 @@ class HubServer:
         return [r for r in list(self.requests) if r.path.startswith(path_prefix) and (method is None or r.method == method)]
 
     # ---- state ----------------------------------------------------------------------------------
-    def _create_repo(self, repo_id: str, private: bool) -> Repo:
-        repo = Repo(repo_id, private)
+    def _create_repo(self, repo_id: str, private: bool, prefix: str = "") -> Repo:
+        repo = Repo(repo_id, private, prefix=prefix)
         sha = git_blob_sha1(GITATTRIBUTES)
         self.blobs[sha] = GITATTRIBUTES
         self._add_commit(repo, None, "initial commit", {".gitattributes": StoredFile(sha, len(GITATTRIBUTES))})
         repo.branches["main"] = next(iter(repo.commits))
-        self.repos[repo_id] = repo
-        self.uploads.setdefault(repo_id, [])
+        self.repos[repo.key] = repo
+        self.uploads.setdefault(repo.key, [])
         return repo
 
     def _add_commit(self, repo: Repo, parent: str | None, title: str, files: dict[str, StoredFile]) -> Commit:
@@ -348,12 +356,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._create(json.loads(body or b"{}"), user)
         if method == "POST" and path == "/api/validate-yaml":
             return self._validate_yaml(json.loads(body or b"{}"))
-        if method == "PUT" and parts[:1] == ["__lfs"] and len(parts) == 4:
-            return self._lfs_put("/".join(parts[1:3]), parts[3], query, body)
-        if parts[:1] == ["api"] and parts[1:2] in (["models"], ["datasets"]) and len(parts) >= 4:
+        if method == "PUT" and parts[:1] == ["__lfs"] and len(parts) in (4, 5):
+            return self._lfs_put("/".join(parts[1:-1]), parts[-1], query, body)
+        if parts[:1] == ["api"] and parts[1:2] in (["models"], ["datasets"], ["spaces"]) and len(parts) >= 4:
             repo_id, rest = "/".join(parts[2:4]), parts[4:]
             with hub._lock:
-                repo = self._repo(repo_id if parts[1] == "models" else _DATASET_PREFIX + repo_id, user)
+                repo = self._repo(_PREFIXES[parts[1][:-1]] + repo_id, user)
                 if method == "GET" and not rest:
                     return self._info(repo, "main")
                 if method == "GET" and rest[:1] == ["revision"] and len(rest) >= 2:
@@ -374,10 +382,13 @@ class _Handler(BaseHTTPRequestHandler):
                 if method == "POST" and rest[:1] == ["branch"] and len(rest) >= 2:
                     self._require_write(repo, user)
                     return self._branch(repo, "/".join(rest[1:]), json.loads(body or b"{}"))
+        space = parts[:1] == ["spaces"]
+        if space:  # a Space's git and file URLs are a model's, under /spaces/
+            parts = parts[1:]
         if method == "POST" and len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
             repo_id = f"{parts[0]}/{parts[1][: -len('.git')]}"
             with hub._lock:
-                repo = self._repo(repo_id, user)
+                repo = self._repo((_SPACE_PREFIX if space else "") + repo_id, user)
                 self._require_write(repo, user)
                 return self._lfs_batch(repo, json.loads(body))
         if method in ("GET", "HEAD") and len(parts) >= 6 and parts[0] == "datasets" and parts[3] == "resolve":
@@ -386,7 +397,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._resolve_file(repo, parts[4], "/".join(parts[5:]))
         if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
             with hub._lock:
-                repo = self._repo("/".join(parts[:2]), user)
+                repo = self._repo((_SPACE_PREFIX if space else "") + "/".join(parts[:2]), user)
                 return self._resolve_file(repo, parts[3], "/".join(parts[4:]))
         raise HubError(404, f"no route for {method} {path} in the test Hub server")
 
@@ -431,18 +442,23 @@ class _Handler(BaseHTTPRequestHandler):
         name, role = user
         namespace = payload.get("organization") or name
         repo_name = payload.get("name") or ""
-        if payload.get("type") not in (None, "model"):
-            raise HubError(400, "the test Hub server only hosts model repos")
+        repo_type = payload.get("type") or "model"
+        if repo_type not in ("model", "space"):
+            raise HubError(400, "the test Hub server hosts model and Space repos")
+        if repo_type == "space" and payload.get("sdk") not in ("gradio", "docker", "static"):
+            raise HubError(400, "a Space needs an sdk: gradio, docker or static")
         if not repo_name or len(repo_name) > 96 or not all(c.isalnum() or c in "-_." for c in repo_name) or repo_name[0] in "-." or repo_name[-1] in "-.":
             raise HubError(400, f"Invalid repo name {repo_name!r}")
         if namespace not in self.hub._namespaces(name) or role != "write":
             raise HubError(403, f'You don\'t have the rights to create a model under the namespace "{namespace}"')
         repo_id = f"{namespace}/{repo_name}"
-        url = f"{self.hub.url}/{repo_id}"
+        prefix = _PREFIXES[repo_type]
+        url = f"{self.hub.url}/{prefix}{repo_id}"
         with self.hub._lock:
-            if repo_id in self.hub.repos:
-                raise HubError(409, "You already created this model repo", body={"error": "You already created this model repo", "url": url})
-            self.hub._create_repo(repo_id, payload.get("visibility") == "private")
+            if prefix + repo_id in self.hub.repos:
+                message = f"You already created this {repo_type} repo"
+                raise HubError(409, message, body={"error": message, "url": url})
+            self.hub._create_repo(repo_id, payload.get("visibility") == "private", prefix)
         self._json(200, {"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]})
 
     def _validate_yaml(self, payload: dict):
@@ -537,7 +553,7 @@ class _Handler(BaseHTTPRequestHandler):
             oid, size = obj["oid"], obj["size"]
             entry = {"oid": oid, "size": size, "authenticated": True}
             if oid not in self.hub.lfs:
-                href = f"{self.hub.url}/__lfs/{repo.repo_id}/{oid}?size={size}&sig={self.hub._sign(repo.repo_id, oid)}"
+                href = f"{self.hub.url}/__lfs/{repo.key}/{oid}?size={size}&sig={self.hub._sign(repo.key, oid)}"
                 entry["actions"] = {"upload": {"href": href, "header": {}}}
             objects.append(entry)
         self._json(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}, headers={"Content-Type": "application/vnd.git-lfs+json"})
@@ -594,7 +610,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(400, f"unknown commit operation {key!r}")
         commit = self.hub._add_commit(repo, head.sha, header.get("summary", ""), files)
         repo.branches[revision] = commit.sha
-        self.hub.uploads[repo.repo_id].append(added)
+        self.hub.uploads[repo.key].append(added)
         self._json(200, {"success": True, "commitOid": commit.sha, "commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{commit.sha}", "pullRequestUrl": None})
 
     def _branch(self, repo: Repo, branch: str, payload: dict):

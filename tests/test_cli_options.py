@@ -22,6 +22,7 @@ FREE_TEXT = {
     "--timesteps",
     "--dataset_config",
     "--repo_id",
+    "--space",
     "--token",
     "--commit_message",
     "--license",

@@ -25,7 +25,12 @@ from ddpm_hf import fid, inception_weights
 from ddpm_hf.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE_SOURCES = sorted((REPO / "ddpm_hf").glob("*.py")) + sorted((REPO / "pipelines").glob("*.py")) + [REPO / "train_ddpm.py"]
+PACKAGE_SOURCES = (
+    sorted((REPO / "ddpm_hf").glob("*.py"))
+    + sorted((REPO / "ddpm_hf" / "space_app").glob("*.py"))
+    + sorted((REPO / "pipelines").glob("*.py"))
+    + [REPO / "train_ddpm.py"]
+)
 FIRST_PARTY = {"ddpm_hf"}
 # Import name -> distribution name, where they differ.
 DISTRIBUTION_OF = {"PIL": "pillow", "yaml": "pyyaml"}
@@ -35,6 +40,8 @@ USED_WITHOUT_IMPORT = {
     "jinja2": "huggingface_hub's ModelCard.from_template (model_card.py) renders the card's template with it",
 }
 TEST_ONLY = {"scipy", "pytest", "ruff", "setuptools"}
+# Imported where present, never required, and why.
+OPTIONAL_IMPORTS = {"spaces": "the Space's app.py runs under @spaces.GPU on a ZeroGPU Space, which provides the package"}
 
 
 def canonical(name: str) -> str:
@@ -59,8 +66,8 @@ def install_requires() -> list[str]:
     return requirement_lines(setup_cfg()["options"]["install_requires"])
 
 
-def extra_requirements() -> list[str]:
-    return requirement_lines(setup_cfg()["options.extras_require"]["test"])
+def extra_requirements(extra: str = "test") -> list[str]:
+    return requirement_lines(setup_cfg()["options.extras_require"][extra])
 
 
 def third_party_imports() -> dict[str, set[str]]:
@@ -83,11 +90,13 @@ def third_party_imports() -> dict[str, set[str]]:
 
 
 def test_every_third_party_import_is_declared():
-    declared = {requirement_name(line) for line in install_requires()}
+    """In install_requires, or for the demo's Gradio pages in the demo extra (which the test extra repeats)."""
+    declared = {requirement_name(line) for line in install_requires() + extra_requirements("demo")} | set(OPTIONAL_IMPORTS)
     imports = third_party_imports()
-    assert {"torch", "diffusers", "numpy", "pillow"} <= set(imports)  # the scan sees imports inside functions too
+    assert {"torch", "diffusers", "numpy", "pillow", "gradio", "spaces"} <= set(imports)  # the scan sees imports inside functions too
     missing = {name: sorted(files) for name, files in imports.items() if name not in declared}
-    assert not missing, f"imported but not in setup.cfg install_requires: {missing}"
+    assert not missing, f"imported but not in setup.cfg install_requires (or the demo extra): {missing}"
+    assert set(extra_requirements("demo")) <= set(extra_requirements("test")), "`.[test]` must install the demo extra too"
 
 
 def test_every_declared_dependency_is_used():

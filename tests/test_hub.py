@@ -181,8 +181,9 @@ def test_a_wheel_install_ships_the_custom_pipeline_and_the_card_template(tmp_pat
     ).stdout.strip()
     assert Path(found) == site / "ddpm_hf" / "pipelines" / CUSTOM_PIPELINE_FILENAME
     assert Path(found).read_bytes() == (REPO_ROOT / "pipelines" / CUSTOM_PIPELINE_FILENAME).read_bytes()
-    template = Path("templates") / "model_card.md.jinja"
-    assert (site / "ddpm_hf" / template).read_bytes() == (REPO_ROOT / "ddpm_hf" / template).read_bytes()
+    # The model card's template, and what `ddpm-hf push --space` uploads (ddpm_hf/space.py).
+    for shipped in (Path("templates") / "model_card.md.jinja", Path("templates") / "space_readme.md.jinja", Path("space_app") / "app.py"):
+        assert (site / "ddpm_hf" / shipped).read_bytes() == (REPO_ROOT / "ddpm_hf" / shipped).read_bytes()
 
 
 def test_push_uploads_only_the_allowed_files(hub_server, tmp_path):
