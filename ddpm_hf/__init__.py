@@ -8,6 +8,7 @@ The core, in the order data flows (read these first):
     losses.py       the forward process q(x_t | x_0) and the objectives: L_simple, L_hybrid and L_vlb
     training.py     where the model learns: the Accelerate loop, checkpoints, the saved pipeline
     run_folder.py   what a run leaves on disk (OUTPUT_DIR) and the one reader/writer of each file there
+    files.py        the cache folder (decoded datasets, FID statistics, the Inception network) and atomic writes
     sampling.py     the one sampler factory and sampling loop; `ddpm-hf sample`
     conditioning.py class-conditional models: labels, classifier-free guidance, the pipeline they are saved as
     distributed.py  heavy work split over Accelerate's processes: chunks by index, per-item seeds, merging
@@ -21,7 +22,9 @@ The tools around a trained pipeline (`ddpm-hf COMMAND`, registered in cli.py):
         fid.py                   Inception features, statistics, FID and KID, reference sets (aliases resolved)
         inception_weights.py     where the Inception network file comes from
         nll.py                   the terms of the variational bound, in bits/dim
-    hub.py          `push`, the model card and pushes during training
+    hub.py          `push` and pushes during training: the pre-flight check, the background pusher, retries,
+                    snapshots (repo_contents.py: what a repo holds, without the machine's paths; model_card.py:
+                    the card, from templates/model_card.md.jinja)
     visualize.py    `visualize`, the loss and progress figures (mistakes.py: the tutorial's four mistakes)
     arguments.py    what an option's value may be: bounds, kinds of path, Hub id or local path
 

@@ -182,7 +182,11 @@ class TrainingConfig:
     compile: Literal["auto", "yes", "no"] = option("torch.compile the UNet: 'auto' compiles on CUDA only.", default="auto", resumable=True)
     channels_last: Literal["auto", "yes", "no"] = option("channels_last memory format: 'auto' uses it on CUDA only.", default="auto", resumable=True)
     max_in_memory_gb: float = option(
-        "Hold the decoded dataset as a uint8 tensor if it is smaller than this, else memory-map it.", default=8.0, gt=0, resumable=True
+        "The most GB of decoded images a process copies to its device (also at most half the device's free memory; "
+        "else batches are gathered from the memory-mapped cache), or holds in memory when the cache cannot be written.",
+        default=8.0,
+        gt=0,
+        resumable=True,
     )
 
     # ---- logging, samples, checkpoints ----------------------------------------------------------

@@ -1,37 +1,41 @@
 """Where the data flows in: a dataset -> one decoded uint8 tensor -> training batches in [-1, 1].
 
-Each image is decoded once (any mode -> RGB, short side resized, center-cropped). Training batches
-are built by indexing that tensor on the training device, then flipping and scaling there: no PIL
-work and no DataLoader per step. A dataset too large for `max_in_memory_gb` is decoded once into a
-memory-mapped .npy file in the user cache and batches are gathered from it.
+Every source (Hub id, folder, parquet file, save_to_disk folder, builtin subset) knows its splits, by the rules
+`datasets` gives them, and refuses one it does not have. Each image is decoded once (any mode -> RGB, short side
+resized, center-cropped) into a .npy file in the user cache, by one process per machine; every process maps that
+file, so a machine holds the decoded dataset once. Training batches are built by indexing it: on the training
+device when it fits there (at most half the device's free memory and `max_in_memory_gb`), else gathered from the
+host through pinned memory; flipping and scaling happen on the device. No PIL work and no DataLoader per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import glob
 import hashlib
 import io
+import json
 import logging
 import math
 import os
-import re
 import shutil
-import socket
 import warnings
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from importlib import resources
 
 import numpy as np
 import torch
 
+from . import files
 from .arguments import is_hub_id
 from .config import BUILTIN_DATASET_PREFIX
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# What a file name of an image ends with, for training and for FID alike (`datasets`' imagefolder takes all of them).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # `datasets` builders whose rows can hold images (a folder of .txt or .csv files is not a dataset to train on).
 _IMAGE_MODULES = ("parquet", "imagefolder", "arrow", "webdataset")
 
@@ -50,40 +54,57 @@ def builtin_datasets() -> dict[str, str]:
 def load_image_dataset(name: str, split: str = "train", config_name: str | None = None, option: str = "--dataset"):
     """Return the `datasets.Dataset` that `--dataset name --split split` means.
 
-    `option` is how error messages name the argument (`PATH_A`, `--reference`, ...).
+    Every source knows its splits, and a split it does not have is refused, listing those it has. The splits are
+    the ones `datasets` gives the same source: `load_dataset(folder or Hub id)` finds them by its data-files rules
+    (file and folder names, README configs); a single file, builtin ones included, names no split, so `datasets`
+    calls its rows "train"; a save_to_disk folder holds a DatasetDict of named splits, or one Dataset with the split
+    it was saved from (else "train"). `option` is how error messages name the argument (`PATH_A`, `--reference`, ...).
     """
     if name.startswith(BUILTIN_DATASET_PREFIX):
         available = builtin_datasets()
         key = name[len(BUILTIN_DATASET_PREFIX) :]
         if key not in available:
             raise UserError(f"{option} {name}: no such built-in dataset. Built-in: {', '.join(BUILTIN_DATASET_PREFIX + k for k in available)}.")
-        return _load_parquet_files({split: [available[key]]}, split, name, option)
+        return _load_data_files("parquet", {"train": [available[key]]}, split, name, option)
 
     path = os.path.expanduser(name)
     if os.path.isfile(path):
         if not path.endswith(".parquet"):
             raise UserError(f"{option} {name} is a file but not a .parquet file. Pass a parquet file, or a folder of images or parquet files.")
-        return _load_parquet_files({split: [path]}, split, name, option)
+        return _load_data_files("parquet", {"train": [path]}, split, name, option)
+    if os.path.isdir(path) and _is_saved_to_disk(path):
+        return _load_saved_to_disk(path, split, name, option)
     if os.path.isdir(path):
-        return _load_local_folder(path, split, name, option, config_name)
+        return _load_data_files(path, local_folder_splits(path, name, option, config_name), split, name, option, config_name)
     if not is_hub_id(name):
         raise UserError(f"{option} {name}: no such file or folder. Check the path, or give a Hub dataset id like uoft-cs/cifar10.")
     return _load_hub_dataset(name, split, config_name, option)
 
 
-def _load_local_folder(path: str, split: str, name: str, option: str, config_name: str | None = None):
+def check_split(name: str, split: str, splits, option: str = "--dataset") -> None:
+    """The one refusal of a split that a source does not have."""
+    if split not in splits:
+        raise UserError(f"{option} {name} has no split {split!r}; it has: {', '.join(sorted(map(str, splits)))}. Pass --split NAME.")
+
+
+def _is_saved_to_disk(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
+
+
+def _load_saved_to_disk(path: str, split: str, name: str, option: str):
     import datasets
 
-    if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
-        loaded = datasets.load_from_disk(path)
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise UserError(f"{option} {name} has no split {split!r}; it has: {', '.join(loaded)}. Pass --split NAME.")
-            return loaded[split]
-        return loaded
+    loaded = datasets.load_from_disk(path)
+    splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {str(loaded.split or "train"): loaded}
+    check_split(name, split, splits, option)
+    return splits[split]
 
-    # The splits are the ones `datasets.load_dataset(path)` finds (its file-name conventions, README configs):
-    # the same folder must mean the same training set here and there.
+
+def local_folder_splits(path: str, name: str, option: str = "--dataset", config_name: str | None = None) -> dict[str, list[str]]:
+    """{split: its data files} of a local folder, as `datasets.load_dataset(path)` finds them (its file-name
+    conventions, README configs): the same folder must mean the same training set here and there."""
+    import datasets
+
     no_data = f"{option} {name} holds no images, parquet files or save_to_disk dataset. Point it at a folder of images or parquet files."
     try:
         builder = datasets.load_dataset_builder(path, config_name)
@@ -93,19 +114,16 @@ def _load_local_folder(path: str, split: str, name: str, option: str, config_nam
         raise UserError(f"{option} {name}: {e} Pass --dataset_config NAME.") from None
     if builder.name not in _IMAGE_MODULES:
         raise UserError(no_data)
-    splits = builder.config.data_files or {}
-    if split not in splits:
-        raise UserError(f"{option} {name} has no split {split!r}; it has: {', '.join(sorted(map(str, splits)))}. Pass --split NAME.")
-    # Only this split's files: building the other splits would cost time and disk for nothing.
-    return datasets.load_dataset(path, config_name, data_files={split: list(splits[split])}, split=split)
+    return _splits_of(builder)
 
 
-def _load_parquet_files(groups: dict[str, list[str]], split: str, name: str, option: str):
+def _load_data_files(source: str, splits: dict[str, list[str]], split: str, name: str, option: str, config_name: str | None = None):
+    """`split` of `source` (a folder, a Hub id or a packaged builder like "parquet"), from that split's files only:
+    building the other splits would cost time, downloads and disk for nothing."""
     import datasets
 
-    if split not in groups:
-        raise UserError(f"{option} {name} has no split {split!r}; it has: {', '.join(sorted(groups))}. Pass --split NAME.")
-    return datasets.load_dataset("parquet", data_files={split: groups[split]}, split=split)
+    check_split(name, split, splits, option)
+    return datasets.load_dataset(source, config_name, data_files={split: splits[split]}, split=split)
 
 
 def _load_hub_dataset(repo_id: str, split: str, config_name: str | None, option: str):
@@ -129,13 +147,19 @@ def _load_hub_dataset(repo_id: str, split: str, config_name: str | None, option:
         except Exception as e:  # connection refused, DNS failure, timeout...
             raise UserError(f"{option} {repo_id}: cannot reach the Hugging Face Hub ({type(e).__name__}). {offline_hint}") from None
     try:
-        return datasets.load_dataset(repo_id, config_name, split=split)
-    except ValueError as e:
-        if "split" in str(e).lower():
-            raise UserError(f"{option} {repo_id}: {e} Pass --split NAME.") from None
-        raise
+        builder = datasets.load_dataset_builder(repo_id, config_name)
+    except ValueError as e:  # e.g. several configs and none chosen
+        raise UserError(f"{option} {repo_id}: {e} Pass --dataset_config NAME.") from None
     except (ConnectionError, OSError) as e:
         raise UserError(f"{option} {repo_id}: could not download it ({type(e).__name__}). {offline_hint}") from None
+    try:  # a Hub dataset is a folder of data files: its splits follow the same rules as a local folder's
+        return _load_data_files(repo_id, _splits_of(builder), split, repo_id, option, config_name)
+    except (ConnectionError, OSError) as e:
+        raise UserError(f"{option} {repo_id}: could not download it ({type(e).__name__}). {offline_hint}") from None
+
+
+def _splits_of(builder) -> dict[str, list[str]]:
+    return {str(split): list(files) for split, files in (builder.config.data_files or {}).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +193,7 @@ def find_image_column(dataset, override: str | None = None) -> str:
 
 
 def _what_column_holds(dataset, column: str) -> str | None:
-    """None for a column that `_open_image` can decode (an Image feature, or encoded bytes or file paths),
+    """None for a column that `open_image` can decode (an Image feature, or encoded bytes or file paths),
     else what it holds, for the error message. Only the first value of a non-Image column is looked at."""
     import datasets
     from PIL import Image
@@ -189,7 +213,7 @@ def _what_column_holds(dataset, column: str) -> str | None:
     if value is None:
         return None  # an empty first cell: decoding names the row
     if isinstance(value, str):
-        return None if value.lower().endswith(_IMAGE_EXTENSIONS) or os.path.isfile(value) else "text that is not an image path"
+        return None if value.lower().endswith(IMAGE_EXTENSIONS) or os.path.isfile(value) else "text that is not an image path"
     try:
         Image.open(io.BytesIO(value))  # reads the header only
     except (OSError, ValueError, TypeError):  # UnidentifiedImageError is an OSError
@@ -283,6 +307,7 @@ def to_rgb(image):
 
     EXIF orientation is applied (phone photos store the sensor's orientation and a tag to turn it by).
     16-bit samples are scaled by the type's range (65535 -> 255), whatever one image's own maximum.
+    Float samples (mode "F") are read as [0, 1] (see `_float_to_rgb`).
     Transparent pixels become white, not whatever colour they happen to hold.
     """
     from PIL import Image, ImageOps
@@ -294,8 +319,8 @@ def to_rgb(image):
     if image.mode in _SIXTEEN_BIT_MODES:  # 16-bit PNG / TIFF ("I" is how Pillow opens some of them)
         array = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
         return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode == "F":  # floats: PIL's own convention, 0..255
-        return Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        return _float_to_rgb(image)
     if image.mode == "P" or (image.mode in ("L", "RGB") and "transparency" in image.info):
         image = image.convert("RGBA")  # a palette or a colour key may mark pixels transparent
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -303,6 +328,30 @@ def to_rgb(image):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
     return image.convert("RGB")
+
+
+# Half a uint8 step: a float that rounds to 0 or 255 is in range (0.99999994 or -1e-9 from some computation).
+_FLOAT_TOLERANCE = 0.5 / 255
+
+
+def _float_to_rgb(image):
+    """A float image (PIL mode "F") -> RGB, its [0, 1] scaled to 0..255.
+
+    [0, 1] is the range of float images everywhere they come from: a float array from NumPy, PyTorch or
+    scikit-image, which `datasets` stores as a mode "F" TIFF and hands back untouched. PIL's own conversion would
+    read them as 0..255 and clip: 0.8 would become 1, a black image. Values outside [0, 1] (a float image of
+    0..255, or of any other range) are refused, not guessed: one image's maximum cannot tell 0..255 from [0, 1].
+    """
+    from PIL import Image
+
+    array = np.asarray(image, dtype=np.float64)
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if not (low >= -_FLOAT_TOLERANCE and high <= 1 + _FLOAT_TOLERANCE):  # NaN fails too
+        raise UserError(
+            f"a float image (mode F) holds values from {low:.4g} to {high:.4g}, but float images must hold values in [0, 1] "
+            "(0 black, 1 white). Scale the images to [0, 1], or store them as 8- or 16-bit integers."
+        )
+    return Image.fromarray(np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)).convert("RGB")
 
 
 def resize_and_crop(image, resolution: int):
@@ -321,10 +370,12 @@ def resize_and_crop(image, resolution: int):
 
 @dataclass
 class DecodedImages:
-    images: torch.Tensor  # uint8, N x 3 x R x R (possibly backed by a memory-mapped file)
+    # uint8, N x 3 x R x R: a copy-on-write memory map of the cache file, whose pages the processes of a machine
+    # share; in this process's memory only when the cache could not be written (memory_mapped False)
+    images: torch.Tensor
     skipped_rows: list[int]  # rows whose bytes could not be decoded (with on_corrupt="skip")
     upscaled: int  # images smaller than the resolution, upscaled
-    memory_mapped: bool = False
+    memory_mapped: bool = True
 
 
 def decode_images(
@@ -334,65 +385,128 @@ def decode_images(
     on_corrupt: str = "error",
     max_in_memory_gb: float = float("inf"),
     progress: bool = True,
+    state=None,
 ) -> DecodedImages:
-    """Decode every image once into uint8 N x 3 x R x R."""
+    """Decode every image once into uint8 N x 3 x R x R, in the cache file that the next run reads instead.
+
+    The images are decoded straight into that file and memory-mapped from it, so the processes of a machine share
+    one copy (the page cache) instead of holding one each. With an Accelerate `state` of several processes, the
+    first process of each machine decodes while the others wait, then they map its file. Only when the cache cannot
+    be written does each process decode into its own memory, at most `max_in_memory_gb`, with a warning.
+    """
     import datasets
-    from tqdm.auto import tqdm
 
     column = find_image_column(dataset, image_column)
     count = len(dataset)
     if count == 0:
         raise UserError("the dataset split is empty: no images to train on. Check --dataset and --split.")
     if isinstance(dataset.features[column], datasets.Image):
-        # Read the encoded bytes ourselves: decoding happens exactly once, below.
+        # Read the encoded bytes ourselves: decoding happens exactly once, in _decode.
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
-    column_data = dataset.select_columns([column])
-
-    shape = (count, 3, resolution, resolution)
-    size_gb = count * 3 * resolution * resolution / 1e9
-    memory_mapped = size_gb > max_in_memory_gb
     cache_path = _decoded_cache_path(dataset, column, resolution, on_corrupt)
-    cached = _load_decoded(cache_path, memory_mapped)
-    if cached is not None:  # decoded by an earlier run: start-up skips the decoding
+    with _first_process_of_each_machine_first(state):
+        cached = _load_decoded(cache_path)  # for the others: what the first process decoded
+        if cached is None:
+            return _decode(dataset.select_columns([column]), column, resolution, on_corrupt, max_in_memory_gb, cache_path, progress)
         storage, skipped, upscaled = cached
         _warn_about(skipped, upscaled, count, len(storage), resolution)
-        return _as_decoded_images(storage, skipped, upscaled, memory_mapped)
-    partial_path = None
-    if memory_mapped:
-        storage, partial_path = _create_memory_map(cache_path, shape)
-        logger.info("dataset is %.1f GB decoded: memory-mapping it from %s", size_gb, cache_path)
-    else:
-        # Stored channels-first, as the model reads it: loading the cache is then a plain read, no transpose.
-        storage = np.empty(shape, dtype=np.uint8)
+        return DecodedImages(images=torch.from_numpy(storage), skipped_rows=skipped, upscaled=upscaled)
 
-    kept, skipped, upscaled = 0, [], 0
+
+# The first decode of a large dataset may take hours, longer than the process group's timeout (--ddp_timeout), which
+# is there to notice a lost process: the others wait for it in a group of their own without that limit. A process
+# that dies still ends the run: the launcher (torchrun, accelerate launch) then stops the others.
+_DECODE_WAIT = timedelta(days=7)
+
+
+@contextlib.contextmanager
+def _first_process_of_each_machine_first(state):
+    """The block runs on the first process of each machine, then on the others (Accelerate's local_main_process_first),
+    however long the first one takes; after an error too, so the others meet the same error, not a time-out."""
+    import torch.distributed as dist
+
+    if state is None or state.num_processes == 1:
+        yield
+        return
+    group = dist.new_group(backend="gloo", timeout=_DECODE_WAIT) if dist.is_available() and dist.is_initialized() else None
+    wait = (lambda: dist.barrier(group=group)) if group is not None else state.wait_for_everyone
     try:
-        for row, item in enumerate(tqdm(column_data, total=count, desc="Decoding images", disable=not progress, unit="img")):
+        if not state.is_local_main_process:
+            wait()
+        try:
+            yield
+        finally:
+            if state.is_local_main_process:
+                wait()
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
+
+
+def _decode(column_data, column: str, resolution: int, on_corrupt: str, max_in_memory_gb: float, cache_path: str, progress: bool) -> DecodedImages:
+    shape = (len(column_data), 3, resolution, resolution)  # channels first, as the model reads it: no transpose when loading
+    in_memory = None
+    try:
+        with contextlib.ExitStack() as writing:  # the .npy takes its name in the cache when the block ends without error
             try:
-                image = _open_image(item[column])
-                image.load()
-                image = to_rgb(image)
-            except Exception as e:
-                if on_corrupt == "skip":
-                    skipped.append(row)
-                    continue
-                raise UserError(
-                    f"row {row} of the dataset holds an image that cannot be decoded ({type(e).__name__}: {e}). Fix or drop it, or pass --on_corrupt_image skip."
-                ) from None
-            if min(image.size) < resolution:
-                upscaled += 1
-            storage[kept] = np.asarray(resize_and_crop(image, resolution)).transpose(2, 0, 1)
-            kept += 1
-        if kept == 0:
-            raise UserError(f"none of the {count} images could be decoded. Check --dataset and --image_column.")
-    except BaseException:
-        if partial_path is not None:  # an error or Ctrl-C: leave no half-written file behind
+                storage = _create_memory_map(writing, cache_path + ".npy", shape)
+            except _CacheUnwritable as e:
+                needed_gb = math.prod(shape) / 1e9
+                if needed_gb > max_in_memory_gb:
+                    raise UserError(
+                        f"{e}. Set DDPM_HF_CACHE to a writable folder with {needed_gb:.1f} GB free, free disk space, or raise --max_in_memory_gb above {needed_gb:.1f} to decode into memory."
+                    ) from None
+                warnings.warn(
+                    f"could not cache the decoded images: {e}. Decoding them into memory instead; the next run decodes them again. Set DDPM_HF_CACHE to a writable folder to keep them."
+                )
+                storage = in_memory = np.empty(shape, dtype=np.uint8)
+            kept, skipped, upscaled = _decode_rows(column_data, column, resolution, on_corrupt, storage, progress)
+            if in_memory is None:
+                storage.flush()
             del storage
-            _remove_quietly(partial_path)
-        raise
-    _warn_about(skipped, upscaled, count, kept, resolution)
-    storage = _save_decoded(storage, kept, partial_path, cache_path, skipped, upscaled)
-    return _as_decoded_images(storage, skipped, upscaled, memory_mapped)
+        if in_memory is None:
+            with files.atomic_write(cache_path + ".json", "w") as f:  # last: the .npy is read only with it
+                json.dump({"kept": kept, "skipped_rows": skipped, "upscaled": upscaled}, f)
+    except OSError as e:
+        raise UserError(
+            f"could not write the decoded dataset to {os.path.dirname(cache_path)} ({e.strerror or e}). Free disk space, set DDPM_HF_CACHE to a writable folder, or raise --max_in_memory_gb."
+        ) from None
+    _warn_about(skipped, upscaled, len(column_data), kept, resolution)
+    if in_memory is not None:
+        return DecodedImages(images=torch.from_numpy(in_memory[:kept]), skipped_rows=skipped, upscaled=upscaled, memory_mapped=False)
+    # Mapped again from the cache: another process (another machine on a shared disk, another run) may have renamed
+    # its identical file onto the same name since; either is whole.
+    return DecodedImages(images=torch.from_numpy(np.load(cache_path + ".npy", mmap_mode="c")[:kept]), skipped_rows=skipped, upscaled=upscaled)
+
+
+def _decode_rows(column_data, column: str, resolution: int, on_corrupt: str, storage: np.ndarray, progress: bool) -> tuple[int, list[int], int]:
+    """Decode every row into storage[0], storage[1], ... (skipping undecodable ones with on_corrupt="skip");
+    (rows kept, rows skipped, images upscaled)."""
+    from tqdm.auto import tqdm
+
+    count = len(column_data)
+    kept, skipped, upscaled = 0, [], 0
+    for row, item in enumerate(tqdm(column_data, total=count, desc="Decoding images", disable=not progress, unit="img")):
+        try:
+            image = open_image(item[column])
+            image.load()
+            image = to_rgb(image)
+        except UserError as e:  # readable, but not as an image to train on (e.g. floats out of range): never skipped
+            raise UserError(f"row {row} of the dataset: {e}") from None
+        except Exception as e:
+            if on_corrupt == "skip":
+                skipped.append(row)
+                continue
+            raise UserError(
+                f"row {row} of the dataset holds an image that cannot be decoded ({type(e).__name__}: {e}). Fix or drop it, or pass --on_corrupt_image skip."
+            ) from None
+        if min(image.size) < resolution:
+            upscaled += 1
+        storage[kept] = np.asarray(resize_and_crop(image, resolution)).transpose(2, 0, 1)
+        kept += 1
+    if kept == 0:
+        raise UserError(f"none of the {count} images could be decoded. Check --dataset and --image_column.")
+    return kept, skipped, upscaled
 
 
 def _warn_about(skipped: list[int], upscaled: int, count: int, kept: int, resolution: int) -> None:
@@ -402,30 +516,18 @@ def _warn_about(skipped: list[int], upscaled: int, count: int, kept: int, resolu
         warnings.warn(f"{upscaled} of {kept} images are smaller than --resolution {resolution} and were upscaled; they will look blurry.")
 
 
-def _as_decoded_images(storage: np.ndarray, skipped: list[int], upscaled: int, memory_mapped: bool) -> DecodedImages:
-    images = torch.from_numpy(storage)  # N x 3 x R x R already: no copy
-    return DecodedImages(images=images, skipped_rows=skipped, upscaled=upscaled, memory_mapped=memory_mapped)
-
-
-# The decoded cache: <cache>/decoded/<key>.npy (N x 3 x R x R uint8, or more rows when some were skipped on the
-# memory-mapped path: the first `kept` count) and <key>.json, written last, so that a file without its .json (a
-# run killed while decoding) is never read. Several processes may decode the same dataset at once (the ranks of
-# a run, two runs): each writes its own uniquely named file and renames it onto <key>.npy, which readers then
-# see whole, old or new, never half-written. The key is the dataset's fingerprint, which `datasets` derives from
-# the data files, the size and modification time of every image file the rows only reference by path, and
-# every setting that changes the decoded pixels.
-
-
-def _cache_root() -> str:
-    from huggingface_hub.constants import HF_HOME
-
-    return os.environ.get("DDPM_HF_CACHE", os.path.join(HF_HOME, "ddpm_hf"))
+# The decoded cache: <cache>/decoded/<key>.npy (N x 3 x R x R uint8, or more rows when some were skipped: the first
+# `kept` count) and <key>.json, written last, so that a file without its .json (a run killed while decoding) is
+# never read. Several machines or runs may decode the same dataset at once: each writes its own uniquely named file
+# (files.partial_name) and renames it onto <key>.npy, which readers then see whole, old or new, never half-written.
+# The key is the dataset's fingerprint, which `datasets` derives from the data files, the size and modification
+# time of every image file the rows only reference by path, and every setting that changes the decoded pixels.
 
 
 def _decoded_cache_path(dataset, column: str, resolution: int, on_corrupt: str) -> str:
     referenced = _referenced_files_digest(dataset, column)
     key = hashlib.sha256(f"{dataset._fingerprint}-{referenced}-{column}-{resolution}-{on_corrupt}-v3".encode()).hexdigest()[:24]
-    return os.path.join(_cache_root(), "decoded", key)
+    return os.path.join(files.cache_root(), "decoded", key)
 
 
 def _referenced_files_digest(dataset, column: str) -> str:
@@ -467,13 +569,12 @@ def _path_only_cells(column):
     return paths
 
 
-def _load_decoded(cache_path: str, memory_mapped: bool):
-    import json
-
+def _load_decoded(cache_path: str):
+    """(images, skipped rows, upscaled count) from the cache, the images memory-mapped copy-on-write; None if absent."""
     try:
         with open(cache_path + ".json") as f:
             meta = json.load(f)
-        storage = np.load(cache_path + ".npy", mmap_mode="c" if memory_mapped else None, allow_pickle=False)
+        storage = np.load(cache_path + ".npy", mmap_mode="c", allow_pickle=False)
     except (OSError, ValueError):
         return None
     if storage.ndim != 4 or storage.shape[0] < meta["kept"] or storage.shape[1] != 3:
@@ -481,111 +582,43 @@ def _load_decoded(cache_path: str, memory_mapped: bool):
     return storage[: meta["kept"]], meta["skipped_rows"], meta["upscaled"]
 
 
-def _unique_name(cache_path: str, suffix: str) -> str:
-    """<key>.partial-<host>-<pid>-<random><suffix>: no two writers share it (other hosts, other threads)."""
-    return f"{cache_path}.partial-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}{suffix}"
+class _CacheUnwritable(Exception):
+    """The decoded dataset cannot be written to the cache folder (the message says why)."""
 
 
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
-def _remove_orphans(cache_path: str) -> None:
-    """Remove the partial files of dead processes of this host (a run killed while decoding): with unique names,
-    nothing else would ever overwrite them."""
-    if os.name != "posix":
-        return
-    for path in glob.glob(glob.escape(cache_path) + ".partial-*"):
-        match = re.search(r"\.partial-(.+)-(\d+)-[0-9a-f]+\.[a-z]+$", path)
-        if match is None or match.group(1) != socket.gethostname():
-            continue
-        try:
-            os.kill(int(match.group(2)), 0)
-        except ProcessLookupError:
-            _remove_quietly(path)
-        except OSError:
-            pass  # alive, another user's
-
-
-def _create_memory_map(cache_path: str, shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
-    """A new, uniquely named .npy file mapped for writing, its disk space reserved: a full disk is an error now,
-    not a SIGBUS when a page of a sparse file is first written, hours into decoding."""
-    folder = os.path.dirname(cache_path)
-    needed_gb = math.prod(shape) / 1e9
-    fixes = f"Set DDPM_HF_CACHE to a writable folder with {needed_gb:.1f} GB free, free disk space, or raise --max_in_memory_gb above {needed_gb:.1f} to decode into memory."
+def _create_memory_map(writing: contextlib.ExitStack, path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A .npy file for `path`, mapped for writing, its disk space reserved (a full disk is known now, not as a SIGBUS
+    when a page of a sparse file is first written, hours into decoding). It is written under a name of its own and
+    renamed to `path` when `writing` closes without an error (files.atomic_write), else removed."""
+    folder = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
-        _remove_orphans(cache_path)
+        files.remove_orphans(path)
         free = shutil.disk_usage(folder).free
     except OSError as e:
-        raise UserError(f"cannot write the memory-mapped dataset to {folder} ({e.strerror or e}). {fixes}") from None
+        raise _CacheUnwritable(f"cannot write the decoded dataset to {folder} ({e.strerror or e})") from None
     if free < math.prod(shape):
-        raise UserError(f"{folder} has {free / 1e9:.1f} GB free but the memory-mapped dataset needs {needed_gb:.1f} GB. {fixes}")
-    partial_path = _unique_name(cache_path, ".npy")
+        raise _CacheUnwritable(f"{folder} has {free / 1e9:.1f} GB free but the decoded dataset needs {math.prod(shape) / 1e9:.1f} GB")
     try:
-        storage = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.uint8, shape=shape)
-        if hasattr(os, "posix_fallocate"):
-            with open(partial_path, "r+b") as f:
+        with contextlib.ExitStack() as attempt:  # a failure here removes the file at once
+            target = attempt.enter_context(files.atomic_write(path))
+            storage = np.lib.format.open_memmap(target.name, mode="w+", dtype=np.uint8, shape=shape)
+            if hasattr(os, "posix_fallocate"):
                 try:
-                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+                    os.posix_fallocate(target.fileno(), 0, os.fstat(target.fileno()).st_size)
                 except OSError as e:
                     if e.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise
                     # not supported by this file system: the free-space check above stands in
+            writing.enter_context(attempt.pop_all())
     except OSError as e:
-        _remove_quietly(partial_path)
-        raise UserError(f"cannot write the memory-mapped dataset to {folder} ({e.strerror or e}). {fixes}") from None
-    return storage, partial_path
-
-
-def _save_decoded(storage: np.ndarray, kept: int, partial_path: str | None, cache_path: str, skipped: list[int], upscaled: int) -> np.ndarray:
-    """Keep the decoded images for the next run.
-
-    In memory (`partial_path` None), a cache that cannot be written only costs that speed-up. Memory-mapped,
-    `partial_path` is the decoded file: it is renamed into the cache and mapped again, copy-on-write.
-    """
-    import json
-
-    memory_mapped = partial_path is not None
-    folder = os.path.dirname(cache_path)
-    written = [partial_path] if memory_mapped else []
-    try:
-        if memory_mapped:
-            storage.flush()
-        else:
-            storage = storage[:kept]
-            os.makedirs(folder, exist_ok=True)
-            partial_path = _unique_name(cache_path, ".npy")
-            written.append(partial_path)
-            with open(partial_path, "wb") as f:
-                np.save(f, storage)
-        os.replace(partial_path, cache_path + ".npy")
-        meta_path = _unique_name(cache_path, ".json")
-        written.append(meta_path)
-        with open(meta_path, "w") as f:
-            json.dump({"kept": kept, "skipped_rows": skipped, "upscaled": upscaled}, f)
-        os.replace(meta_path, cache_path + ".json")
-    except OSError as e:
-        for path in written:
-            _remove_quietly(path)
-        if memory_mapped:
-            raise UserError(
-                f"could not write the memory-mapped dataset to {folder} ({e.strerror or e}). Free disk space, set DDPM_HF_CACHE to a writable folder, or raise --max_in_memory_gb."
-            ) from None
-        warnings.warn(
-            f"could not cache the decoded images in {folder} ({e.strerror or e}); the next run decodes them again. Set DDPM_HF_CACHE to a writable folder to keep them."
-        )
-        return storage
-    if memory_mapped:
-        # Another process may have renamed its identical file onto the same name since: either is whole.
-        return np.load(cache_path + ".npy", mmap_mode="c")[:kept]
+        raise _CacheUnwritable(f"cannot write the decoded dataset to {folder} ({e.strerror or e})") from None
     return storage
 
 
-def _open_image(value):
+def open_image(value):
+    """A PIL image, not yet decoded, from any value an image column holds: an Image feature's {"bytes", "path"}
+    cell, encoded bytes, a file path, a decoded PIL image or a NumPy array."""
     from PIL import Image
 
     if isinstance(value, Image.Image):
@@ -615,6 +648,46 @@ def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float() / 127.5 - 1.0
 
 
+# What the decoded images may take of a device's free memory: the rest is for the model, its optimizer state and
+# the activations, most of which are allocated after the data (Adam's moments at the first step).
+DEVICE_MEMORY_SHARE = 0.5
+# The mirror images are written this much at a time: never a transient copy of the whole dataset.
+MIRROR_CHUNK_BYTES = 64 << 20
+
+DEVICE_WITH_FLIPS, DEVICE, HOST = "device, with flips", "device", "host"
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` now: the accelerator's free memory, for the CPU the host's."""
+    if device.type == "cpu":
+        names = getattr(os, "sysconf_names", {})  # free pages: POSIX systems with Linux's extension (not macOS)
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if "SC_AVPHYS_PAGES" in names else 0
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    backend = getattr(torch, device.type, None)  # e.g. torch.xpu
+    return backend.mem_get_info(device)[0] if hasattr(backend, "mem_get_info") else 0  # unknown: keep the images on the host
+
+
+def device_placement(image_bytes: int, random_flip: bool, free_bytes: int, max_gb: float) -> str:
+    """Where the decoded images go: DEVICE_WITH_FLIPS (the images and their mirror images, so that a flip is just
+    another row to gather), DEVICE (the images), or HOST (batches gathered from the memory map through pinned
+    memory). What goes on the device is at most `max_gb` and at most DEVICE_MEMORY_SHARE of its free memory."""
+    budget = min(max_gb * 1e9, DEVICE_MEMORY_SHARE * free_bytes)
+    if random_flip and 2 * image_bytes <= budget:
+        return DEVICE_WITH_FLIPS
+    return DEVICE if image_bytes <= budget else HOST
+
+
+def gather_rows(images: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """images[index] (images on the host) on `device`. For an accelerator the rows are gathered into page-locked
+    (pinned) memory, from which the copy runs asynchronously, alongside the model's work; PyTorch's caching host
+    allocator reuses that memory only once the copy is done."""
+    pinned = device.type != "cpu"
+    rows = torch.empty((len(index), *images.shape[1:]), dtype=images.dtype, pin_memory=pinned)
+    torch.index_select(images, 0, index, out=rows)
+    return rows.to(device, non_blocking=pinned)
+
+
 class ImageBatches:
     """An endless, seeded stream of training images, cut into batches by position.
 
@@ -622,25 +695,37 @@ class ImageBatches:
     are absolute (step * global_batch + offset), so any step's batch can be built directly: resuming
     at step k needs no pass over the k batches before it, and the processes of a multi-process run
     read disjoint slices of the same global batch.
+
+    The images live where `device_placement` says: on the device (with their mirror images when that fits too),
+    or on the host, where `images` (the memory map of decode_images) already is.
     """
 
     def __init__(
-        self, images: torch.Tensor, seed: int, random_flip: bool, device: torch.device, keep_on_host: bool = False, labels: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        seed: int,
+        random_flip: bool,
+        device: torch.device,
+        labels: torch.Tensor | None = None,
+        max_device_gb: float = float("inf"),
     ):
         self.num_images = n = images.shape[0]
         self.labels = labels.to(device) if labels is not None else None  # class ids, row-aligned with the images
+        self.placement = device_placement(images.numel() * images.element_size(), random_flip, free_memory(device), max_device_gb)
         self._with_flips = None
-        if random_flip and not keep_on_host and images.numel() <= 4e9:
+        if self.placement == DEVICE_WITH_FLIPS:
             # Both orientations side by side: a flipped image is then just another row to gather, which is
-            # several times faster than flipping a batch (bench/data_throughput.py). The images move to the
-            # device straight into the first half, which self.images is: one extra copy of the data, not two.
+            # several times faster than flipping a batch (bench/data_throughput.py).
             self._with_flips = torch.empty((2 * n, *images.shape[1:]), dtype=images.dtype, device=device)
-            self._with_flips[:n] = images
-            self._with_flips[n:] = self._with_flips[:n].flip(3)
+            self._with_flips[:n].copy_(images)
+            rows = max(1, MIRROR_CHUNK_BYTES // (images[0].numel() * images.element_size()))
+            for start in range(0, n, rows):
+                stop = min(start + rows, n)
+                self._with_flips[n + start : n + stop] = self._with_flips[start:stop].flip(3)
             self.images = self._with_flips[:n]
         else:
-            # In-memory datasets move to the device once; memory-mapped ones stay on the host.
-            self.images = images if keep_on_host else images.to(device)
+            self.images = images.to(device) if self.placement == DEVICE else images
+        logger.info("training images: %d x %s on the %s", n, tuple(images.shape[1:]), self.placement)
         self.seed = seed
         self.random_flip = random_flip
         self.device = device
@@ -673,7 +758,7 @@ class ImageBatches:
         if self._with_flips is not None:
             flip = torch.rand(size, device=self.device) < 0.5
             return to_model_range(self._with_flips.index_select(0, index + flip.long() * self.num_images))
-        images = self.images.index_select(0, index).to(self.device, non_blocking=True)
+        images = self.images.index_select(0, index) if self.placement == DEVICE else gather_rows(self.images, index, self.device)
         if self.random_flip:
             flip = torch.rand(size, device=self.device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(3), images)

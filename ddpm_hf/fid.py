@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import files
 from .errors import UserError
 
 INCEPTION_FILE = "default_1.pt"
@@ -47,8 +48,6 @@ PROTOCOL_DESCRIPTION = {
     "input_scaling": "(x - 128) / 128",
     "statistics": "mean and unbiased covariance in float64",
 }
-
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 # Short names for the usual reference sets: name -> (Hub dataset id, split).
 REFERENCE_ALIASES = {
@@ -163,10 +162,33 @@ def resize_for_inception(images: torch.Tensor, size: int = INCEPTION_INPUT_SIZE)
     return torch.einsum("oh,nchw,pw->ncop", a_h, x, a_w)
 
 
+def _float32_precision_flags() -> list:
+    """PyTorch's per-backend `fp32_precision` flags that FID's convolutions and matrix products read, where this
+    PyTorch has them (2.9 and later): CUDA's matmul, cuDNN's convolutions, oneDNN's (the CPU's) matmul and convolutions."""
+    backends = torch.backends
+    candidates = (getattr(backends.cuda, "matmul", None), getattr(backends.cudnn, "conv", None))
+    candidates += (getattr(getattr(backends, "mkldnn", None), "matmul", None), getattr(getattr(backends, "mkldnn", None), "conv", None))
+    return [flag for flag in candidates if flag is not None and hasattr(flag, "fp32_precision")]
+
+
 @contextlib.contextmanager
 def _full_float32():
-    """TF32 convolutions/matmuls on Ampere+ GPUs would shift the features; FID wants plain float32."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    """TF32 (or bf16) convolutions and matrix products would shift the features; FID wants plain float32 ("ieee").
+
+    Through the `fp32_precision` flags where PyTorch has them: once anything (a training script, a library) sets
+    those, reading the older `allow_tf32` flags raises, and setting them does not override a global "tf32"."""
+    flags = _float32_precision_flags()
+    if flags:
+        saved = [flag.fp32_precision for flag in flags]
+        try:
+            for flag in flags:
+                flag.fp32_precision = "ieee"
+            yield
+        finally:
+            for flag, value in zip(flags, saved):
+                flag.fp32_precision = value
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32  # PyTorch before 2.9
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
@@ -221,23 +243,16 @@ class FIDStatistics:
     factor: np.ndarray | None = None
 
     def save(self, path: str) -> None:
-        """Write `path` atomically: a uniquely named temporary file (per process and call) renamed onto it, so
-        that a reader never sees half a file and two processes saving the same statistics never interleave."""
+        """Write `path` atomically (files.atomic_write): a reader never sees half a file and two processes saving
+        the same statistics never interleave."""
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         info = {k: v for k, v in self.info.items() if k not in ("file", "cache_path")}
         arrays = dict(mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images), info=np.array(json.dumps(info)))
         if self.features is not None:
             arrays["features"] = self.features
-        temporary = f"{path}.partial-{os.getpid()}-{os.urandom(4).hex()}"
-        try:
-            with open(temporary, "wb") as f:  # a file object: np.savez adds no ".npz" to the name
-                np.savez(f, **arrays)
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(temporary)
-            raise
+        with files.atomic_write(path) as f:  # a file object: np.savez adds no ".npz" to the name
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str) -> FIDStatistics:
@@ -481,10 +496,8 @@ def kernel_inception_distance(
 
 
 def cache_dir() -> str:
-    """`$DDPM_HF_CACHE/fid-stats` (default: `$HF_HOME/ddpm_hf/fid-stats`, i.e. ~/.cache/huggingface/ddpm_hf/fid-stats)."""
-    from huggingface_hub.constants import HF_HOME
-
-    return os.path.join(os.environ.get("DDPM_HF_CACHE", os.path.join(HF_HOME, "ddpm_hf")), "fid-stats")
+    """`fid-stats/` in the cache folder (files.cache_root)."""
+    return os.path.join(files.cache_root(), "fid-stats")
 
 
 def is_local_path(name: str) -> bool:
@@ -510,36 +523,51 @@ def stats_cache_path(dataset: str, split: str, resolution: int, max_images: int 
 
 def is_image_folder(path: str) -> bool:
     """A folder of image files (and no parquet / save_to_disk dataset): read like pytorch-fid does."""
+    from .data import IMAGE_EXTENSIONS
+
     path = os.path.expanduser(path)
     if not os.path.isdir(path):
         return False
     if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
         return False
     has_images = False
-    for _, _, files in os.walk(path):
-        for f in files:
-            if f.endswith(".parquet"):
+    for _, _, names in os.walk(path):
+        for name in names:
+            if name.endswith(".parquet"):
                 return False
-            has_images = has_images or f.lower().endswith(_IMAGE_EXTENSIONS)
+            has_images = has_images or name.lower().endswith(IMAGE_EXTENSIONS)
     return has_images
 
 
-def load_image_folder(path: str, resolution: int | None = None, max_images: int | None = None, progress: bool = True) -> torch.Tensor:
-    """Every image under `path` (recursively, sorted by name) as uint8 N x 3 x H x W."""
+def load_image_folder(
+    path: str, resolution: int | None = None, max_images: int | None = None, progress: bool = True, split: str | None = None, option: str = "--dataset"
+) -> torch.Tensor:
+    """The images under `path` (sorted by name) as uint8 N x 3 x H x W: every one (recursively), or with `split` those
+    of that split, which a folder has by the rules it has for training (data.local_folder_splits): `train/` and
+    `test/` subfolders are two splits, a folder that names no split is all "train"."""
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .data import resize_and_crop, to_rgb
+    from .data import IMAGE_EXTENSIONS, check_split, local_folder_splits, resize_and_crop, to_rgb
 
     root = os.path.expanduser(path)
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(_IMAGE_EXTENSIONS))
-    if not files:
-        raise UserError(f"{path} holds no images ({', '.join(_IMAGE_EXTENSIONS)}).")
-    files = files[:max_images] if max_images is not None else files
+    if split is None:
+        paths = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
+    else:
+        splits = local_folder_splits(root, path, option)
+        check_split(path, split, splits, option)
+        paths = splits[split]
+    paths = sorted(p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise UserError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    paths = paths[:max_images] if max_images is not None else paths
     arrays = []
-    for file in tqdm(files, desc=f"Reading {os.path.basename(root.rstrip('/'))}", unit="img", disable=not progress):
+    for file in tqdm(paths, desc=f"Reading {os.path.basename(root.rstrip('/'))}", unit="img", disable=not progress):
         with Image.open(file) as image:
-            image = to_rgb(image)
+            try:
+                image = to_rgb(image)
+            except UserError as e:  # readable, but not as an image to measure (e.g. floats out of range)
+                raise UserError(f"{file}: {e}") from None
             if resolution is not None:
                 image = resize_and_crop(image, resolution)
             array = np.asarray(image)
@@ -560,12 +588,14 @@ def load_dataset_images(
     max_images: int | None = None,
     progress: bool = True,
     option: str = "--dataset",
+    state=None,
 ) -> torch.Tensor:
     """A dataset (Hub id, parquet file/folder, save_to_disk folder, builtin:...) decoded to uint8 N x 3 x R x R.
 
-    `resolution` None keeps the images' own size (the short side of the first image).
+    `resolution` None keeps the images' own size (the short side of the first image). With an Accelerate `state`,
+    one process per machine decodes and the others map its file (data.decode_images).
     """
-    from .data import _open_image, decode_images, find_image_column, load_image_dataset
+    from .data import decode_images, find_image_column, load_image_dataset, open_image
 
     data = load_image_dataset(dataset, split, option=option)
     if max_images is not None:
@@ -577,8 +607,8 @@ def load_dataset_images(
 
         column = find_image_column(data, image_column)
         first = data.cast_column(column, datasets.Image(decode=False))[0][column] if isinstance(data.features[column], datasets.Image) else data[0][column]
-        resolution = min(_open_image(first).size)
-    return decode_images(data, resolution, image_column=image_column, progress=progress).images
+        resolution = min(open_image(first).size)
+    return decode_images(data, resolution, image_column=image_column, progress=progress, state=state).images
 
 
 def resolve_statistics(
@@ -611,7 +641,7 @@ def resolve_statistics(
         return FIDStatistics.load(os.path.expanduser(source))
     alias, source, split, resolution = reference.alias, reference.source, reference.split, reference.resolution
     if reference.is_image_folder():
-        images = load_image_folder(source, resolution, max_images, progress)
+        images = load_image_folder(source, resolution, max_images, progress, split, option)
         info = dict(source=os.path.abspath(os.path.expanduser(source)), resolution=int(images.shape[-1]))
         return compute_statistics(images, batch_size, device, keep_features, progress, desc="Inception features", info=info, extractor=extractor, state=state)
     if resolution is not None and not recompute:
@@ -628,7 +658,7 @@ def resolve_statistics(
             if stats is not None and (keep_features <= 0 or (stats.features is not None and len(stats.features) >= min(keep_features, stats.num_images))):
                 return stats
     try:
-        images = load_dataset_images(source, split, resolution, image_column, max_images, progress, option)
+        images = load_dataset_images(source, split, resolution, image_column, max_images, progress, option, state)
     except UserError as error:
         if alias is None:
             raise

@@ -1,22 +1,17 @@
-"""Share a trained pipeline on the Hugging Face Hub: what is uploaded, the model card, and the pusher.
+"""Push a run to the Hugging Face Hub: the pre-flight check, the background pusher, retries and snapshots.
 
-What goes up is what a user needs to load and judge the model, and nothing else (`ALLOWED`): the pipeline
-(`model_index.json`, `unet/`, `scheduler/`), the model card `README.md`, the latest sample grid,
-`training_config.json`, `eval.json` when an evaluation has run, the custom pipeline file `ddpm_trajectory.py`,
-and, for a class-conditional run, the pipeline file its `model_index.json` names, `ddpm_class_conditional.py`
-(both from the package: `conditioning.packaged_pipeline_file`). Checkpoints, optimizer state, logs and tokens
-never leave the machine, and neither do the machine's paths: `training_config.json`, `eval.json` and the card
-carry only the names of local files and folders (`public_training_config`, `public_eval`). A push makes the
-repo's `ALLOWED` files exactly those of the run pushed: an unconditional run pushed over a conditional one
-removes `ddpm_class_conditional.py`.
+What a push uploads, without the machine's paths, is decided in repo_contents.py; the model card it writes,
+README.md, in model_card.py. A push makes the repo's `ALLOWED` files exactly those of the run pushed (an
+unconditional run pushed over a conditional one removes `ddpm_class_conditional.py`) and leaves others alone.
 
 An unconditional run's repo stays a stock diffusers repo: `DDPMPipeline.from_pretrained("user/name")` and
 `DDIMPipeline.from_pretrained("user/name")` load it with no extra code, and
-`DiffusionPipeline.from_pretrained("user/name", custom_pipeline="ddpm_trajectory", trust_remote_code=True)`
-loads the trajectory pipeline shipped beside it (diffusers looks for `<custom_pipeline>.py` in the repo and
-loads it at the same revision as the weights). A class-conditional run's repo (conditioning.py) loads only with
-its own pipeline, `DiffusionPipeline.from_pretrained("user/name", custom_pipeline="ddpm_class_conditional",
-trust_remote_code=True)`; stock `DDPMPipeline.from_pretrained` refuses it, and its card says so.
+`DiffusionPipeline.from_pretrained("user/name", custom_pipeline="ddpm_trajectory", trust_remote_code=True)` loads
+the trajectory pipeline shipped beside it (diffusers looks for `<custom_pipeline>.py` in the repo and loads it at
+the same revision as the weights). A class-conditional run's repo (conditioning.py) loads only with its own
+pipeline, `DiffusionPipeline.from_pretrained("user/name", custom_pipeline="ddpm_class_conditional",
+trust_remote_code=True)`; stock `DDPMPipeline.from_pretrained` refuses it, and its card says so. Pulling is
+diffusers' `from_pretrained` (and `ddpm-hf sample --model user/name`): nothing of this module is needed.
 
 `HubPusher` is what training and `ddpm-hf push` use:
 
@@ -25,7 +20,10 @@ trust_remote_code=True)`; stock `DDPMPipeline.from_pretrained` refuses it, and i
     pusher.push_in_background(step) # every --push_every steps, after saving the pipeline: never waits on the network
     pusher.push_final(step)         # at the end: blocking, retried; a failure, Ctrl-C or SIGTERM is a `UserError`
 
-The run folder's file names and the reading of its JSON files belong to `run_folder.RunFolder`.
+A background push sends a snapshot of the run folder, so that training may save again while it uploads. Files that
+the run's writers replace by a new file (the pipeline: training.save_pipeline's os.replace; training_config.json
+and eval.json: run_folder's atomic writer) are hard-linked into it, which costs no copy; a sample grid, which a
+resumed run rewrites in place, is copied.
 """
 
 from __future__ import annotations
@@ -40,7 +38,6 @@ import re
 import shlex
 import shutil
 import signal
-import struct
 import tempfile
 import threading
 import time
@@ -50,588 +47,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .arguments import existing_folder, is_hub_id, last_part, local_path_name
-from .conditioning import (
-    CONDITIONAL_PIPELINE_CLASS,
-    CONDITIONAL_PIPELINE_FILENAME,
-    CONDITIONAL_PIPELINE_NAME,
-    MODEL_INDEX,
-    class_names_of,
-    is_conditional_index,
-    packaged_pipeline_file,
-)
+from .arguments import existing_folder
+from .conditioning import CONDITIONAL_PIPELINE_FILENAME, CONDITIONAL_PIPELINE_NAME
 from .errors import UserError
-from .run_folder import EVAL_FILE, SAMPLE_GRID_GLOB, TRAINING_CONFIG, RunFolder, read_json
+from .model_card import DEFAULT_LICENSE, build_model_card, load_arguments
+from .repo_contents import (
+    CUSTOM_PIPELINE_FILENAME,
+    check_pipeline_folder,
+    default_custom_pipeline_file,
+    files_to_upload,
+    is_allowed,
+    is_conditional_folder,
+    local_files,
+    public_eval,
+    public_training_config,
+)
+from .run_folder import EVAL_FILE, TRAINING_CONFIG, RunFolder
 
 logger = logging.getLogger(__name__)
 
-# The custom pipeline ships at the repo root under this name, so that
-# `DiffusionPipeline.from_pretrained(repo, custom_pipeline=CUSTOM_PIPELINE_NAME, trust_remote_code=True)` finds it.
-CUSTOM_PIPELINE_NAME = "ddpm_trajectory"
-CUSTOM_PIPELINE_FILENAME = f"{CUSTOM_PIPELINE_NAME}.py"
-CUSTOM_PIPELINE_CLASS = "DDPMTrajectoryPipeline"
-
-# Everything a push may put in the repo. A push deletes from the repo every file matching these that it does not
-# upload itself (an older sample grid, the eval.json of another run), and leaves other files alone.
-ALLOWED = (
-    "model_index.json",
-    "unet/config.json",
-    "unet/*.safetensors",
-    "unet/*.safetensors.index.json",
-    "scheduler/scheduler_config.json",
-    "README.md",
-    SAMPLE_GRID_GLOB,
-    TRAINING_CONFIG,
-    EVAL_FILE,
-    CUSTOM_PIPELINE_FILENAME,
-    CONDITIONAL_PIPELINE_FILENAME,  # class-conditional runs only: a later unconditional push deletes it
-)
-
-# The files `save_pretrained` writes that a pipeline cannot load without.
-REQUIRED = ("model_index.json", "unet/config.json", "unet/*.safetensors", "scheduler/scheduler_config.json")
-
-# The hub datasets that our built-in datasets are subsets of, for the card's `datasets` metadata.
-BUILTIN_DATASET_SOURCES = {"builtin:cifar10-1k": "uoft-cs/cifar10"}
-
-# The machine's paths stay on the machine. In training_config.json and eval.json, the values of the *_LOCAL_KEYS
-# are always files or folders there: only their last part goes up. The values of the *_HUB_OR_LOCAL_KEYS are a
-# Hub id, a local path or a plain name (`cifar10-train`): a local path goes up as LOCAL_PREFIX + its last part, so
-# that nobody takes it for a Hub id. Paths in any other text go the same way.
-CONFIG_LOCAL_KEYS = ("output_dir", "config", "model_config", "resume_from_checkpoint", "logging_dir")
-CONFIG_HUB_OR_LOCAL_KEYS = ("dataset", "init_from")
-EVAL_LOCAL_KEYS = ("file",)
-EVAL_HUB_OR_LOCAL_KEYS = ("model", "reference", "spec", "dataset", "source")
-LOCAL_PREFIX = "local:"
-
-DEFAULT_LICENSE = "apache-2.0"
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 DEFAULT_REPO_NAME = "ddpm"  # when nothing of the output folder's name is usable
 
-# "namespace/name" with the characters the Hub allows; `hub_id` adds the rest of the rules.
-# A word of free text that may be a path: it holds a slash, a backslash or a ~.
-_PATH_TOKEN = re.compile(r"[^\s()\[\]{},;'\"`]*[/\\~][^\s()\[\]{},;'\"`]*")
-
-
-# ---- what is uploaded -----------------------------------------------------------------------------
-
-
-def default_custom_pipeline_file() -> Path | None:
-    """The custom pipeline file `ddpm_trajectory.py` of the package (`conditioning.packaged_pipeline_file`:
-    `ddpm_hf/pipelines/` in an installed wheel, `pipelines/` in a checkout); None if it has none."""
-    return packaged_pipeline_file(CUSTOM_PIPELINE_FILENAME)
-
-
-def is_conditional_folder(output_dir: str | os.PathLike) -> bool:
-    """Whether the pipeline in `output_dir` is class-conditional: its model_index.json names ddpm_class_conditional.py."""
-    return is_conditional_index(read_json(Path(output_dir) / MODEL_INDEX))
-
-
-def conditional_pipeline_file(output_dir: str | os.PathLike) -> Path:
-    """The `ddpm_class_conditional.py` a push of the class-conditional `output_dir` uploads: the package's, else the
-    copy training saved beside the pipeline. `UserError` if neither exists: the repo could not be loaded."""
-    found = packaged_pipeline_file(CONDITIONAL_PIPELINE_FILENAME)
-    if found is None and (Path(output_dir) / CONDITIONAL_PIPELINE_FILENAME).is_file():
-        found = Path(output_dir) / CONDITIONAL_PIPELINE_FILENAME
-    if found is None:
-        raise UserError(
-            f"{output_dir} holds a class-conditional pipeline, but neither it nor the package has {CONDITIONAL_PIPELINE_FILENAME}, "
-            "without which the repo cannot be loaded: reinstall ddpm-hf."
-        )
-    return found
-
-
-def _local_files(output_dir: Path, custom_pipeline_file: Path | None) -> dict[str, Path]:
-    """Repo path -> local file for everything uploaded from disk (the card, README.md, is generated)."""
-    files: dict[str, Path] = {}
-    for pattern in ALLOWED:
-        if pattern in ("README.md", SAMPLE_GRID_GLOB, CUSTOM_PIPELINE_FILENAME, CONDITIONAL_PIPELINE_FILENAME):
-            continue
-        for path in sorted(output_dir.glob(pattern)):
-            if path.is_file():
-                files[path.relative_to(output_dir).as_posix()] = path
-    sample = RunFolder(output_dir).latest_sample_grid()
-    if sample is not None:
-        files[Path(sample).relative_to(output_dir).as_posix()] = Path(sample)
-    if custom_pipeline_file is not None:
-        files[CUSTOM_PIPELINE_FILENAME] = Path(custom_pipeline_file)
-    if is_conditional_folder(output_dir):  # the pipeline its model_index.json names
-        files[CONDITIONAL_PIPELINE_FILENAME] = conditional_pipeline_file(output_dir)
-    return files
-
-
-def is_allowed(repo_path: str) -> bool:
-    """Whether `repo_path` is one of the files a push manages (`ALLOWED`)."""
-    return any(fnmatch.fnmatchcase(repo_path, pattern) for pattern in ALLOWED)
-
-
-def files_to_upload(output_dir: str | os.PathLike, custom_pipeline_file: str | os.PathLike | None = None) -> list[str]:
-    """The repo paths a push of `output_dir` uploads, sorted: `ALLOWED` applied to the folder, plus README.md.
-
-    `custom_pipeline_file` defaults to the package's `pipelines/ddpm_trajectory.py`. A class-conditional folder
-    also uploads `ddpm_class_conditional.py` (`conditional_pipeline_file`).
-    """
-    custom = Path(custom_pipeline_file) if custom_pipeline_file is not None else default_custom_pipeline_file()
-    return sorted([*_local_files(Path(output_dir), custom), "README.md"])
-
-
-def check_pipeline_folder(output_dir: str | os.PathLike) -> None:
-    """Raise `UserError` unless `output_dir` holds a saved pipeline (what `DDPMPipeline.save_pretrained` writes)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        raise UserError(f"{output_dir}: no such folder. Give the OUTPUT_DIR of a training run.")
-    missing = [pattern for pattern in REQUIRED if not any(p.is_file() for p in output_dir.glob(pattern))]
-    if missing:
-        raise UserError(
-            f"{output_dir} is not a saved pipeline: missing {', '.join(missing)}. Give the OUTPUT_DIR of a finished "
-            "training run (the pipeline is saved at the end of training, or every --save_every steps)."
-        )
-
-
-# ---- Hub ids and local paths ----------------------------------------------------------------------
-
-
-def hub_id(value: Any, run_dir: str | os.PathLike | None = None) -> str | None:
-    """`value` if it is a Hub repo id, "namespace/name", and not a path on this machine; else None.
-
-    The one test in this module for "Hub id or local path". `run_dir` is the run folder the value was recorded
-    in: a relative path is recognised from it and the folders above it, where training usually ran, so that
-    pushing from another folder does not turn `data/imgs` into a Hub id.
-    """
-    if not isinstance(value, str) or "/" not in value or not is_hub_id(value, run_dir):  # the card wants namespace/name
-        return None
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return None
-    return value
-
-
-def _without_paths(values: dict[str, Any], run_dir, local_keys: tuple[str, ...], hub_or_local_keys: tuple[str, ...]) -> dict[str, Any]:
-    """A copy of `values` in which the training machine's paths are reduced to their last part (see the keys above)."""
-
-    def public_text(text: str) -> str:
-        def replace(match: re.Match) -> str:
-            name = local_path_name(match.group(0), run_dir)
-            return match.group(0) if name is None else LOCAL_PREFIX + name
-
-        return _PATH_TOKEN.sub(replace, text)
-
-    def public(key: str | None, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: public(k, v) for k, v in value.items() if k != "hub_token"}  # the token never goes up
-        if isinstance(value, list):
-            return [public(key, v) for v in value]
-        if not isinstance(value, str):
-            return value
-        if key in local_keys:
-            return last_part(value)
-        if key in hub_or_local_keys and hub_id(value, run_dir) is None:
-            name = local_path_name(value, run_dir)
-            if name is not None:
-                return LOCAL_PREFIX + name
-        return public_text(value)
-
-    return public(None, values)
-
-
-def public_training_config(values: dict[str, Any], run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """training_config.json as uploaded: `--output_dir /home/me/runs/a` becomes "a", `--dataset data/imgs` (a local
-    folder) "local:imgs"; a Hub id stays. `run_dir` is the run folder it was read from. Never the token."""
-    return _without_paths(values, run_dir, CONFIG_LOCAL_KEYS, CONFIG_HUB_OR_LOCAL_KEYS)
-
-
-def public_eval(values: dict[str, Any], run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """eval.json as uploaded: the evaluated model, the reference and its statistics file without their paths."""
-    return _without_paths(values, run_dir, EVAL_LOCAL_KEYS, EVAL_HUB_OR_LOCAL_KEYS)
-
-
-def _hub_datasets(dataset: str | None, run_dir: str | os.PathLike | None = None) -> list[str]:
-    """The Hub dataset ids a training dataset refers to (none for a local folder or file)."""
-    if dataset in BUILTIN_DATASET_SOURCES:
-        return [BUILTIN_DATASET_SOURCES[dataset]]
-    found = hub_id(dataset, run_dir)
-    return [found] if found is not None else []
-
-
-# ---- model card -----------------------------------------------------------------------------------
-
-
-def count_parameters(unet_dir: str | os.PathLike) -> int:
-    """Parameters in the safetensors files of `unet_dir`, from their headers (no weights are read)."""
-    total = 0
-    for path in sorted(Path(unet_dir).glob("*.safetensors")):
-        with open(path, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in info["shape"]:
-                    count *= dim
-                total += count
-    return total
-
-
-def _architecture(unet: dict) -> str:
-    size = unet.get("sample_size")
-    channels = tuple(unet.get("block_out_channels", ()))
-    attention = []
-    resolution = size if isinstance(size, int) else None
-    for block in unet.get("down_block_types", ()):
-        if "Attn" in block and resolution is not None:
-            attention.append(f"{resolution}x{resolution}")
-        if resolution is not None:
-            resolution //= 2
-    text = (
-        f"`UNet2DModel`, {size}x{size}x{unet.get('in_channels', 3)} images, channels {channels}, "
-        f"{unet.get('layers_per_block')} residual block(s) per resolution"
-    )
-    text += f", self-attention at {', '.join(attention)}" if attention else ", no self-attention"
-    if unet.get("dropout"):
-        text += f", dropout {unet['dropout']}"
-    return text
-
-
-def _learns_variance(scheduler: dict) -> bool:
-    """Whether the scheduler reads a variance from the UNet's output (2 x C channels: mean part, then v)."""
-    return scheduler.get("variance_type") in ("learned_range", "learned")
-
-
-def _variance_text(scheduler: dict) -> str:
-    variance = scheduler.get("variance_type")
-    if variance == "learned_range":
-        return "variance learned_range (the network's Sigma_theta, between beta-tilde_t and beta_t: Nichol & Dhariwal 2021, Eq. 15)"
-    if variance == "learned":
-        return "variance learned (the network outputs Sigma_theta itself)"
-    return f"variance {variance}"
-
-
-def _objective(config: dict, scheduler: dict) -> str:
-    """The training objective, from training_config.json (`loss`, `vlb_weight`; a run from before they existed trained L_simple)."""
-    loss = config.get("loss", "auto")
-    if loss == "auto":
-        loss = "hybrid" if _learns_variance(scheduler) else "simple"
-    if loss == "hybrid":
-        return f"L_hybrid = L_simple + lambda L_vlb with lambda = {config.get('vlb_weight')} (Nichol & Dhariwal 2021, Eq. 16)"
-    if loss == "vlb":
-        return "L_vlb, importance-sampled timesteps (Nichol & Dhariwal 2021, Eq. 17)"
-    return "L_simple, the noise-prediction MSE (Ho et al. 2020, Eq. 14)"
-
-
-def _count(value: Any) -> str:
-    return f"{value:,}" if isinstance(value, int) else "not recorded" if value is None else str(value)
-
-
-def fid_setup(evaluation: dict[str, Any]) -> str:
-    """How a FID of eval.json was measured, e.g. "ddpm 100 steps" (with the network evaluations when they differ,
-    and the guidance scale of a class-conditional model's samples: "ddim 50 steps, guidance scale 1.5")."""
-    sampler, steps, nfe = evaluation.get("scheduler"), evaluation.get("steps"), evaluation.get("nfe")
-    if sampler is None and steps is None:
-        text = "sampler not recorded"
-    else:
-        text = " ".join(part for part in (sampler, f"{steps} steps" if steps is not None else None) if part is not None)
-        if nfe is not None and nfe != steps:
-            text += f" ({nfe} network evaluations)"
-    guidance = evaluation.get("guidance_scale")
-    if guidance is not None:
-        text += f", guidance scale {guidance:g}" if isinstance(guidance, (int, float)) else f", guidance scale {guidance}"
-    return text
-
-
-# ---- class-conditional models ---------------------------------------------------------------------
-
-
-def _cell(text: Any) -> str:
-    """`text` for one cell of a markdown table: one line, its '|' escaped (class names come from the dataset)."""
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def _class_text(class_id: int, names: list[str] | None) -> str:
-    """'0 (cat)', or '0' for a model without class names."""
-    return f"{class_id} ({_cell(names[class_id])})" if names and class_id < len(names) else str(class_id)
-
-
-def _classes_section(count: int, names: list[str] | None) -> str:
-    null = f"Id {count} is the null label of classifier-free guidance, not a class."
-    if not names:
-        return f"## Classes\n\n{count} classes: ids 0..{count - 1}, no names (the training labels were bare integers). {null}"
-    rows = "\n".join(f"| {i} | {_cell(name)} |" for i, name in enumerate(names))
-    return f"## Classes\n\n{count} classes; `class_labels` takes a name or an id. {null}\n\n| Id | Name |\n|---|---|\n{rows}"
-
-
-def _example_labels(count: int, names: list[str] | None) -> list[int | str]:
-    """The classes the card's usage samples: the model's first two names, or ids 0 and 1 when it has none."""
-    return list(names[:2]) if names else list(range(min(2, count)))
-
-
-def _cli_class_labels(count: int, names: list[str] | None) -> str:
-    """`--class_labels` of the same classes for `ddpm-hf sample` (which splits at commas): a name it could not read
-    back is given by id."""
-    labels = [
-        label if isinstance(label, str) and "," not in label and label == label.strip() and label else str(i)
-        for i, label in enumerate(_example_labels(count, names))
-    ]
-    return shlex.quote(",".join(labels))
-
-
-def _per_class_fid_rows(per_class: dict[str, Any], names: list[str] | None) -> list[tuple[str, str]]:
-    """(class, FID) cells of eval.json's `per_class_fid` (keyed by class name or id), by class id; other keys last."""
-    lookup = {name: i for i, name in enumerate(names or [])}
-    keyed = []
-    for key, value in per_class.items():
-        class_id = lookup.get(str(key))
-        if class_id is None and str(key).strip().isdigit():
-            class_id = int(str(key).strip())
-        fid = f"{float(value):.2f}" if isinstance(value, (int, float)) else "not recorded"
-        text = _class_text(class_id, names) if class_id is not None else _cell(key)
-        keyed.append(((class_id is None, class_id if class_id is not None else 0, str(key)), text, fid))
-    return [(text, fid) for _, text, fid in sorted(keyed)]
-
-
-def _dataset_text(dataset: Any, hub_datasets: list[str]) -> str:
-    if isinstance(dataset, str) and dataset.startswith(LOCAL_PREFIX):
-        return f"`{dataset[len(LOCAL_PREFIX) :]}` (a local dataset, not on the Hub)"
-    if isinstance(dataset, str) and dataset in hub_datasets:
-        return f"[`{dataset}`](https://huggingface.co/datasets/{dataset})"
-    return f"`{dataset}`"
-
-
-def load_arguments(repo_id: str, revision: str | None = None) -> str:
-    """The arguments of `from_pretrained` that load `repo_id` at `revision`: '"user/name", revision="dev"'."""
-    return f'"{repo_id}"' + (f', revision="{revision}"' if revision and revision != "main" else "")
-
-
-def build_model_card(
-    output_dir: str | os.PathLike,
-    repo_id: str,
-    *,
-    step: int | None = None,
-    hardware: str | None = None,
-    license: str = DEFAULT_LICENSE,
-    custom_pipeline: bool = True,
-    revision: str | None = None,
-    run_dir: str | os.PathLike | None = None,
-) -> ModelCard:
-    """The model card (README.md) of the pipeline in `output_dir` as pushed to `repo_id` at `revision`.
-
-    Reads `unet/config.json`, `scheduler/scheduler_config.json`, `model_index.json`, training_config.json and
-    eval.json when present, without the machine's paths (`public_training_config`, `public_eval`). `step` is the
-    training step of the weights (default: the step eval.json's FID was measured at, as in best/, else the
-    configured `max_train_steps`); `hardware` is a free text such as "1 x NVIDIA A100". `run_dir` is where the run
-    folder lives when `output_dir` is a snapshot of it. `custom_pipeline`: the repo holds ddpm_trajectory.py.
-
-    A class-conditional model (its model_index.json names ddpm_class_conditional.py) gets a card of its own: its
-    classes, the grid's rows, usage through that pipeline with classifier-free guidance, and no stock
-    `DDPMPipeline` or trajectory-pipeline usage, neither of which can run it.
-    """
-    output_dir = Path(output_dir)
-    run_dir = Path(run_dir) if run_dir is not None else output_dir
-    folder = RunFolder(output_dir)
-    unet = read_json(output_dir / "unet" / "config.json") or {}
-    scheduler = read_json(output_dir / "scheduler" / "scheduler_config.json") or {}
-    index = read_json(output_dir / MODEL_INDEX)
-    config = public_training_config(folder.read_training_config() or {}, run_dir)
-    evaluation = public_eval(folder.read_eval(), run_dir)
-    fid = evaluation if "fid" in evaluation else None
-    grids = folder.sample_grids()
-    datasets = _hub_datasets(config.get("dataset"), run_dir)
-    name = repo_id.split("/")[-1]
-    load = load_arguments(repo_id, revision)
-    learned_variance, channels = _learns_variance(scheduler), unet.get("in_channels", 3)
-    conditional = is_conditional_index(index)
-    class_names = class_names_of(index) if conditional else None
-    if conditional:  # K classes: the UNet's last class embedding is the null label
-        embeds = unet.get("num_class_embeds")
-        num_classes = embeds - 1 if isinstance(embeds, int) and embeds > 1 else len(class_names or [])
-
-    eval_results = None
-    if fid is not None:
-        reference = str(fid.get("reference", "unknown"))
-        eval_results = [
-            EvalResult(
-                # The Hub has no class-conditional task; a free task type keeps the result off the unconditional leaderboard.
-                task_type="class-conditional-image-generation" if conditional else "unconditional-image-generation",
-                task_name="Class-conditional Image Generation" if conditional else "Unconditional Image Generation",
-                dataset_type=datasets[0] if datasets else reference,
-                dataset_name=reference,
-                metric_type="fid",
-                metric_name=f"FID ({_count(fid.get('num_samples'))} samples, {fid_setup(fid)})",
-                metric_value=float(fid["fid"]),
-            )
-        ]
-    card_data = ModelCardData(
-        library_name="diffusers",
-        # No Hub pipeline tag fits a class-conditional model (unconditional-image-generation would be wrong): none.
-        pipeline_tag=None if conditional else "unconditional-image-generation",
-        tags=["ddpm", "diffusers", "pytorch"] + (["class-conditional", "classifier-free-guidance"] if conditional else ["unconditional-image-generation"]),
-        datasets=datasets or None,
-        license=license,
-        model_name=name,
-        eval_results=eval_results,
-    )
-
-    if step is None and fid is not None and isinstance(fid.get("step"), int):
-        step = fid["step"]  # best/: the weights are those the FID was measured on
-    steps_text = f"{step:,}" if step is not None else f"{config['max_train_steps']:,} (configured)" if "max_train_steps" in config else "unknown"
-    label_dropout = config.get("label_dropout")
-    rows = [
-        ("Architecture", _architecture(unet) if unet else "`UNet2DModel`"),
-        ("Parameters", f"{count_parameters(output_dir / 'unet'):,}"),
-        (
-            "Scheduler",
-            f"`{scheduler.get('_class_name', 'DDPMScheduler')}`, T = {scheduler.get('num_train_timesteps')}, "
-            f"{scheduler.get('beta_schedule')} betas {scheduler.get('beta_start')}..{scheduler.get('beta_end')}, "
-            f"{_variance_text(scheduler)}, predicts {scheduler.get('prediction_type')}",
-        ),
-        ("Training steps", steps_text),
-    ]
-    if conditional:
-        rows.append(
-            (
-                "Conditioning",
-                f"{num_classes} classes (`num_class_embeds` = {num_classes + 1}, the last the null label), label dropout p_uncond = {_count(label_dropout)}",
-            )
-        )
-    if config:
-        rows += [
-            ("Objective", _objective(config, scheduler)),
-            (
-                "Dataset",
-                _dataset_text(config.get("dataset"), datasets)
-                + (f" (split {config.get('split')}, {config.get('resolution')}px)" if config.get("split") else ""),
-            ),
-            ("Batch size", f"{config.get('train_batch_size')} (global)"),
-            (
-                "Optimizer",
-                (f"AdamW (weight decay {config['weight_decay']})" if config.get("weight_decay") else "Adam")
-                + f", lr {config.get('learning_rate')}, {config.get('lr_scheduler')} schedule with {config.get('lr_warmup_steps')} warm-up steps",
-            ),
-            ("EMA", f"decay {config.get('ema_decay')}" if config.get("use_ema") else "off"),
-            ("Mixed precision", str(config.get("mixed_precision") or "no")),  # unset: Accelerate's default, no
-        ]
-    if hardware:
-        rows.append(("Hardware", hardware))
-    table = "\n".join(["| | |", "|---|---|"] + [f"| {key} | {value} |" for key, value in rows])
-
-    variance_text = (
-        " Its UNet also learns the reverse-process variances ([Nichol & Dhariwal, 2021](https://arxiv.org/abs/2102.09672)): "
-        f"it outputs {2 * channels} channels, the {scheduler.get('prediction_type')} prediction and then the variance, which `DDPMScheduler` reads."
-        if learned_variance
-        else ""
-    )
-    if conditional:
-        dropout_text = f"p = {label_dropout}" if label_dropout is not None else "a probability p that was not recorded"
-        intro = (
-            "A class-conditional denoising diffusion probabilistic model ([Ho et al., 2020](https://arxiv.org/abs/2006.11239)) "
-            "with classifier-free guidance ([Ho & Salimans, 2022](https://arxiv.org/abs/2207.12598)), trained with ddpm-hf "
-            f"(diffusers + Accelerate) on {num_classes} classes. It was trained with label dropout {dropout_text}: each training "
-            "label was replaced by the null label with that probability, so that the one UNet is also the unconditional model "
-            f"that guidance mixes in. It runs with the custom pipeline `{CONDITIONAL_PIPELINE_FILENAME}` in this repo (see Usage): "
-            "stock diffusers `DDPMPipeline` cannot run it (it has no class labels to give the UNet), and "
-            "`DDPMPipeline.from_pretrained` refuses this repo, asking for `trust_remote_code`." + variance_text
-        )
-    else:
-        intro = (
-            "A denoising diffusion probabilistic model ([Ho et al., 2020](https://arxiv.org/abs/2006.11239)) for "
-            "unconditional image generation, trained with ddpm-hf (diffusers + Accelerate). It is a stock diffusers "
-            "`DDPMPipeline`: no code from this repo is needed to use it." + variance_text
-        )
-    sections = [f"# {name}", intro, "## Training\n\n" + table]
-    if conditional:
-        sections.append(_classes_section(num_classes, class_names))
-    if grids:
-        sample_step, sample = grids[-1]
-        if conditional:
-            order = ", ".join(_class_text(i, class_names) for i in range(num_classes))
-            rows_text = f" (plain conditional sampling, guidance scale 1), one row per class, top to bottom: {order}"
-        else:
-            rows_text = ""
-        sections.append(f"## Samples\n\nSamples at training step {sample_step:,}{rows_text}:\n\n![samples]({Path(sample).relative_to(output_dir).as_posix()})")
-    cli_revision = f" --revision {revision}" if revision and revision != "main" else ""
-    if conditional:
-        labels = (
-            "["
-            + ", ".join(json.dumps(label, ensure_ascii=False) if isinstance(label, str) else str(label) for label in _example_labels(num_classes, class_names))
-            + "]"
-        )
-        usage = (
-            "## Usage\n\n```python\nimport torch\nfrom diffusers import DDIMScheduler, DiffusionPipeline\n\n"
-            f'pipeline = DiffusionPipeline.from_pretrained({load}, custom_pipeline="{CONDITIONAL_PIPELINE_NAME}", trust_remote_code=True)\n'
-            "print(pipeline.class_names)  # class id i is named pipeline.class_names[i]"
-            + (" (None: this model has ids only)" if not class_names else "")
-            + "\n\n# 50 DDIM steps instead of T ancestral DDPM steps\n"
-            "pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)\n"
-            f"images = pipeline(class_labels={labels}, guidance_scale=2.0, num_inference_steps=50, num_images_per_label=4, "
-            "generator=torch.Generator().manual_seed(0)).images\n```\n\n"
-            f"`class_labels` takes class names and/or ids, one image per entry (times `num_images_per_label`); `{CONDITIONAL_PIPELINE_FILENAME}` "
-            f"is the `{CONDITIONAL_PIPELINE_CLASS}` that `trust_remote_code=True` runs from this repo, at the revision of the weights. "
-            "`guidance_scale` is s = 1 + w, where w is the guidance weight of Ho & Salimans (2022) in "
-            "(1 + w) eps(x_t, c) - w eps(x_t, null): s = 1 is plain conditional sampling, s = 0 unconditional, and s > 1 "
-            "follows the class more closely at the cost of diversity."
-            + (" With DDIM the pipeline samples from the mean channels of this learned-variance model." if learned_variance else "")
-            + f"\n\nor from the command line: `ddpm-hf sample --model {repo_id}{cli_revision} --class_labels {_cli_class_labels(num_classes, class_names)} "
-            "--guidance_scale 2.0`."
-        )
-    elif learned_variance:
-        # Stock DDIMPipeline passes all 6 channels to DDIMScheduler, which has no use for the variance and fails.
-        usage = (
-            "## Usage\n\n```python\nimport torch\nfrom diffusers import DDPMPipeline\n\n"
-            f"pipeline = DDPMPipeline.from_pretrained({load})\n"
-            "images = pipeline(batch_size=16, generator=torch.Generator().manual_seed(0)).images\n\n"
-            "# faster: 100 strided steps, which learned variances keep good (Nichol & Dhariwal 2021, Sec. 4)\n"
-            "images = pipeline(batch_size=16, num_inference_steps=100, generator=torch.Generator().manual_seed(0)).images\n```\n\n"
-            f"or from the command line: `ddpm-hf sample --model {repo_id}{cli_revision} --steps 100`. Stock `DDIMPipeline` "
-            f"does not split the {2 * channels}-channel output into mean and variance"
-            + ("; for DDIM or DPM-Solver use the trajectory pipeline below, which gives those schedulers the mean channels." if custom_pipeline else ".")
-        )
-    else:
-        usage = (
-            "## Usage\n\n```python\nimport torch\nfrom diffusers import DDIMPipeline, DDPMPipeline\n\n"
-            f"pipeline = DDPMPipeline.from_pretrained({load})\n"
-            "images = pipeline(batch_size=16, generator=torch.Generator().manual_seed(0)).images\n\n"
-            "# faster: DDIM with 50 steps on the same weights\n"
-            f"pipeline = DDIMPipeline.from_pretrained({load})\n"
-            "images = pipeline(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images\n```\n\n"
-            f"or from the command line: `ddpm-hf sample --model {repo_id}{cli_revision}`."
-        )
-    sections.append(usage)
-    if custom_pipeline and not conditional:  # the trajectory pipeline gives the UNet no class labels
-        sections.append(
-            "### The denoising trajectory\n\n"
-            f"`{CUSTOM_PIPELINE_FILENAME}` in this repo is a custom pipeline ({CUSTOM_PIPELINE_CLASS}) that also returns every "
-            "step of the reverse process:\n\n```python\nfrom diffusers import DiffusionPipeline\n\n"
-            f'pipeline = DiffusionPipeline.from_pretrained({load}, custom_pipeline="{CUSTOM_PIPELINE_NAME}", trust_remote_code=True)\n'
-            "output = pipeline(batch_size=4, num_inference_steps=50, return_trajectory=True)\n"
-            "output.trajectory_x_t  # one tensor per step\n```"
-            + (
-                "\n\nWith DDIM (or DPM-Solver) it samples from the mean channels of this learned-variance model:\n\n```python\n"
-                "from diffusers import DDIMScheduler\n\npipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)\n"
-                "images = pipeline(batch_size=16, num_inference_steps=50).images\n```"
-                if learned_variance
-                else ""
-            )
-        )
-    if fid is not None:
-        measured_at = f"step {fid['step']:,}" if isinstance(fid.get("step"), int) else "these weights"
-        evaluation_text = (
-            "## Evaluation\n\n| Metric | Value | Samples | Sampler | Seed | Reference | Weights |\n|---|---|---|---|---|---|---|\n"
-            f"| FID | {float(fid['fid']):.2f} | {_count(fid.get('num_samples'))} | {fid_setup(fid)} | {_count(fid.get('seed'))} | "
-            f"{fid.get('reference', 'not recorded')} | {measured_at} |"
-        )
-        if fid.get("class_balanced"):
-            evaluation_text += "\n\nThe samples are class-balanced: every class has the same share of them (within one)."
-        per_class = fid.get("per_class_fid")
-        if isinstance(per_class, dict) and per_class:
-            evaluation_text += "\n\nFID of each class's samples:\n\n| Class | FID |\n|---|---|\n" + "\n".join(
-                f"| {text} | {value} |" for text, value in _per_class_fid_rows(per_class, class_names)
-            )
-        sections.append(evaluation_text)
-    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
-    return ModelCard(content)
+# What a snapshot may hard-link: files that the run's writers replace by a new file rather than rewrite in place
+# (training.save_pipeline moves each part of the pipeline into place with os.replace; run_folder writes the JSON files
+# through a temporary file and os.replace). A link keeps the content of the moment; everything else is copied.
+REPLACED_NOT_REWRITTEN = ("model_index.json", "unet/*", "scheduler/*", CONDITIONAL_PIPELINE_FILENAME, TRAINING_CONFIG, EVAL_FILE)
 
 
 def describe_hardware(num_processes: int = 1) -> str:
@@ -726,6 +171,18 @@ def _sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _snapshot_file(source: Path, target: Path, link: bool) -> None:
+    """Put `source` at `target`: a hard link when `link` (no copy: the link keeps this content when the writer
+    replaces the file), else, or where the file system gives no link (another device, no hard links), a copy."""
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(source, target)
 
 
 @dataclass
@@ -985,7 +442,7 @@ class HubPusher:
 
     def _contents(self, folder: Path, step: int | None) -> dict[str, Path | bytes]:
         """Repo path -> file or content of a push of `folder` (the output folder or a snapshot of it)."""
-        contents: dict[str, Path | bytes] = dict(_local_files(folder, self.custom_pipeline_file))
+        contents: dict[str, Path | bytes] = dict(local_files(folder, self.custom_pipeline_file))
         run = RunFolder(folder)
         # The JSON files go up without the machine's paths; paths are judged from where the run lives.
         for name, read, public in ((TRAINING_CONFIG, run.read_training_config, public_training_config), (EVAL_FILE, run.read_eval, public_eval)):
@@ -1017,10 +474,11 @@ class HubPusher:
             root = Path(tempfile.mkdtemp(prefix=f"step-{step}-", dir=self._snapshots.name))
         upload = _Upload(step, {}, root)
         try:
-            for repo_path, source in _local_files(self.output_dir, None).items():
+            for repo_path, source in local_files(self.output_dir, None).items():
                 target = root / repo_path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
+                replaced = source == self.output_dir / repo_path and any(fnmatch.fnmatchcase(repo_path, p) for p in REPLACED_NOT_REWRITTEN)
+                _snapshot_file(source, target, link=replaced)
             upload.contents = self._contents(root, step)
         except BaseException:
             upload.cleanup()

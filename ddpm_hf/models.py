@@ -7,11 +7,15 @@ the `DDPMScheduler` holds beta_t, alpha_t = 1 - beta_t and abar_t = prod_{s<=t} 
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+
+if TYPE_CHECKING:  # diffusers is imported where a model is built: the model card counts parameters without it
+    from diffusers import DDPMScheduler, UNet2DModel
 
 from .config import LEARNED_VARIANCES, output_channels
 from .errors import UserError
@@ -145,6 +149,8 @@ def build_unet(
     num_class_embeds: int | None = None,
 ) -> UNet2DModel:
     """A new UNet (`unet_arguments`). For a learned variance its v channels start at 0 (`zero_variance_output`)."""
+    from diffusers import UNet2DModel
+
     unet = UNet2DModel(**unet_arguments(model, resolution, model_config, dropout, variance_type, num_class_embeds))
     if variance_type in LEARNED_VARIANCES:
         zero_variance_output(unet)
@@ -164,6 +170,8 @@ def zero_variance_output(unet: UNet2DModel) -> None:
 
 def build_scheduler(config) -> DDPMScheduler:
     """The DDPM noise schedule and reverse-step rule of a `TrainingConfig`."""
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
@@ -176,5 +184,15 @@ def build_scheduler(config) -> DDPMScheduler:
     )
 
 
-def count_parameters(module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def count_parameters(unet: torch.nn.Module | str | os.PathLike) -> int:
+    """The parameters of a UNet: of a module, or of a saved one (the `unet/` folder of a pipeline, sharded or not)
+    from the headers of its safetensors files, which name every tensor's shape: no weight is read."""
+    if isinstance(unet, torch.nn.Module):
+        return sum(p.numel() for p in unet.parameters())
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(unet).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as weights:
+            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    return total

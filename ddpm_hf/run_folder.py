@@ -14,7 +14,7 @@ Training writes a run folder; sampling, evaluation, pictures and the Hub read it
     best/                                 the pipeline with the best FID so far, with its own eval.json
     logs/                                 tracker logs (TensorBoard)
 
-This module imports nothing else of ddpm_hf: every other module may use it.
+This module imports nothing else of ddpm_hf but files.py: every other module may use it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import os
 import re
 import shutil
 from typing import Any
+
+from . import files
 
 # The saved pipeline; a class-conditional one also holds the custom pipeline file its model_index.json names.
 PIPELINE_PARTS = ("model_index.json", "unet", "scheduler", "ddpm_class_conditional.py")
@@ -198,8 +200,6 @@ def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def _write_json_atomically(path: str, values: dict[str, Any], sort_keys: bool = False) -> None:
     """Readers (a push in the background, another process) never see half a file."""
-    partial = f"{path}.partial-{os.getpid()}"
-    with open(partial, "w") as f:
+    with files.atomic_write(path, "w") as f:
         json.dump(values, f, indent=2, sort_keys=sort_keys)
         f.write("\n")
-    os.replace(partial, path)

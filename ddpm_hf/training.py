@@ -132,9 +132,15 @@ def prepare_run(config: TrainingConfig) -> Run:
     ema = ExponentialMovingAverage(unet, config.ema_decay, config.ema_warmup, config.ema_inv_gamma, config.ema_power) if config.use_ema else None
     loss_fn = build_loss(config, noise_scheduler, unet, device)
 
-    # Data: decoded once, batches built on the device.
+    # Data: decoded once per machine into the cache (the other processes map that file), batches built on the device.
     decoded = data.decode_images(
-        dataset, config.resolution, config.image_column, config.on_corrupt_image, config.max_in_memory_gb, progress=accelerator.is_local_main_process
+        dataset,
+        config.resolution,
+        config.image_column,
+        config.on_corrupt_image,
+        config.max_in_memory_gb,
+        progress=accelerator.is_local_main_process,
+        state=accelerator.state,
     )
     if class_labels is not None:
         class_labels = class_labels.without_rows(decoded.skipped_rows)  # as the images: undecodable rows dropped
@@ -143,8 +149,8 @@ def prepare_run(config: TrainingConfig) -> Run:
         config.seed,
         config.random_flip,
         device,
-        keep_on_host=decoded.memory_mapped,
         labels=class_labels.ids if class_labels is not None else None,
+        max_device_gb=config.max_in_memory_gb,
     )
     config = epochs_to_steps(config, len(decoded.images), accelerator)
 

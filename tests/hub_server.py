@@ -8,7 +8,11 @@ files. Xet is not implemented: clients must run with `HF_HUB_DISABLE_XET=1`.
 Like the Hub it keeps git-like history: every commit has a sha and a full file list, branches point at
 commits, and old commits stay readable. Repos are public or private; tokens map to a user and a role.
 
+Dataset repos are read-only: `server.add_dataset(repo_id, files)` puts one there, which `datasets` then reads
+through the same info, tree, paths-info and resolve endpoints (under /api/datasets/ and /datasets/).
+
 Test hooks:
+    server.add_dataset(repo_id, {path: bytes})       a public dataset repo holding these files
     server.fail_next(n, status=503, path_prefix=...)  the next n matching requests fail with `status`
     server.pause(path_prefix)                         matching requests wait until the returned Event is set
     server.requests                                   every request: method, path, token
@@ -43,6 +47,7 @@ GITATTRIBUTES = b"""*.bin filter=lfs diff=lfs merge=lfs -text
 """
 LFS_EXTENSIONS = (".bin", ".ckpt", ".png", ".jpg", ".pt", ".pth", ".safetensors", ".npy", ".npz", ".parquet")
 LFS_MIN_SIZE = 10 * 1024 * 1024
+_DATASET_PREFIX = "datasets/"  # dataset repos live in HubServer.repos under "datasets/<id>", model repos under "<id>"
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -175,6 +180,18 @@ class HubServer:
         """Create a repo directly (test setup), as `POST /api/repos/create` would."""
         with self._lock:
             self._create_repo(repo_id, private)
+
+    def add_dataset(self, repo_id: str, files: dict[str, bytes]) -> None:
+        """A public dataset repo holding `files` (test setup). Stored apart from model repos, as on the Hub."""
+        with self._lock:
+            repo = Repo(repo_id, private=False)
+            stored = {}
+            for path, content in {".gitattributes": GITATTRIBUTES, **files}.items():
+                sha = git_blob_sha1(content)
+                self.blobs[sha] = content
+                stored[path] = StoredFile(sha, len(content))
+            repo.branches["main"] = self._add_commit(repo, None, "initial commit", stored).sha
+            self.repos[_DATASET_PREFIX + repo_id] = repo
 
     def repo_files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         """The content of every file of `repo_id` at `revision` (a branch or a commit sha)."""
@@ -333,10 +350,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._validate_yaml(json.loads(body or b"{}"))
         if method == "PUT" and parts[:1] == ["__lfs"] and len(parts) == 4:
             return self._lfs_put("/".join(parts[1:3]), parts[3], query, body)
-        if parts[:2] == ["api", "models"] and len(parts) >= 4:
+        if parts[:1] == ["api"] and parts[1:2] in (["models"], ["datasets"]) and len(parts) >= 4:
             repo_id, rest = "/".join(parts[2:4]), parts[4:]
             with hub._lock:
-                repo = self._repo(repo_id, user)
+                repo = self._repo(repo_id if parts[1] == "models" else _DATASET_PREFIX + repo_id, user)
                 if method == "GET" and not rest:
                     return self._info(repo, "main")
                 if method == "GET" and rest[:1] == ["revision"] and len(rest) >= 2:
@@ -363,6 +380,10 @@ class _Handler(BaseHTTPRequestHandler):
                 repo = self._repo(repo_id, user)
                 self._require_write(repo, user)
                 return self._lfs_batch(repo, json.loads(body))
+        if method in ("GET", "HEAD") and len(parts) >= 6 and parts[0] == "datasets" and parts[3] == "resolve":
+            with hub._lock:
+                repo = self._repo(_DATASET_PREFIX + "/".join(parts[1:3]), user)
+                return self._resolve_file(repo, parts[4], "/".join(parts[5:]))
         if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
             with hub._lock:
                 repo = self._repo("/".join(parts[:2]), user)
@@ -370,9 +391,9 @@ class _Handler(BaseHTTPRequestHandler):
         raise HubError(404, f"no route for {method} {path} in the test Hub server")
 
     # ---- auth -----------------------------------------------------------------------------------
-    def _repo(self, repo_id: str, user) -> Repo:
-        repo = self.hub.repos.get(repo_id)
-        if repo is not None and (not repo.private or (user is not None and repo_id.split("/")[0] in self.hub._namespaces(user[0]))):
+    def _repo(self, key: str, user) -> Repo:
+        repo = self.hub.repos.get(key)
+        if repo is not None and (not repo.private or (user is not None and repo.repo_id.split("/")[0] in self.hub._namespaces(user[0]))):
             return repo
         # The Hub does not tell a missing repo from one you may not see.
         if user is None:

@@ -192,11 +192,16 @@ def test_batch_stream_visits_every_image_once_per_epoch_and_is_addressable():
 def test_memory_mapped_path_gives_the_same_images(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path))
     dataset = load_image_dataset("builtin:cifar10-1k").select(range(20))
-    in_memory = decode_images(dataset, 32, progress=False)
-    mapped = decode_images(dataset, 32, max_in_memory_gb=0.0, progress=False)
-    assert mapped.memory_mapped and torch.equal(mapped.images, in_memory.images)
-    stream = ImageBatches(mapped.images, 0, False, torch.device("cpu"), keep_on_host=True)
-    assert torch.equal(stream.batch(0, 5), ImageBatches(in_memory.images, 0, False, torch.device("cpu")).batch(0, 5))
+    mapped = decode_images(dataset, 32, progress=False)
+    assert mapped.memory_mapped
+    monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path / "not_a_folder"))
+    (tmp_path / "not_a_folder").write_text("")
+    with pytest.warns(UserWarning, match="into memory"):
+        in_memory = decode_images(dataset, 32, progress=False)
+    assert not in_memory.memory_mapped and torch.equal(mapped.images, in_memory.images)
+    on_host = ImageBatches(mapped.images, 0, False, torch.device("cpu"), max_device_gb=0.0)
+    assert on_host.placement == "host"
+    assert torch.equal(on_host.batch(0, 5), ImageBatches(in_memory.images, 0, False, torch.device("cpu")).batch(0, 5))
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_CIFAR10), reason="needs ../shared/data/cifar10")
@@ -230,14 +235,14 @@ def test_decoded_images_are_cached_for_the_next_run(tmp_path, monkeypatch):
     # the pixels are PIL's, channels first (R, G, B), whether decoded now or read from the cache
     expected = torch.stack([torch.from_numpy(np.array(resize_and_crop(to_rgb(item["img"]), 16))).permute(2, 0, 1) for item in dataset])
     assert torch.equal(first.images, expected)
-    monkeypatch.setattr(data, "_open_image", no_decoding)
+    monkeypatch.setattr(data, "open_image", no_decoding)
     again = decode_images(dataset, 16, progress=False)
     assert torch.equal(again.images, expected)
     with pytest.raises(UserError, match="decoded again"):
         decode_images(dataset, 8, progress=False)  # another resolution is another cache entry: decoded anew
     # a run killed while decoding leaves no .json: that file is never read
     (tmp_path / "decoded" / "orphan.npy").write_bytes(b"\x93NUMPY")
-    assert data._load_decoded(str(tmp_path / "decoded" / "orphan"), False) is None
+    assert data._load_decoded(str(tmp_path / "decoded" / "orphan")) is None
 
 
 def test_memory_mapped_decoding_with_a_skipped_row(tmp_path, monkeypatch):

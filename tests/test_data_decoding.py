@@ -12,6 +12,7 @@ from PIL import Image
 
 from ddpm_hf import fid
 from ddpm_hf.data import decode_images, resize_and_crop, to_rgb
+from ddpm_hf.errors import UserError
 
 
 @pytest.fixture(autouse=True)
@@ -122,3 +123,48 @@ def test_a_transparent_colour_key_becomes_white_like_an_alpha_channel(mode):
     key = (0, 0, 0) if mode == "RGB" else 0
     decoded = to_rgb(Image.open(io.BytesIO(_encoded(Image.fromarray(array), "PNG", transparency=key))))
     assert np.all(np.asarray(decoded)[2:] == 255) and np.all(np.asarray(decoded)[:2] == 90)
+
+
+def _float_tiff(array):
+    """A float32 image (PIL mode "F") as TIFF bytes: what `datasets` stores for a 2-D float array."""
+    return _encoded(Image.fromarray(array.astype(np.float32), "F"), "TIFF")
+
+
+def test_float_images_are_read_as_zero_to_one_from_a_tiff_file_and_from_parquet_bytes(tmp_path):
+    values = np.array([[0.0, 0.25, 0.5], [0.8, 1.0, 0.1]], np.float32)
+    expected = np.rint(values.astype(np.float64) * 255).astype(np.uint8)  # 0.8 -> 204, not 1
+    assert expected[1, 0] == 204
+    encoded = _float_tiff(values)
+    assert Image.open(io.BytesIO(encoded)).mode == "F"
+
+    # parquet bytes, through the Image feature, as training reads them
+    datasets.Dataset.from_dict({"image": [{"bytes": encoded, "path": None}]}, features=datasets.Features({"image": datasets.Image()})).to_parquet(
+        str(tmp_path / "floats.parquet")
+    )
+    from ddpm_hf.data import load_image_dataset
+
+    trained_on = decode_images(load_image_dataset(str(tmp_path / "floats.parquet")), 2, progress=False).images[0].numpy()
+    np.testing.assert_array_equal(trained_on, np.asarray(resize_and_crop(Image.fromarray(expected).convert("RGB"), 2)).transpose(2, 0, 1))
+
+    # a .tif file, as a FID image folder reads it
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "float.tif").write_bytes(encoded)
+    measured = fid.load_image_folder(str(tmp_path / "folder"), progress=False)[0].numpy()
+    for channel in measured:
+        np.testing.assert_array_equal(channel, expected)
+
+
+@pytest.mark.parametrize("values", [np.array([[0.0, 255.0]]), np.array([[-0.5, 0.5]]), np.array([[np.nan, 0.5]])], ids=["0..255", "negative", "NaN"])
+def test_float_images_outside_zero_to_one_are_refused_in_one_line(tmp_path, values):
+    encoded = _float_tiff(values)
+    dataset = datasets.Dataset.from_dict({"image": [{"bytes": encoded, "path": None}] * 2}, features=datasets.Features({"image": datasets.Image()}))
+    for on_corrupt in ("error", "skip"):  # not a damaged file: refused, never skipped
+        with pytest.raises(
+            UserError, match=r"^row 0 of the dataset: a float image \(mode F\) holds values from .* but float images must hold values in \[0, 1\]"
+        ) as error:
+            decode_images(dataset, 2, on_corrupt=on_corrupt, progress=False)
+        assert "\n" not in str(error.value)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "float.tiff").write_bytes(encoded)
+    with pytest.raises(UserError, match=r"float\.tiff: a float image \(mode F\) .* must hold values in \[0, 1\] \(0 black, 1 white\)"):
+        fid.load_image_folder(str(tmp_path / "folder"), progress=False)

@@ -30,7 +30,10 @@ FIRST_PARTY = {"ddpm_hf"}
 # Import name -> distribution name, where they differ.
 DISTRIBUTION_OF = {"PIL": "pillow", "yaml": "pyyaml"}
 # Declared but never imported by our code, and why.
-USED_WITHOUT_IMPORT = {"tensorboard": "Accelerate's log_with='tensorboard' (training.py) writes through torch.utils.tensorboard"}
+USED_WITHOUT_IMPORT = {
+    "tensorboard": "Accelerate's log_with='tensorboard' (training.py) writes through torch.utils.tensorboard",
+    "jinja2": "huggingface_hub's ModelCard.from_template (model_card.py) renders the card's template with it",
+}
 TEST_ONLY = {"scipy", "pytest", "ruff", "setuptools"}
 
 

@@ -6,6 +6,7 @@ diffusers' `from_pretrained` run in subprocesses whose HF_ENDPOINT points at the
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -15,31 +16,27 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 
+from ddpm_hf import training
 from ddpm_hf.cli import main
 from ddpm_hf.config import config_from_dict
 from ddpm_hf.errors import UserError
-from ddpm_hf.hub import (
-    ALLOWED,
-    CUSTOM_PIPELINE_FILENAME,
-    HubPusher,
-    build_model_card,
-    default_custom_pipeline_file,
-    default_repo_name,
-    files_to_upload,
-)
-from ddpm_hf.run_folder import RunFolder
+from ddpm_hf.hub import HubPusher, default_repo_name
+from ddpm_hf.model_card import build_model_card
+from ddpm_hf.repo_contents import ALLOWED, CUSTOM_PIPELINE_FILENAME, default_custom_pipeline_file, files_to_upload
+from ddpm_hf.run_folder import EVAL_FILE, TRAINING_CONFIG, RunFolder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,14 +71,18 @@ def tiny_unet(seed: int) -> UNet2DModel:
 
 
 def save_pipeline(output_dir: Path, seed: int) -> None:
-    DDPMPipeline(unet=tiny_unet(seed), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(output_dir)
+    """The pipeline of `tiny_unet(seed)` saved as training saves it, replacing the previous one."""
+    training.save_pipeline(tiny_unet(seed), DDPMScheduler(num_train_timesteps=1000), str(output_dir))
 
 
 def make_output_dir(path: Path, seed: int = 0, evaluation: bool = True) -> Path:
     """An OUTPUT_DIR as a quickstart run leaves it: pipeline, config, samples, checkpoints, logs, plots, eval."""
     path.mkdir(parents=True, exist_ok=True)
     save_pipeline(path, seed)
-    config_from_dict({"preset": "quickstart", "output_dir": str(path), "hub_token": "hf_must_never_be_uploaded"}).save(path / "training_config.json")
+    # At the size of tiny_unet, as training records it.
+    config_from_dict({"preset": "quickstart", "resolution": 16, "output_dir": str(path), "hub_token": "hf_must_never_be_uploaded"}).save(
+        path / "training_config.json"
+    )
     (path / "samples").mkdir()
     for step, color in ((300, "red"), (600, "blue")):
         Image.new("RGB", (64, 64), color).save(path / "samples" / f"step_{step:07d}.png")
@@ -147,9 +148,9 @@ def test_files_to_upload_is_exactly_the_allowed_set(tmp_path):
     assert "checkpoints/*" not in ALLOWED and "logs/*" not in ALLOWED
 
 
-def test_a_wheel_install_ships_the_custom_pipeline(tmp_path):
+def test_a_wheel_install_ships_the_custom_pipeline_and_the_card_template(tmp_path):
     # A non-editable install has no pipelines/ beside the package: setup.cfg maps it into the wheel as
-    # ddpm_hf/pipelines/, where default_custom_pipeline_file() looks first.
+    # ddpm_hf/pipelines/, where default_custom_pipeline_file() looks first. The card's template is package data.
     pytest.importorskip("setuptools")
     source, wheel_dir, site = tmp_path / "source", tmp_path / "wheel", tmp_path / "site"
     # Build from a copy: setuptools writes build/ and *.egg-info beside the sources.
@@ -171,7 +172,7 @@ def test_a_wheel_install_ships_the_custom_pipeline(tmp_path):
         cwd=tmp_path,
     )
     found = subprocess.run(
-        [sys.executable, "-c", "from ddpm_hf.hub import default_custom_pipeline_file as f; print(f())"],
+        [sys.executable, "-c", "from ddpm_hf.repo_contents import default_custom_pipeline_file as f; print(f())"],
         check=True,
         capture_output=True,
         text=True,
@@ -180,6 +181,8 @@ def test_a_wheel_install_ships_the_custom_pipeline(tmp_path):
     ).stdout.strip()
     assert Path(found) == site / "ddpm_hf" / "pipelines" / CUSTOM_PIPELINE_FILENAME
     assert Path(found).read_bytes() == (REPO_ROOT / "pipelines" / CUSTOM_PIPELINE_FILENAME).read_bytes()
+    template = Path("templates") / "model_card.md.jinja"
+    assert (site / "ddpm_hf" / template).read_bytes() == (REPO_ROOT / "ddpm_hf" / template).read_bytes()
 
 
 def test_push_uploads_only_the_allowed_files(hub_server, tmp_path):
@@ -444,6 +447,52 @@ def test_background_push_returns_at_once_and_pushes_a_snapshot(hub_server, tmp_p
     assert hub_server.repo_files("alice/tiny-ddpm", latest)["unet/diffusion_pytorch_model.safetensors"] == weights.read_bytes() != weights_at_100
 
 
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_a_snapshot_links_what_the_writers_replace_and_copies_the_sample_grid(hub_server, tmp_path, monkeypatch, links):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the snapshots go
+    (tmp_path / "tmp").mkdir()
+    if not links:  # another file system, or one without hard links: everything is copied
+
+        def no_link(source, target):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "link", no_link)
+    output_dir = make_output_dir(tmp_path / "run")
+    before = {path: (output_dir / path).read_bytes() for path in ("unet/diffusion_pytorch_model.safetensors", "eval.json", "samples/step_0000600.png")}
+    hub = pusher(hub_server, output_dir)
+    hub.check()
+    release = hub_server.pause("/api/models/alice/tiny-ddpm/commit/")
+    hub.push_in_background(600)
+
+    (snapshot,) = (tmp_path / "tmp").glob("ddpm-hf-push-*/step-600-*")
+    replaced = [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        TRAINING_CONFIG,
+        EVAL_FILE,
+    ]
+    for path in replaced:
+        assert (os.stat(snapshot / path).st_ino == os.stat(output_dir / path).st_ino) == links, path
+    assert os.stat(snapshot / "samples/step_0000600.png").st_ino != os.stat(output_dir / "samples/step_0000600.png").st_ino
+
+    # Training goes on while the push waits: the pipeline and eval.json are replaced by their writers, and a resumed
+    # run rewrites the sample grid of the same step in place. The push sends the files of step 600 as they were.
+    save_pipeline(output_dir, seed=1)
+    RunFolder(output_dir).write_eval(dict(FID_RESULT, fid=99.0))
+    with open(output_dir / "samples/step_0000600.png", "r+b") as grid:
+        Image.new("RGB", (64, 64), "green").save(grid, format="PNG")
+    assert all((output_dir / path).read_bytes() != content for path, content in before.items())
+    release.set()
+    hub.wait()
+    pushed = hub_server.repo_files("alice/tiny-ddpm")
+    assert pushed["unet/diffusion_pytorch_model.safetensors"] == before["unet/diffusion_pytorch_model.safetensors"]
+    assert json.loads(pushed["eval.json"])["fid"] == FID_RESULT["fid"]
+    assert pushed["samples/step_0000600.png"] == before["samples/step_0000600.png"]
+    assert not list((tmp_path / "tmp").glob("ddpm-hf-push-*/step-*"))  # the snapshot is gone once sent
+
+
 def test_push_needs_a_pipeline_folder(hub_server, tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli(["push", str(tmp_path / "empty"), "--repo_id", "alice/x", "--token", hub_server.token], hub_server.env)
@@ -518,6 +567,7 @@ result["revision_differs_from_main"] = not same_weights(old, spec["v2"])
 result["revision_images_equal"] = bool((images(old, 5) == images(old_local, 5)).all())
 
 # `ddpm-hf sample --model user/name` gives the same grid as from the local folder.
+from ddpm_hf import training
 from ddpm_hf.cli import main
 for model, out in ((spec["repo"], spec["hub_png"]), (spec["v2"], spec["local_png"])):
     main(["sample", "--model", model, "--num_images", "2", "--steps", "4", "--out", out, "--device", "cpu"])

@@ -17,10 +17,11 @@ from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from test_hub import FID_RESULT, cli_in_process, make_output_dir, pusher
 
-import ddpm_hf.hub as hub
+import ddpm_hf.repo_contents as repo_contents
 from ddpm_hf.conditioning import CONDITIONAL_PIPELINE_FILENAME, packaged_pipeline_file
 from ddpm_hf.errors import UserError
-from ddpm_hf.hub import CUSTOM_PIPELINE_FILENAME, build_model_card, conditional_pipeline_file, default_custom_pipeline_file, files_to_upload, is_allowed
+from ddpm_hf.model_card import build_model_card
+from ddpm_hf.repo_contents import CUSTOM_PIPELINE_FILENAME, conditional_pipeline_file, default_custom_pipeline_file, files_to_upload, is_allowed
 from ddpm_hf.run_folder import EVAL_FILE, TRAINING_CONFIG, RunFolder
 from ddpm_hf.training import save_pipeline
 
@@ -77,7 +78,7 @@ def test_only_a_conditional_run_uploads_the_conditional_pipeline(tmp_path):
 
 def test_without_the_packaged_file_the_folders_copy_goes_up_and_without_either_the_push_refuses(tmp_path, monkeypatch):
     conditional = make_conditional_dir(tmp_path / "cond")
-    monkeypatch.setattr(hub, "packaged_pipeline_file", lambda name: None)
+    monkeypatch.setattr(repo_contents, "packaged_pipeline_file", lambda name: None)
     assert conditional_pipeline_file(conditional) == conditional / CONDITIONAL_PIPELINE_FILENAME
     (conditional / CONDITIONAL_PIPELINE_FILENAME).unlink()
     with pytest.raises(UserError, match="reinstall ddpm-hf"):

@@ -10,7 +10,8 @@ import pytest
 from huggingface_hub import HfApi, ModelCard
 from test_hub import FID_RESULT, make_output_dir, pusher, save_pipeline
 
-from ddpm_hf.hub import CUSTOM_PIPELINE_FILENAME, build_model_card, hub_id, public_eval, public_training_config
+from ddpm_hf.model_card import build_model_card
+from ddpm_hf.repo_contents import CUSTOM_PIPELINE_FILENAME, hub_id, public_eval, public_training_config
 from ddpm_hf.run_folder import EVAL_FILE, TRAINING_CONFIG, RunFolder
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
