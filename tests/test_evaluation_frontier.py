@@ -23,8 +23,9 @@ import pytest
 import torch
 from conftest import offline_env
 from diffusers import DDPMScheduler, UNet2DModel
-from inception_stand_in import StandInInception, stand_in_inception
+from inception_stand_in import StandInInception
 from PIL import Image
+from test_evaluation_conditional import SIZE, tiny_unet
 
 from ddpm_hf import evaluation, fid, sampling
 from ddpm_hf.cli import main
@@ -32,32 +33,15 @@ from ddpm_hf.evaluation_sweeps import best_at_budget
 from ddpm_hf.sampling import SAMPLERS, gather_images, make_sampler
 from ddpm_hf.training import save_pipeline
 
-SIZE, T = 8, 20  # 8 x 8 images, a 20-step noise schedule: every sampler at every budget in milliseconds
+T = 20  # a 20-step noise schedule for 8 x 8 images: every sampler at every budget in milliseconds
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def stand_in_and_private_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(fid, "load_inception", stand_in_inception)
-    monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "fid_stand_in")
 
 
 @pytest.fixture
 def model(tmp_path) -> str:
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=SIZE,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    save_pipeline(unet, DDPMScheduler(num_train_timesteps=T), str(tmp_path / "model"))
+    save_pipeline(tiny_unet(classes=None), DDPMScheduler(num_train_timesteps=T), str(tmp_path / "model"))
     return str(tmp_path / "model")
 
 
