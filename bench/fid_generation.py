@@ -200,25 +200,24 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     inception = choose_inception(args.inception, args.standin_file)
-    folder = tempfile.mkdtemp(prefix="fid-generation-")
-    model, reference = prepare(folder, args.model, args.resolution, args.reference_images, device)
-    print(f"Inception: {inception}; {args.model} pipeline (random weights) and statistics of {args.reference_images} random images in {folder}", flush=True)
-
     runs = {}  # per variant: eval.json and the command
-    try:
-        for variant in variants:
-            output = os.path.join(folder, f"eval-{variant}")
-            arguments = command_of(variant, parsed[variant], model, reference, output, args, device)
-            print(f"\n{variant}: ddpm-hf {shlex.join(arguments)}", flush=True)
-            begin = time.perf_counter()
-            if ddpm_hf_main(arguments) != 0:
-                raise SystemExit(f"{variant}: ddpm-hf evaluate failed")
-            with open(os.path.join(output, "eval.json")) as f:
-                runs[variant] = {"command": "ddpm-hf " + shlex.join(arguments), "seconds": time.perf_counter() - begin, "eval": json.load(f)}
-        inception_time = inception_seconds(args.batch, args.resolution, device)
-    except KeyboardInterrupt:
-        print("interrupted: the table holds the runs that finished", flush=True)
-        inception_time = None
+    inception_time = None
+    with tempfile.TemporaryDirectory(prefix="fid-generation-") as folder:  # the paper UNet's pipeline is 143 MB
+        model, reference = prepare(folder, args.model, args.resolution, args.reference_images, device)
+        print(f"Inception: {inception}; {args.model} pipeline (random weights) and statistics of {args.reference_images} random images", flush=True)
+        try:
+            for variant in variants:
+                output = os.path.join(folder, f"eval-{variant}")
+                arguments = command_of(variant, parsed[variant], model, reference, output, args, device)
+                print(f"\n{variant}: ddpm-hf {shlex.join(arguments)}", flush=True)
+                begin = time.perf_counter()
+                if ddpm_hf_main(arguments) != 0:
+                    raise SystemExit(f"{variant}: ddpm-hf evaluate failed")
+                with open(os.path.join(output, "eval.json")) as f:
+                    runs[variant] = {"command": "ddpm-hf " + shlex.join(arguments), "seconds": time.perf_counter() - begin, "eval": json.load(f)}
+            inception_time = inception_seconds(args.batch, args.resolution, device)
+        except KeyboardInterrupt:
+            print("interrupted: the table holds the runs that finished", flush=True)
 
     print()
     print(
