@@ -24,10 +24,10 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DIFFUSERS_VERBOSITY=error TRANSFOR
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache   # shared by the stages: later compiles of the same graphs hit it
 # SMOKE=1: the same stages at toy sizes on whatever device there is (checks the script itself on a CPU).
 if [ "${SMOKE:-0}" = 1 ]; then
-    MODEL=tiny TRAIN_BATCH=8 TRAIN_STEPS=2 SAMPLE_BATCH=4 SAMPLE_STEPS=4 DATA_DEVICE=cpu DATA_ROUNDS=1 MAX_SAMPLES=500 LIMIT_SCALE=4
+    MODEL=tiny TRAIN_BATCH=8 TRAIN_STEPS=2 CHECK_STEPS=2 SAMPLE_BATCH=4 SAMPLE_STEPS=4 DATA_DEVICE=cpu DATA_ROUNDS=1 MAX_SAMPLES=500 LIMIT_SCALE=4
     FID_BATCH=4 FID_STEPS=4 FID_REFERENCE=16
 else
-    MODEL=ddpm-cifar10 TRAIN_BATCH=128 TRAIN_STEPS=100 SAMPLE_BATCH=1000 SAMPLE_STEPS=100 DATA_DEVICE=cuda DATA_ROUNDS=3 MAX_SAMPLES=10000 LIMIT_SCALE=1
+    MODEL=ddpm-cifar10 TRAIN_BATCH=128 TRAIN_STEPS=100 CHECK_STEPS=20 SAMPLE_BATCH=1000 SAMPLE_STEPS=100 DATA_DEVICE=cuda DATA_ROUNDS=3 MAX_SAMPLES=10000 LIMIT_SCALE=1
     FID_BATCH=1000 FID_STEPS=100 FID_REFERENCE=500
 fi
 SAMPLE_VARIANTS="fp32,bf16+oldloop,bf16,bf16+compile+oldloop,bf16+compile"   # compiled last: a stage cut short keeps the eager figures
@@ -72,9 +72,12 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...
 
 # ---- 1. training: ours vs the diffusers-example-style loop, paper UNet, batch 128, bf16 -----------
 # 2 alternating rounds of 2 x 100 timed steps each (our first 100 steps, with compilation, are dropped),
-# then one run of ours without compile and one without channels_last, to see whether each wins.
-stage train 230 python3 bench/train_throughput.py --model $MODEL --batch $TRAIN_BATCH --precision bf16 --steps $TRAIN_STEPS --intervals 2 \
-    --rounds 2 --dataset "$DATA" --max_train_samples $MAX_SAMPLES --ablation "compile=no;channels_last=no" --json "$OUT/train.json"
+# then one run of ours without compile and one without channels_last, to see whether each wins; then the paths
+# only a GPU takes (eager, 2 x 20 steps each): fp16 with Accelerate's GradScaler, and a run without channels_last
+# resumed with it (fused AdamW and the optimizer state's layout). `check ... ok` lines in the log, "checks" in train.json.
+stage train 250 python3 bench/train_throughput.py --model $MODEL --batch $TRAIN_BATCH --precision bf16 --steps $TRAIN_STEPS --intervals 2 \
+    --rounds 2 --dataset "$DATA" --max_train_samples $MAX_SAMPLES --ablation "compile=no;channels_last=no" \
+    --checks "fp16;channels_last_resume" --check_steps $CHECK_STEPS --json "$OUT/train.json"
 
 # ---- 2. sampling: generate_images vs stock DDPMPipeline (fp32, one generator per image), paper UNet, batch 1000
 # 100 steps of the 1000-step schedule: the UNet is the same at every step, so images/s of the full

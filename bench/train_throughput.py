@@ -14,6 +14,12 @@ How each is timed
 MFU = img/s x training FLOP per image / peak. FLOP per image are counted with torch.utils.flop_counter
 (36.3 GFLOP for the paper UNet at 32x32: 12.1 forward, twice that backward); the peak defaults to the
 790 TFLOP/s of dense bf16 measured on an H200 here (--peak_tflops).
+
+--checks runs paths of ours that only a GPU takes, eagerly, for --check_steps steps each (issue 20):
+- fp16: --mixed_precision fp16 with Accelerate's GradScaler (loss scale, skipped steps, finite loss); on a CPU
+  the expected outcome is the one-line refusal (Accelerate has no GradScaler there);
+- channels_last_resume: a run without channels_last, checkpointed, resumed with it (CUDA's fused AdamW refuses
+  optimizer moments of another memory layout than their parameter's).
 """
 
 from __future__ import annotations
@@ -107,6 +113,55 @@ def run_ours(args, dataset: str, output_dir: str, **overrides) -> dict:
     return {"img_per_s": len(rates) / sum(1.0 / r for r in rates), "intervals": rates, "cpu_img_per_s": len(rates) * args.steps * args.batch / cpu_seconds}
 
 
+def run_logged(args, dataset: str, output_dir: str, steps: int, **overrides) -> dict:
+    """Train ours for `steps` steps (eagerly unless overridden), logging every half; the last values logged."""
+    from ddpm_hf.config import config_from_dict
+    from ddpm_hf.training import train
+
+    reset_accelerate()
+    options = dict(
+        dataset=dataset, model=args.model, resolution=args.resolution, train_batch_size=args.batch, max_train_steps=steps,
+        logging_steps=max(1, steps // 2), mixed_precision=args.precision, output_dir=output_dir, overwrite=True, sample_every=0,
+        checkpoint_every=0, max_train_samples=args.max_train_samples, lr_warmup_steps=10, compile="no", channels_last=args.channels_last,
+    )  # fmt: skip
+    options.update(overrides)
+    with LogCapture() as capture:
+        train(config_from_dict(options))
+    return dict(capture.records[-1][1], step=capture.records[-1][0])
+
+
+def run_checks(args, dataset: str, folder: str, on_cuda: bool) -> dict:
+    """The --checks: each returns what it saw, or why it failed (a failing check must not lose the others)."""
+    import math
+
+    from ddpm_hf.errors import UserError
+
+    n, results = args.check_steps, {}
+    for check in (c.strip() for c in args.checks.split(";") if c.strip()):
+        try:
+            if check == "fp16" and not on_cuda:
+                try:
+                    run_logged(args, dataset, os.path.join(folder, "fp16"), 2 * n, mixed_precision="fp16")
+                    results[check] = {"ok": False, "failed": "fp16 trained without a GPU"}
+                except UserError as e:
+                    results[check] = {"ok": "needs a CUDA GPU" in str(e), "refused": str(e)}  # the expected outcome on a CPU
+            elif check == "fp16":
+                values = run_logged(args, dataset, os.path.join(folder, "fp16"), 2 * n, mixed_precision="fp16")
+                ok = math.isfinite(values["loss"]) and "loss_scale" in values
+                results[check] = {"ok": ok, **{k: values.get(k) for k in ("step", "loss", "loss_scale", "skipped_steps", "grad_norm", "img_per_s")}}
+            elif check == "channels_last_resume":
+                run_dir = os.path.join(folder, "channels_last_resume")
+                run_logged(args, dataset, run_dir, n, channels_last="no", checkpoint_every=n)
+                values = run_logged(args, dataset, run_dir, 2 * n, channels_last="yes", resume_from_checkpoint="latest")
+                results[check] = {"ok": values["step"] == 2 * n and math.isfinite(values["loss"]), "loss": values["loss"], "img_per_s": values["img_per_s"]}
+            else:
+                raise ValueError(f"unknown check {check!r}: fp16 or channels_last_resume")
+        except Exception as e:
+            results[check] = {"ok": False, "failed": f"{type(e).__name__}: {e}"}
+        print(f"check {check:22s} {'ok' if results[check]['ok'] else 'FAILED'}: {results[check]}", flush=True)
+    return results
+
+
 def run_reference(args, dataset) -> dict:
     loop = ReferenceLoop(dataset, args.model, args.resolution, args.batch, args.precision, args.device, args.ref_transforms, seed=0)
     try:
@@ -142,6 +197,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--ref_transforms", default="auto", choices=["auto", "torchvision", "pil"])
     parser.add_argument("--peak_tflops", type=float, default=790.0, help="for MFU on CUDA (H200 dense bf16, measured)")
     parser.add_argument("--ablation", default="", help="after the rounds, one run of ours per ';'-separated variant, e.g. 'compile=no;channels_last=no'")
+    parser.add_argument("--checks", default="", help="after the ablation, ';'-separated GPU paths to run: fp16, channels_last_resume")
+    parser.add_argument("--check_steps", type=int, default=20, help="steps of each --checks run (eager)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -189,6 +246,7 @@ def main(argv=None) -> dict:
                 print(f"ablation  ours with {variant:28s} {ablation[variant]:10.1f} img/s", flush=True)
             except Exception as e:  # one failing variant must not lose the others
                 print(f"ablation  ours with {variant}: failed ({type(e).__name__}: {e})", flush=True)
+        checks = run_checks(args, dataset_name, tmp, on_cuda) if args.checks else {}
     reset_accelerate()
 
     ours, ref = statistics.median(results["ours"]), statistics.median(results["reference"])
@@ -232,6 +290,7 @@ def main(argv=None) -> dict:
         "reference_cpu_img_per_s": cpu_results["reference"],
         "cpu_ratio_median": cpu_ours / cpu_ref,
         "ablation_img_per_s": ablation,
+        "checks": checks,
         "threads": torch.get_num_threads(),
     }
     if on_cuda:

@@ -25,6 +25,7 @@ import yaml
 
 from .arguments import Bounds, writable_location_problem
 from .errors import UserError
+from .sampling import SAMPLER_CHOICES
 
 # A dataset name starting with this prefix is a file shipped inside the package (see ddpm_hf/assets/).
 BUILTIN_DATASET_PREFIX = "builtin:"
@@ -86,7 +87,8 @@ class TrainingConfig:
         "Defaults to start from: 'cifar10' (the DDPM paper's run), 'iddpm-cifar10' (Improved DDPM's, learned variances) or 'quickstart'.", default="cifar10"
     )
     config: str | None = option("YAML file of options (keys are these option names); flags override it.", default=None, path="file", resumable=True)
-    output_dir: str | None = option("Where the pipeline, samples, checkpoints and logs go (default: per preset).", default=None, path="output")
+    # Resumable: the folder a run continues in is where its checkpoint is read from; a checkpoint may also continue elsewhere.
+    output_dir: str | None = option("Where the pipeline, samples, checkpoints and logs go (default: per preset).", default=None, path="output", resumable=True)
     overwrite: bool = option("Allow writing into an existing OUTPUT_DIR that holds a run of another configuration.", default=False, resumable=True)
     seed: int = option("Seed for data order, noise, timesteps and dropout: the same seed repeats a run.", default=0, ge=0, le=SEED_MAX)
 
@@ -124,8 +126,15 @@ class TrainingConfig:
         default="ddpm-cifar10",
     )
     model_config: str | None = option("JSON file of UNet2DModel arguments; replaces --model.", default=None, path="file")
-    dropout: float | None = option("Dropout in the UNet's residual blocks (default: the architecture's own).", default=None, ge=0, lt=1)
-    init_from: str | None = option("Start from the UNet weights of a saved pipeline (folder or Hub id), e.g. to fine-tune.", default=None, path="pipeline")
+    dropout: float | None = option(
+        "Dropout in the UNet's residual blocks (default: the architecture's own, or that of the --init_from model).", default=None, ge=0, lt=1
+    )
+    init_from: str | None = option(
+        "Start from the UNet weights of a saved pipeline (folder or Hub id), e.g. to fine-tune; it trains with dropout on, at --resolution, "
+        "which becomes its saved sample_size.",
+        default=None,
+        path="pipeline",
+    )
     num_train_timesteps: int = option("T, the number of diffusion steps.", default=1000, ge=1)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = option(
         "Noise schedule: 'linear' (the paper) or 'squaredcos_cap_v2' (cosine, Nichol & Dhariwal 2021).", default="linear"
@@ -176,7 +185,11 @@ class TrainingConfig:
     ema_warmup: bool = option("Ramp the EMA decay up as 1 - (1 + step/inv_gamma)^-power instead of a fixed decay.", default=False)
     ema_inv_gamma: float = option("inv_gamma of the EMA warm-up.", default=1.0, gt=0)
     ema_power: float = option("power of the EMA warm-up.", default=0.75, gt=0)
-    skip_nonfinite_loss: bool = option("On a NaN/inf loss, skip the step and count it instead of stopping.", default=False)
+    skip_nonfinite_loss: bool = option(
+        "On a NaN/inf loss (on any process), skip the whole optimizer step on every process and count it instead of stopping.",
+        default=False,
+        resumable=True,  # the fix that a run stopped by a NaN loss may resume with
+    )
 
     # ---- speed ----------------------------------------------------------------------------------
     compile: Literal["auto", "yes", "no"] = option("torch.compile the UNet: 'auto' compiles on CUDA only.", default="auto", resumable=True)
@@ -199,7 +212,7 @@ class TrainingConfig:
     logging_steps: int = option("Log loss, lr, grad norm and img/s every N optimizer steps (one host sync per N).", default=50, ge=1, resumable=True)
     sample_every: int = option("Write a sample grid every N steps (and at the end); 0 turns sampling off.", default=10_000, ge=0, resumable=True)
     sample_steps: int = option("Denoising steps for the sample grid and --eval_every's FID.", default=100, ge=1, resumable=True)
-    sample_scheduler: Literal["auto", "ddpm", "ddim", "dpmsolver"] = option(
+    sample_scheduler: Literal[SAMPLER_CHOICES] = option(
         "Sampler of the grids and of --eval_every's FID (ddpm_hf.sampling.make_sampler): 'auto' is DDIM when --sample_steps < T, else DDPM. Briefly trained models look better with ddpm.",
         default="auto",
     )
@@ -337,13 +350,20 @@ def resumable_options() -> set[str]:
 
 def non_resumable_changes(previous: dict[str, Any], current: TrainingConfig) -> list[tuple[str, Any, Any]]:
     """(name, previous value, current value) of every option, by name, that `current` sets differently from
-    `previous` (a saved training_config.json) and that a continued run may not change. Keys of `previous` that
-    are no option (any more) are ignored; an option missing from `previous` counts as None."""
+    `previous` (a saved training_config.json, or a checkpoint's `fixed_options`) and that a continued run may not
+    change. Keys of `previous` that are no option (any more) are ignored, and so are options that `previous` lacks
+    (a run of an older version, which had no such option: its behaviour was the default's)."""
     changes = []
-    for name, value in sorted(current.to_json_dict().items()):
-        if not TrainingConfig.__dataclass_fields__[name].metadata["resumable"] and previous.get(name) != value:
-            changes.append((name, previous.get(name), value))
+    for name, value in sorted(fixed_options(current).items()):
+        if name in previous and previous[name] != value:
+            changes.append((name, previous[name], value))
     return changes
+
+
+def fixed_options(config: TrainingConfig) -> dict[str, Any]:
+    """The options a continued run may not change (resumable=False), as training_config.json writes them: a
+    checkpoint records them, and resuming from it checks them (`non_resumable_changes`)."""
+    return {name: value for name, value in config.to_json_dict().items() if not TrainingConfig.__dataclass_fields__[name].metadata["resumable"]}
 
 
 def _check_option_names(names: Any, where: str) -> None:
@@ -381,6 +401,13 @@ def load_yaml_options(path: str) -> dict[str, Any]:
         if isinstance(value, bool) and ("yes" if value else "no") in choices:
             values[name] = "yes" if value else "no"
     return values
+
+
+def _preset_defaults(preset: Any, where: str) -> dict[str, Any]:
+    """The options preset `preset` sets, with its name; `where` starts the message of an unknown one."""
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise UserError(f"{where}{preset!r}: unknown preset. Choose one of: {', '.join(PRESETS)}.")
+    return dict(PRESETS[preset], preset=preset)
 
 
 def _pre_parse(argv: list[str]) -> tuple[str, str | None]:
@@ -423,16 +450,11 @@ def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
 
     argv = translate_flags(list(sys.argv[1:] if argv is None else argv))
     preset, config_path = _pre_parse(argv)
-    if preset not in PRESETS:
-        raise UserError(f"--preset {preset}: unknown preset. Choose one of: {', '.join(PRESETS)}.")
-    defaults = dict(PRESETS[preset], preset=preset)
+    defaults = _preset_defaults(preset, "--preset ")
     if config_path is not None:
         yaml_values = load_yaml_options(config_path)
         if "preset" in yaml_values and yaml_values["preset"] != preset and "--preset" not in argv:
-            preset = yaml_values["preset"]
-            if preset not in PRESETS:
-                raise UserError(f"--config {config_path}: unknown preset {preset!r}. Choose one of: {', '.join(PRESETS)}.")
-            defaults = dict(PRESETS[preset], preset=preset)
+            defaults = _preset_defaults(yaml_values["preset"], f"--config {config_path}: preset ")
         yaml_values.pop("preset", None)
         defaults.update(yaml_values)
         defaults["config"] = config_path
@@ -452,10 +474,7 @@ def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
 def config_from_dict(values: dict[str, Any]) -> TrainingConfig:
     """Build a config in code (tests, notebooks): preset defaults <- `values`."""
     _check_option_names(values, "")
-    preset = values.get("preset", "cifar10")
-    if preset not in PRESETS:
-        raise UserError(f"preset {preset!r}: unknown preset. Choose one of: {', '.join(PRESETS)}.")
-    config = TrainingConfig(**{**PRESETS[preset], "preset": preset, **values})
+    config = TrainingConfig(**{**_preset_defaults(values.get("preset", "cifar10"), "preset "), **values})
     validate(config)
     return config
 
@@ -476,12 +495,16 @@ def validate(config: TrainingConfig) -> None:
             continue
         if typing.get_origin(kind) is Literal:
             choices = typing.get_args(kind)
-            if value not in choices:
+            if not isinstance(value, str) or value not in choices:
                 raise UserError(f"--{name} {value!r}: invalid choice. Choose one of: {', '.join(choices)}.")
         elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):
             raise UserError(f"--{name} must be a whole number, got {value!r}.")
         elif kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
             raise UserError(f"--{name} must be a finite number, got {value!r}.")
+        elif kind is bool and not isinstance(value, bool):
+            raise UserError(f"--{name} must be true or false, got {value!r}.")
+        elif kind is str and not isinstance(value, str):  # flags are always text; a YAML file gives numbers, lists and null their own types
+            raise UserError(f"--{name} must be text, got {value!r} ({type(value).__name__}). {_text_fix(name, value)}")
         if kind in (int, float) and not field_bounds(name).contains(value):
             raise UserError(f"--{name} must be {bounds_text(name)}, got {value}.")
         if meta["path"] == "file" and not (isinstance(value, str) and os.path.isfile(value)):
@@ -503,11 +526,23 @@ def validate(config: TrainingConfig) -> None:
             "--report_to wandb with --hub_token would send the token to Weights & Biases with the run's options. "
             "Log in with `hf auth login` (or set HF_TOKEN) instead of --hub_token."
         )
-    if config.sample_every or config.eval_every:  # the grids and FID sample through the one sampler factory
-        from .sampling import check_sampler_spacing, resolve_sampler
+    if config.sample_every or config.eval_every:  # the grids and FID sample through the one sampler factory: its refusals, now
+        from .models import build_scheduler
+        from .sampling import make_sampler, resolve_sampler
 
-        sampler, steps = resolve_sampler(config.sample_scheduler, config.sample_steps, config.num_train_timesteps, option="--sample_scheduler")
-        check_sampler_spacing(sampler, steps, config.num_train_timesteps, config.timestep_spacing, config.variance_type)
+        resolve_sampler(config.sample_scheduler, config.sample_steps, config.num_train_timesteps, option="--sample_scheduler")
+        make_sampler(build_scheduler(config), config.sample_scheduler, config.sample_steps)
+
+
+def _text_fix(name: str, value: Any) -> str:
+    """How to write `value` as the text option `name` in a YAML file."""
+    if isinstance(value, bool):
+        return "In a YAML file, quote it: unquoted yes, no, true and false are booleans there."
+    if isinstance(value, (int, float)):
+        return f'In a YAML file, quote it: {name}: "{value}".'
+    if value is None:
+        return f"Give it a value, or leave {name} out for the default."
+    return f"Give one text value, not a {type(value).__name__}."
 
 
 def _check_objective(config: TrainingConfig) -> None:

@@ -108,6 +108,18 @@ def all_reduce_sum(tensor: torch.Tensor, state) -> torch.Tensor:
     return reduce(tensor, reduction="sum")
 
 
+def all_reduce_extreme(tensor: torch.Tensor, op: str, state) -> torch.Tensor:
+    """The minimum (op="min") or maximum ("max") over processes, on each. torch.distributed's own ReduceOp, because
+    Accelerate's `reduce(..., "max")` sums in the Accelerate releases that setup.cfg allows (and it has no min)."""
+    if state.num_processes == 1:
+        return tensor
+    import torch.distributed as dist
+
+    reduced = tensor.clone()
+    dist.all_reduce(reduced, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return reduced
+
+
 # Words of the errors gloo and NCCL raise when a peer process died (connection reset/closed) or hangs (timed out).
 _COLLECTIVE_FAILURES = ("Connection reset", "Connection closed", "Connection refused", "Timed out", "timed out", "NCCL", "Broken pipe", "ProcessGroup")
 

@@ -1,10 +1,11 @@
 """Sampling: the one place that decides which sampler runs, and the one loop that runs it.
 
-* `make_sampler(scheduler, name, steps, spacing)` turns the trained noise schedule into a diffusers
-  scheduler for sampling: ddpm (Ho et al. 2020, Alg. 2), ddim (Song et al. 2021, eta = 0) or dpmsolver
-  (DPM-Solver++(2M), Lu et al. 2022); "auto" is ddpm with all T steps and ddim with fewer.
-  The training grids, in-training FID, `ddpm-hf sample`, `ddpm-hf evaluate` and `ddpm-hf visualize reverse`
-  all choose through it.
+* `make_sampler(scheduler, name, steps, spacing, solver_order, karras_sigmas)` turns the trained noise schedule into
+  a diffusers scheduler for sampling, one of SAMPLER_KINDS: ddpm (Ho et al. 2020, Alg. 2), ddim (Song et al. 2021,
+  eta = 0), dpmsolver (DPM-Solver++(2M), Lu et al. 2022), unipc (Zhao et al. 2023), deis (Zhang & Chen 2023), and
+  euler / heun on Karras et al. (2022)'s sigmas; "auto" is ddpm with all T steps and ddim with fewer. It refuses
+  the combinations where diffusers' schedulers misbehave (tests/test_samplers_exact.py shows each). The training
+  grids, in-training FID, `ddpm-hf sample`, `ddpm-hf evaluate` and `ddpm-hf visualize reverse` all choose through it.
 * `ReverseProcess(unet, sampler, seed, indices)` is the reverse chain they all run, one batch: iterated, it yields a
   `ReverseStep` (x_t and the predicted x_0) per network evaluation. `generate_images(unet, sampler, ...)` runs it
   over this process's share of the images (uint8, batch by batch), handing each step to `on_step` if asked.
@@ -37,30 +38,77 @@ from .distributed import DEFAULT_TIMEOUT_S, leave_process_group
 from .errors import UserError
 from .run_folder import RunFolder
 
-SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+
+@dataclass(frozen=True)
+class SamplerKind:
+    """What a sampler name stands for: a diffusers scheduler class, set up as its paper describes it."""
+
+    scheduler_class: str  # in diffusers
+    title: str  # what it is, with its paper
+    order: int  # the order of its global error in the step size h at its default solver order (error ~ h^order)
+    stochastic: bool = False  # a step adds fresh noise (drawn from each image's own generator)
+    solver_orders: tuple[int, ...] = ()  # the --solver_order it takes, the default first (empty: none)
+    karras_sigmas: bool | None = None  # its default for --karras_sigmas; None: it has no Karras sigmas
+    options: tuple[tuple[str, object], ...] = ()  # fixed scheduler settings
+
+    @property
+    def default_solver_order(self) -> int | None:
+        return self.solver_orders[0] if self.solver_orders else None
+
+
+SAMPLER_KINDS = {
+    "ddpm": SamplerKind("DDPMScheduler", "ancestral sampling, Ho et al. (2020) Alg. 2 (strided when K < T)", order=1, stochastic=True),
+    "ddim": SamplerKind("DDIMScheduler", "DDIM, Song, Meng & Ermon (2021), deterministic (eta = 0)", order=1),
+    "dpmsolver": SamplerKind(
+        "DPMSolverMultistepScheduler",
+        "DPM-Solver++(2M), Lu et al. (2022), multistep in the data prediction",
+        order=2,
+        solver_orders=(2, 1, 3),
+        karras_sigmas=False,
+        options=(("algorithm_type", "dpmsolver++"), ("variance_type", None)),  # it is given the mean part
+    ),
+    "unipc": SamplerKind(
+        "UniPCMultistepScheduler", "UniPC (bh2), Zhao et al. (2023), multistep predictor-corrector", order=3, solver_orders=(2, 1, 3), karras_sigmas=False
+    ),
+    "deis": SamplerKind(
+        "DEISMultistepScheduler", "DEIS (log-rho), Zhang & Chen (2023), multistep exponential integrator", order=2, solver_orders=(2, 1, 3), karras_sigmas=False
+    ),
+    "euler": SamplerKind("EulerDiscreteScheduler", "Euler on Karras et al. (2022)'s sigmas (rho = 7)", order=1, karras_sigmas=True),
+    "heun": SamplerKind("HeunDiscreteScheduler", "Heun on Karras et al. (2022)'s sigmas, their Alg. 1", order=2, karras_sigmas=True),
+}
+SAMPLERS = tuple(SAMPLER_KINDS)
 SAMPLER_CHOICES = ("auto", *SAMPLERS)
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 LEARNED_VARIANCES = ("learned", "learned_range")
+STOCK_PIPELINE_SAMPLERS = ("ddpm", "ddim", "dpmsolver")  # what `load_pipeline` can hand to diffusers' DDPMPipeline / DDIMPipeline
+STEPS_HINT = "e.g. 50 for ddim, 20 for dpmsolver, unipc or deis, 10 for heun"
 
 
 @dataclass
 class Sampler:
     """A diffusers scheduler set up for sampling, and what it was chosen as."""
 
-    scheduler: object  # DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler, timesteps already set
-    name: str  # ddpm, ddim or dpmsolver (never "auto")
-    steps: int  # K, the number of denoising steps asked for
+    scheduler: object  # a diffusers scheduler (SAMPLER_KINDS[name].scheduler_class), timesteps already set
+    name: str  # one of SAMPLERS (never "auto")
+    steps: int  # K, the number of denoising steps asked for: the sampler's own steps (Heun evaluates twice per step)
     timestep_spacing: str
+    solver_order: int | None = None  # multistep solvers' order (dpmsolver, unipc, deis)
+    karras_sigmas: bool = False
+
+    @property
+    def kind(self) -> SamplerKind:
+        return SAMPLER_KINDS[self.name]
 
     @property
     def nfe(self) -> int:
-        """Network evaluations per image."""
+        """Network evaluations per image: K for every sampler but Heun (2K - 1: its last step is an Euler step).
+        Classifier-free guidance runs each evaluation on a doubled batch but does not count twice."""
         return len(self.scheduler.timesteps)
 
     @property
     def stochastic(self) -> bool:
         """Whether a step adds fresh noise (drawn from each image's own generator)."""
-        return self.name == "ddpm"
+        return self.kind.stochastic
 
     @property
     def reads_variance(self) -> bool:
@@ -69,7 +117,10 @@ class Sampler:
         return self.name == "ddpm" and self.scheduler.config.get("variance_type") in LEARNED_VARIANCES
 
     def describe(self) -> str:
-        return f"{self.name} {self.steps} steps"
+        details = [f"order {self.solver_order}"] if self.solver_order not in (None, self.kind.default_solver_order) else []
+        details += ["Karras sigmas"] if self.karras_sigmas else []
+        details += [f"{self.nfe} network evaluations"] if self.nfe != self.steps else []
+        return f"{self.name} {self.steps} steps" + (f" ({', '.join(details)})" if details else "")
 
 
 def resolve_sampler(name: str, steps: int | None, num_train_timesteps: int, option: str = "--scheduler") -> tuple[str, int]:
@@ -80,7 +131,7 @@ def resolve_sampler(name: str, steps: int | None, num_train_timesteps: int, opti
         name = "ddpm" if steps is None or steps >= num_train_timesteps else "ddim"
     if steps is None:
         if name != "ddpm":
-            raise UserError(f"{option} {name} needs --steps K (e.g. 50 for ddim, 20 for dpmsolver).")
+            raise UserError(f"{option} {name} needs --steps K ({STEPS_HINT}).")
         steps = num_train_timesteps
     if not 1 <= steps <= num_train_timesteps:
         raise UserError(f"--steps {steps} must be between 1 and the model's T = {num_train_timesteps}.")
@@ -88,36 +139,117 @@ def resolve_sampler(name: str, steps: int | None, num_train_timesteps: int, opti
 
 
 def check_sampler_spacing(name: str, steps: int, num_train_timesteps: int, timestep_spacing: str, variance_type: str = "fixed_large") -> None:
-    """DDPM with 'trailing' spacing and K < T ends at t = T/K - 1 > 0, where diffusers' DDPMScheduler still adds
-    noise of variance beta_t for every variance but beta-tilde (which is 0 there): std ~0.3 of [-1, 1] units at
-    K = 10 with fixed_large. The final image would stay noisy, so that combination is refused."""
-    if name == "ddpm" and timestep_spacing == "trailing" and steps < num_train_timesteps and variance_type not in ("fixed_small", "fixed_small_log"):
+    """Refuse the combinations where a diffusers scheduler misbehaves (measured by tests/test_samplers_exact.py):
+
+    * DDPM with 'trailing' spacing and K < T ends at t = T/K - 1 > 0, where diffusers' DDPMScheduler still adds
+      noise of variance beta_t for every variance but beta-tilde (which is 0 there): std ~0.3 of [-1, 1] units at
+      K = 10 with fixed_large. The final image would stay noisy.
+    * DDIM steps from t to t - T // K whatever the spacing (DDIMScheduler.step), while 'linspace' and (when K does not
+      divide T) 'trailing' place the next timestep elsewhere: the chain evaluates the network at one noise level
+      while its state is at another, an error that does not shrink with more steps."""
+    T = num_train_timesteps
+    if name == "ddpm" and timestep_spacing == "trailing" and steps < T and variance_type not in ("fixed_small", "fixed_small_log"):
         raise UserError(
-            f"ddpm sampling with {steps} < T = {num_train_timesteps} steps, timestep_spacing 'trailing' and variance {variance_type} leaves noise "
+            f"ddpm sampling with {steps} < T = {T} steps, timestep_spacing 'trailing' and variance {variance_type} leaves noise "
             "in the final image. Use timestep_spacing 'leading' or 'linspace', all T steps, or the ddim or dpmsolver sampler."
+        )
+    if name == "ddim" and steps < T and (timestep_spacing == "linspace" or (timestep_spacing == "trailing" and T % steps)):
+        raise UserError(
+            f"ddim with timestep_spacing '{timestep_spacing}' and {steps} steps of T = {T}: diffusers' DDIM steps from t to t - T // K, "
+            f"which is not the next timestep of this spacing, so it samples at the wrong noise levels. Use timestep_spacing 'leading'"
+            + (f", a K that divides {T}" if timestep_spacing == "trailing" else "")
+            + ", or the dpmsolver, unipc or deis sampler."
         )
 
 
-def make_sampler(scheduler, name: str = "auto", steps: int | None = None, timestep_spacing: str | None = None) -> Sampler:
-    """A sampler that shares the trained noise schedule (betas, T, prediction type, variance) of `scheduler`.
+LEADING_SIGNAL_LIMIT = 0.1  # how much more of the data's signal, sqrt(abar_t), than at T - 1 a chain's first step may leave
 
-    ddpm:      ancestral sampling, Ho et al. (2020) Alg. 2 (strided when K < T)
-    ddim:      Song, Meng & Ermon (2021), deterministic (eta = 0)
-    dpmsolver: DPM-Solver++(2M), Lu et al. (2022), multistep, one network evaluation per step
-    auto:      ddpm when K is T (or not given), ddim when fewer
-    """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+def check_timesteps_of(scheduler, name: str, steps: int, spacing: str, karras: bool) -> None:
+    """Refuse the timesteps diffusers gives a sampler where they misbehave (tests/test_samplers_exact.py):
+
+    * the same timestep twice in one chain (the Heun pair aside): the multistep solvers' 'leading' spacing divides T
+      by K + 1 with an integer stride, which is 0 for K = T; their Karras sigmas are rounded to integer timesteps,
+      several of which coincide near T - 1 on the cosine schedule, where sigma jumps. The network is then asked at
+      one noise level for several, and DPMSolverMultistepScheduler's steps run past its sigmas.
+    * a 'leading' chain whose first timestep leaves LEADING_SIGNAL_LIMIT more of the data's signal than t = T - 1:
+      'leading' strides by floor(T / K), so a K that does not divide T can start far below T - 1 (K = 600 of 1000
+      starts at 599), and with few steps the cosine schedule still holds much of the image there (Lin et al. 2024,
+      "Common Diffusion Noise Schedules and Sample Steps Are Flawed", Table 2). The chain takes pure noise for a
+      sample that is not."""
+    timesteps = [float(t) for t in scheduler.timesteps]
+    distinct = len(set(timesteps))
+    if distinct < steps:
+        cause = "rounds its Karras sigmas to integer timesteps" if karras else f"divides the {spacing} spacing into integer timesteps"
+        raise UserError(
+            f"{name} with {steps} steps: diffusers' {type(scheduler).__name__} {cause}, and only {distinct} of them differ, so the network "
+            "would be asked at one noise level for several. "
+            + (
+                "Use fewer steps, --karras_sigmas no, or the heun or euler sampler (whose timesteps are not rounded)."
+                if karras
+                else "Use fewer steps or timestep_spacing 'trailing'."
+            )
+        )
+    if spacing == "leading":
+        signal = scheduler.alphas_cumprod.double().sqrt()  # sqrt(abar_t): how much of x_0 is left in x_t
+        first, T = round(timesteps[0]), scheduler.config.num_train_timesteps
+        if signal[first] - signal[-1] > LEADING_SIGNAL_LIMIT and signal[-1] < LEADING_SIGNAL_LIMIT:  # a schedule that ends in noise
+            other = {"ddpm": "'linspace'", "ddim": f"'trailing' with a K that divides {T}"}.get(name, "'trailing' or 'linspace'")
+            raise UserError(
+                f"{name} with {steps} steps and timestep_spacing 'leading' starts at t = {first} of T = {T}, where {float(signal[first]):.0%} of the "
+                f"image's signal is left ({float(signal[-1]):.0%} at t = T - 1): the chain would take it for pure noise. "
+                f"Use timestep_spacing {other}, or more steps."
+            )
+
+
+def make_sampler(
+    scheduler,
+    name: str = "auto",
+    steps: int | None = None,
+    timestep_spacing: str | None = None,
+    solver_order: int | None = None,
+    karras_sigmas: bool | None = None,
+) -> Sampler:
+    """A sampler that shares the trained noise schedule (betas, T, prediction type, variance) of `scheduler`:
+    one of SAMPLER_KINDS, or "auto" (ddpm when K is T or not given, ddim when fewer).
+
+    `timestep_spacing` (default: the model's) picks K of the T timesteps; with Karras sigmas (Karras et al. 2022,
+    Eq. 5, rho = 7), sigma runs from sigma(T - 1) to sigma(0) and no spacing may be given. `solver_order` (multistep
+    solvers, 1 to 3) and `karras_sigmas` (the solvers that have them) default to SAMPLER_KINDS'; a value that makes
+    no sense for the sampler is a UserError, as are the combinations `check_sampler_spacing` refuses."""
+    import diffusers
 
     num_train_timesteps = scheduler.config.num_train_timesteps
     name, steps = resolve_sampler(name, steps, num_train_timesteps)
-    spacing = timestep_spacing or scheduler.config.get("timestep_spacing", "leading")
+    kind = SAMPLER_KINDS[name]
+    if solver_order is not None and solver_order not in kind.solver_orders:
+        takes = f"takes --solver_order {min(kind.solver_orders)} to {max(kind.solver_orders)}" if kind.solver_orders else "has no --solver_order"
+        raise UserError(f"--solver_order {solver_order}: {name} {takes}. Multistep solvers (dpmsolver, unipc, deis) take 1 to 3.")
+    if karras_sigmas and kind.karras_sigmas is None:
+        raise UserError(f"--karras_sigmas: {name} has no Karras sigmas (it steps through the trained timesteps). Use euler, heun, dpmsolver, unipc or deis.")
+    karras = kind.karras_sigmas if karras_sigmas is None else bool(karras_sigmas)
+    if karras and timestep_spacing is not None:
+        raise UserError(
+            f"--timestep_spacing {timestep_spacing} with Karras sigmas: their spacing is their own (sigma(T-1) to sigma(0), rho = 7). "
+            "Drop --timestep_spacing, or turn Karras sigmas off (--karras_sigmas no)."
+        )
+    spacing = "linspace" if karras else timestep_spacing or scheduler.config.get("timestep_spacing", "leading")
     if spacing not in TIMESTEP_SPACINGS:
         raise UserError(f"--timestep_spacing {spacing}: choose one of {', '.join(TIMESTEP_SPACINGS)}.")
     check_sampler_spacing(name, steps, num_train_timesteps, spacing, scheduler.config.get("variance_type", "fixed_small"))
-    classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
-    sampler = classes[name].from_config(scheduler.config, timestep_spacing=spacing)
+    order = kind.default_solver_order if solver_order is None else solver_order
+    options = dict(kind.options, timestep_spacing=spacing)
+    if kind.karras_sigmas is not None:
+        options["use_karras_sigmas"] = karras
+    if order is not None:
+        options["solver_order"] = order
+    # Without "_use_default_values", from_config keeps every value of the trained schedule: with it, the values the
+    # trained scheduler took by default (beta_start, ...) become the new class's defaults (Heun's differ from DDPM's).
+    trained = {key: value for key, value in scheduler.config.items() if key != "_use_default_values"}
+    sampler = getattr(diffusers, kind.scheduler_class).from_config(trained, **options)
     sampler.set_timesteps(steps)
-    return Sampler(scheduler=sampler, name=name, steps=steps, timestep_spacing=spacing)
+    check_timesteps_of(sampler, name, steps, spacing, karras)
+    return Sampler(scheduler=sampler, name=name, steps=steps, timestep_spacing=spacing, solver_order=order, karras_sigmas=bool(karras))
 
 
 @dataclass
@@ -195,7 +327,8 @@ class ReverseProcess:
     No step reads a value of the device on the host: the scheduler gets its timesteps on the CPU and the network
     its own device copy, so the host queues the next network call while the device computes. The one exception
     is DDPM's noise, which diffusers' DDPMScheduler draws from the images' CPU generators inside `step` and copies
-    to the device: the host draws it while the network runs, and waits only for that copy.
+    to the device: the host draws it while the network runs, and waits only for that copy. (UniPCMultistepScheduler's
+    step also copies a few coefficients to the device, in diffusers' code.)
     """
 
     def __init__(
@@ -233,6 +366,8 @@ class ReverseProcess:
         labels = torch.tensor(self.class_labels).to(device) if self.class_labels is not None else None
 
         scheduler.set_timesteps(sampler.steps)  # on the CPU: step() then reads no device value; also resets multistep state
+        if hasattr(scheduler, "set_begin_index"):  # the chain starts at the first timestep: no search for it, which
+            scheduler.set_begin_index(0)  # picks the second of two equal timesteps (Karras sigmas on a cosine schedule)
         network_timesteps = scheduler.timesteps.to(device)  # one copy per batch; a 0-d device tensor per call keeps a compiled UNet's graph
         x = torch.cat([torch.randn((1, channels, height, width), generator=g) for g in generators]).to(device, dtype)
         x = x * scheduler.init_noise_sigma
@@ -447,6 +582,12 @@ def load_pipeline(model: str, scheduler: str = "ddpm", device: str | None = None
         raise UserError(f"--model {model}: could not load a pipeline ({str(e).splitlines()[0]}). Give a training OUTPUT_DIR or a Hub id.") from None
     if scheduler != "ddpm" or steps is not None:
         chosen = make_sampler(pipeline.scheduler, scheduler, steps)
+        if chosen.name not in STOCK_PIPELINE_SAMPLERS:
+            raise UserError(
+                f"the stock DDPMPipeline cannot run {chosen.name}: it neither scales the model input nor passes only the arguments this "
+                f"scheduler's step takes. Use `ddpm-hf sample --scheduler {chosen.name}` (ddpm_hf.sampling.ReverseProcess) or the custom pipeline "
+                "ddpm_trajectory.py."
+            )
         if chosen.name != "ddpm" and pipeline.unet.config.out_channels == 2 * pipeline.unet.config.in_channels:
             raise UserError(
                 f"the stock pipelines cannot run {chosen.name} on a learned-variance model (its UNet has 2C output channels). "
@@ -480,7 +621,7 @@ def run_sample(args) -> None:
     device = str(process_device(args.device, state))
     with state.main_process_first():  # a Hub download happens once
         pipeline = load_pipeline(args.model, device=device, revision=args.revision)
-    sampler = make_sampler(pipeline.scheduler, args.scheduler, args.steps)
+    sampler = sampler_from_arguments(pipeline.scheduler, args)
     guidance_scale = check_guidance(pipeline.unet, args.guidance_scale, args.class_labels)
     labels, shape, chosen_classes = None, grid_shape(args.num_images), ""
     classes = num_classes(pipeline.unet)
@@ -517,19 +658,36 @@ def run_sample(args) -> None:
     leave_process_group()
 
 
+def add_sampler_arguments(parser, steps_help: str) -> None:
+    """The options of `make_sampler`, for every command that samples: --scheduler, --steps, --timestep_spacing,
+    --solver_order and --karras_sigmas (read back by `sampler_from_arguments`)."""
+    names = ", ".join(f"{name} ({kind.title})" for name, kind in SAMPLER_KINDS.items())
+    parser.add_argument("--scheduler", default="ddpm", choices=SAMPLER_CHOICES, help=f"The sampler: {names}; or auto (ddpm with T steps, else ddim).")
+    parser.add_argument("--steps", type=bounded(int, ge=1), default=None, help=steps_help)
+    parser.add_argument("--timestep_spacing", default=None, choices=TIMESTEP_SPACINGS, help="Which K of the T timesteps (default: the model's).")
+    parser.add_argument(
+        "--solver_order", type=bounded(int, ge=1), default=None, help="Order of the multistep solvers dpmsolver, unipc and deis: 1 to 3 (default 2)."
+    )
+    parser.add_argument(
+        "--karras_sigmas",
+        default=None,
+        choices=["yes", "no"],
+        help="Karras et al. (2022)'s noise levels, sigma(T-1) to sigma(0) with rho = 7: euler and heun use them unless 'no'; "
+        "dpmsolver, unipc and deis with 'yes'.",
+    )
+
+
+def sampler_from_arguments(scheduler, args, steps: int | None = None) -> Sampler:
+    """`make_sampler` with the options `add_sampler_arguments` added (`steps` overrides --steps)."""
+    karras = None if args.karras_sigmas is None else args.karras_sigmas == "yes"
+    return make_sampler(scheduler, args.scheduler, steps or args.steps, args.timestep_spacing, args.solver_order, karras)
+
+
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser("sample", help="Generate a grid of images from a saved pipeline (folder or Hub id).")
     parser.add_argument("--model", required=True, type=local_path_or_hub_id, help="Training OUTPUT_DIR or Hub id (user/name).")
     parser.add_argument("--num_images", type=bounded(int, ge=1), default=16)
-    parser.add_argument(
-        "--steps", type=bounded(int, ge=1), default=None, help="Denoising steps K (default: T for ddpm; ddim and dpmsolver need it, e.g. 50 and 20)."
-    )
-    parser.add_argument(
-        "--scheduler",
-        default="ddpm",
-        choices=SAMPLER_CHOICES,
-        help="ddpm (the paper's ancestral sampler), ddim, dpmsolver (DPM-Solver++ 2M), or auto (ddpm with T steps, else ddim).",
-    )
+    add_sampler_arguments(parser, steps_help=f"Denoising steps K of the sampler (default: T for ddpm; the others need it, {STEPS_HINT}).")
     parser.add_argument("--seed", type=bounded(int, ge=0), default=0)
     parser.add_argument(
         "--class_labels",

@@ -15,14 +15,15 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .conditioning import ClassConditioned, class_label_arguments, drop_labels, num_classes
-from .config import TrainingConfig, non_resumable_changes
-from .distributed import leave_process_group
+from .config import TrainingConfig, fixed_options, non_resumable_changes
+from .distributed import all_reduce_extreme, leave_process_group
 from .errors import UserError
 from .run_folder import CHECKPOINT_STATE, RunFolder
 
@@ -42,13 +43,12 @@ def train(config: TrainingConfig) -> TrainingResult:
     )
     progress = _progress_bar(run)
     stopped_by = None
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, progress:  # closed on an error too, so that the error starts a line of its own
         while run.step < config.max_train_steps and stopped_by is None:
             train_step(run)
             progress.update(1)
             stopped_by = agreed_stop(run, stop)
             upkeep(run, stopping=stopped_by is not None, progress=progress)
-    progress.close()
     finish(run, stopped_by)
     return TrainingResult(output_dir=config.output_dir, step=run.step, stopped_early=run.step < config.max_train_steps)
 
@@ -113,7 +113,7 @@ def prepare_run(config: TrainingConfig) -> Run:
     folder = RunFolder(config.output_dir)
     micro_batch = per_process_batch_size(config, accelerator.num_processes)
     resume_path = resolve_resume_path(config, folder)
-    check_output_dir(config, folder, resuming=resume_path is not None)
+    check_output_dir(config, folder, resume_path)
     hub = _check_hub(config, accelerator) if config.push_to_hub else None  # a bad token fails now, not after hours
 
     # The dataset and its labels, then the model and the noise schedule: a resolution the UNet cannot take fails before decoding.
@@ -124,7 +124,8 @@ def prepare_run(config: TrainingConfig) -> Run:
     class_labels = data.read_class_labels(dataset, data.find_label_column(dataset, config.label_column)) if config.class_conditional else None
     noise_scheduler = build_scheduler(config)
     set_seed(config.seed)  # the same initial weights on every process and every run with this seed
-    unet = _initial_unet(config, class_labels.num_classes if class_labels is not None else None)
+    unet = _initial_unet(config, class_labels.num_classes if class_labels is not None else None, accelerator)
+    unet.train()  # dropout on; from_pretrained (--init_from) returns a model in eval mode
     use_channels_last = _use_feature(config.channels_last, device)
     if use_channels_last:
         unet = unet.to(memory_format=torch.channels_last)
@@ -154,11 +155,6 @@ def prepare_run(config: TrainingConfig) -> Run:
     )
     config = epochs_to_steps(config, len(decoded.images), accelerator)
 
-    # Only now is anything written.
-    if accelerator.is_main_process:
-        create_output_dir(config, folder, resuming=resume_path is not None)
-    accelerator.wait_for_everyone()
-
     # Optimizer and learning-rate schedule, counted in optimizer steps. The schedule is not passed to
     # accelerator.prepare: a prepared one steps once per process, which would shorten warm-up by the GPU count.
     optimizer = torch.optim.AdamW(
@@ -171,8 +167,13 @@ def prepare_run(config: TrainingConfig) -> Run:
     )
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_train_steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    if _use_feature(config.compile, device):
-        _compile_or_fall_back(accelerator.unwrap_model(unet), micro_batch, config.resolution, use_channels_last, accelerator)
+    if _use_feature(config.compile, device):  # after prepare: the graph that training runs (autocast, DDP's buckets)
+        _compile_or_fall_back(unet, micro_batch, config.resolution, use_channels_last, accelerator)
+
+    # Only now is anything written.
+    if accelerator.is_main_process:
+        create_output_dir(config, folder, resuming=resume_path is not None)
+    accelerator.wait_for_everyone()
 
     run = Run(
         config=config,
@@ -194,12 +195,13 @@ def prepare_run(config: TrainingConfig) -> Run:
     )
     if resume_path is not None:
         run.step = load_checkpoint(accelerator, resume_path, ema, lr_scheduler)
+        match_parameter_layouts(optimizer)
         if accelerator.is_main_process:
             folder.forget_losses_after(run.step)
         accelerator.print(f"Resumed from {resume_path} at step {run.step}.")
     elif config.resume_from_checkpoint == "latest":
         accelerator.print(f"No checkpoint in {folder.checkpoints_dir} yet: starting a new run.")
-    run.metrics.restart(run.step, device)
+    run.metrics.restart(run.step, device, accelerator.scaler)
     if accelerator.is_main_process:
         accelerator.init_trackers("ddpm", config={k: v for k, v in config.to_json_dict().items() if isinstance(v, (int, float, str, bool))})
     return run
@@ -226,6 +228,11 @@ def _accelerator(config: TrainingConfig):
         # A process that died or hangs makes the others' next collective fail after this long, not hang forever.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:  # Accelerate's fp16 on a CPU: float32, no autocast, no GradScaler
+        raise UserError(
+            f"--mixed_precision fp16 needs a CUDA GPU: on the {accelerator.device.type} Accelerate would train in float32, without loss scaling. "
+            "Use --mixed_precision bf16 (autocast on the CPU too) or no."
+        )
     launched_processes = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
     if launched_processes != accelerator.num_processes:  # each process would train alone and overwrite the others
         raise UserError(
@@ -250,16 +257,26 @@ def epochs_to_steps(config: TrainingConfig, num_images: int, accelerator) -> Tra
     return dataclasses.replace(config, **changes) if changes else config
 
 
-def _initial_unet(config: TrainingConfig, num_classes: int | None = None):
+def _initial_unet(config: TrainingConfig, num_classes: int | None = None, accelerator=None):
     """A new UNet of the configured architecture, or the weights of --init_from; with K classes it embeds K + 1
-    labels, the last one the null label of classifier-free guidance."""
+    labels, the last one the null label of classifier-free guidance.
+
+    A model of --init_from gets --dropout when given, and --resolution as its sample_size: the UNet is convolutional
+    (no position embedding), so it fine-tunes at any size its levels divide, and the saved pipeline must sample at
+    the size it was trained at."""
     from .models import build_unet, check_resolution
 
     num_class_embeds = num_classes + 1 if num_classes is not None else None
     if config.init_from is None:
         return build_unet(config.model, config.resolution, config.model_config, config.dropout, config.variance_type, num_class_embeds)
-    unet = _load_unet(config.init_from)
+    unet = _load_unet(config.init_from, **({"dropout": config.dropout} if config.dropout is not None else {}))
     check_resolution(config.resolution, len(unet.config.block_out_channels))
+    if unet.config.sample_size != config.resolution:
+        if accelerator is not None:
+            accelerator.print(
+                f"note: --init_from {config.init_from} was trained at {unet.config.sample_size}px; this run trains and saves it at {config.resolution}px (--resolution)."
+            )
+        unet.register_to_config(sample_size=config.resolution)
     if unet.config.num_class_embeds != num_class_embeds:
         has = f"{unet.config.num_class_embeds - 1} classes" if unet.config.num_class_embeds else "no classes (unconditional)"
         wants = f"{num_classes} classes (--class_conditional)" if num_classes is not None else "an unconditional model (no --class_conditional)"
@@ -352,8 +369,14 @@ def _use_feature(choice: str, device: torch.device) -> bool:
 
 
 def train_step(run: Run) -> None:
-    """One optimizer step: `gradient_accumulation_steps` micro-batches of the loss, then the LR schedule and the EMA."""
+    """One optimizer step: `gradient_accumulation_steps` micro-batches of the loss, then the LR schedule and the EMA.
+
+    A skipped step (--skip_nonfinite_loss, or fp16 gradients that overflowed, which Accelerate's GradScaler skips)
+    leaves the weights as they were but is a step all the same: the learning rate, the EMA decay and the step count
+    follow the schedule, so that they stay in step with each other, the checkpoints and a resumed run.
+    """
     config, accelerator = run.config, run.accelerator
+    skip_step = False  # --skip_nonfinite_loss: a NaN/inf loss of any micro-batch on any process skips this step on all of them
     for micro_step in range(config.gradient_accumulation_steps):
         torch.manual_seed(_step_seed(config.seed, run.step, micro_step, accelerator.process_index))
         start = run.step * config.train_batch_size + (micro_step * accelerator.num_processes + accelerator.process_index) * run.micro_batch
@@ -367,21 +390,41 @@ def train_step(run: Run) -> None:
         with accelerator.accumulate(run.unet):
             with accelerator.autocast():
                 loss = run.loss_fn(network, x_0)
-            if config.skip_nonfinite_loss and not bool(torch.isfinite(loss)):  # a host sync, only with this flag
-                run.metrics.skipped_steps += 1
-                run.optimizer.zero_grad(set_to_none=True)
+            if config.skip_nonfinite_loss:  # one small reduction and a host sync per micro-batch, only with this flag
+                skip_step = skip_step or not finite_on_every_process(loss, accelerator)
+            if skip_step:  # no backward anywhere, so that no process waits in DDP's all-reduce for the others
+                run.optimizer.zero_grad(set_to_none=True)  # Accelerate clears at the last micro-batch: the whole step's gradients
                 continue
             accelerator.backward(loss)
-            grad_norm = None
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(run.unet.parameters(), config.max_grad_norm)
+            grad_norm = gradient_norm(run) if accelerator.sync_gradients else None
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        run.metrics.add(loss, grad_norm, config.gradient_accumulation_steps, run.step)
-    run.lr_scheduler.step()
+        run.metrics.add(loss, grad_norm, run.step)
+    if skip_step:
+        run.metrics.skipped_steps += 1
+    with warnings.catch_warnings():  # torch warns when the first optimizer step was skipped; the schedule counts it on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+        run.lr_scheduler.step()
     if run.ema is not None:
         run.ema.update(accelerator.unwrap_model(run.unet), run.step)
     run.step += 1
+
+
+def finite_on_every_process(loss: torch.Tensor, accelerator) -> bool:
+    """Whether the loss is finite on every process: they all skip a step, or none does."""
+    nonfinite = (~torch.isfinite(loss.detach())).to(torch.int64).reshape(1)
+    return not all_reduce_extreme(nonfinite, "max", accelerator.state).item()
+
+
+def gradient_norm(run: Run) -> torch.Tensor:
+    """The norm of the whole gradient (one device scalar, no host sync), clipped to --max_grad_norm unless that is 0.
+    Under fp16 the gradients are unscaled first (Accelerate's GradScaler), so the norm and the clipping are those of
+    the true gradient; an infinite or NaN norm means the GradScaler skips this step."""
+    accelerator, parameters = run.accelerator, list(run.unet.parameters())
+    if run.config.max_grad_norm > 0:
+        return accelerator.clip_grad_norm_(parameters, run.config.max_grad_norm)
+    accelerator.unscale_gradients()
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
 
 def _step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
@@ -390,34 +433,52 @@ def _step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
     return (((seed * 1_000_003 + step) * 1_009 + micro_step) * 4_099 + rank) % (2**63 - 1)
 
 
+NO_STEP = 2**62  # Metrics.first_nonfinite_step while every loss was finite
+
+
 class Metrics:
-    """Loss and gradient norm summed on the device between logs: one host sync per logging interval."""
+    """Loss and gradient norm summed on the device between logs: one host sync per logging interval.
+
+    A step the GradScaler skips (fp16 gradients that overflowed: an infinite or NaN gradient norm) counts in
+    `skipped_steps` and the logged loss scale halves; its loss is logged (it was finite), its gradient norm is not.
+    A step skipped by --skip_nonfinite_loss counts there too; its non-finite loss is not logged, nor has it a norm.
+    """
 
     def __init__(self, step: int = 0, device: torch.device | str = "cpu"):
         self.restart(step, torch.device(device))
 
-    def restart(self, step: int, device: torch.device) -> None:
+    def restart(self, step: int, device: torch.device, scaler=None) -> None:
+        self.scaler = scaler  # Accelerate's GradScaler under fp16, else None
         self.loss = torch.zeros((), device=device)
+        self.losses = 0  # micro-batches summed in self.loss
         self.grad_norm = torch.zeros((), device=device)
-        self.first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.skipped_steps = 0
+        self.grad_norms = torch.zeros((), dtype=torch.long, device=device)  # finite norms summed in self.grad_norm
+        self.overflowed_steps = torch.zeros((), dtype=torch.long, device=device)
+        self.first_nonfinite_step = torch.full((), NO_STEP, dtype=torch.long, device=device)
+        self.skipped_steps = 0  # by --skip_nonfinite_loss
         self.since_time, self.since_step = time.perf_counter(), step
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, accumulation_steps: int, step: int) -> None:
-        self.loss += loss.detach().float() / accumulation_steps
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, step: int) -> None:
+        """One micro-batch's loss, and the step's gradient norm at its last micro-batch."""
+        self.loss += loss.detach().float()
+        self.losses += 1
         if grad_norm is not None:
-            self.grad_norm += grad_norm.detach().float()
-        finite = torch.isfinite(loss)
-        self.first_nonfinite_step.copy_(torch.where(~finite & (self.first_nonfinite_step < 0), step, self.first_nonfinite_step))
+            finite = torch.isfinite(grad_norm)
+            self.grad_norm += torch.where(finite, grad_norm.detach().float(), 0.0)
+            self.grad_norms += finite
+            if self.scaler is not None:
+                self.overflowed_steps += ~finite
+        finite_loss = torch.isfinite(loss.detach())
+        self.first_nonfinite_step.copy_(torch.where(finite_loss, self.first_nonfinite_step, self.first_nonfinite_step.clamp(max=step)))
 
     def raise_if_nonfinite(self, accelerator=None) -> None:
         """One host sync (and, with several processes, one reduction, so that all stop together): stop with the
-        step where the loss first became NaN/inf on any process."""
+        first step where the loss became NaN/inf on any process."""
         first = self.first_nonfinite_step
-        if accelerator is not None and accelerator.num_processes > 1:
-            first = accelerator.reduce(first.clone(), "max")
+        if accelerator is not None:
+            first = all_reduce_extreme(first, "min", accelerator.state)
         bad_step = int(first.item())
-        if bad_step >= 0:
+        if bad_step != NO_STEP:
             raise UserError(
                 f"the loss became non-finite at step {bad_step}. The last checkpoint and pipeline are kept. "
                 "Lower --learning_rate, use --mixed_precision bf16 instead of fp16, or pass --skip_nonfinite_loss."
@@ -427,8 +488,9 @@ class Metrics:
         """The figures of the interval since the last summary (averaged over it and over processes); starts a new one."""
         steps = run.step - self.since_step
         values = {
-            "loss": run.accelerator.reduce(self.loss, "mean").item() / steps,
-            "grad_norm": self.grad_norm.item() / steps,
+            # Every process sums the same number of micro-batches: skips are agreed.
+            "loss": run.accelerator.reduce(self.loss, "mean").item() / self.losses if self.losses else math.nan,
+            "grad_norm": (self.grad_norm / self.grad_norms.clamp(min=1)).item(),
             "lr": run.lr_scheduler.get_last_lr()[0],
             "img_per_s": steps * run.config.train_batch_size / max(time.perf_counter() - self.since_time, 1e-9),
         }
@@ -437,10 +499,15 @@ class Metrics:
                 values[name] = run.accelerator.reduce(mean, "mean").item()
         if run.ema is not None:
             values["ema_decay"] = run.ema.decay_at(run.step - 1)
-        if self.skipped_steps:
-            values["skipped_steps"] = self.skipped_steps
+        skipped = self.skipped_steps + int(self.overflowed_steps.item())  # since the run (re)started
+        if skipped:
+            values["skipped_steps"] = skipped
+        if self.scaler is not None:
+            values["loss_scale"] = self.scaler.get_scale()
         self.loss.zero_()
+        self.losses = 0
         self.grad_norm.zero_()
+        self.grad_norms.zero_()
         self.since_time, self.since_step = time.perf_counter(), run.step
         return values
 
@@ -474,7 +541,7 @@ def upkeep(run: Run, stopping: bool, progress=None) -> None:
     if checkpoint or sample or evaluate or save or push:
         run.metrics.raise_if_nonfinite(run.accelerator)  # nothing is written from weights that diverged
     if checkpoint:
-        save_checkpoint(run.accelerator, run.folder, step, run.ema, run.lr_scheduler, config.checkpoints_total_limit)
+        save_checkpoint(run.accelerator, run.folder, step, run.ema, run.lr_scheduler, config.checkpoints_total_limit, fixed_options(config))
     if sample:
         save_sample_grid(run)
     if evaluate:
@@ -504,7 +571,7 @@ def save_sample_grid(run: Run) -> None:
     from .visualize import write_training_figures
 
     config = run.config
-    with run.accelerator.autocast():  # every process samples its share; the main one gets the grid and writes it
+    with run.accelerator.autocast(), eager_sampling():  # every process samples its share; the main one gets the grid and writes it
         grid = sample_grid(
             run.model_to_sample, run.noise_scheduler, config.num_sample_images, config.sample_steps, config.sample_seed, config.sample_scheduler,
             state=run.accelerator.state,
@@ -522,6 +589,13 @@ def save_sample_grid(run: Run) -> None:
     write_training_figures(run.folder.path)
 
 
+def eager_sampling():
+    """Sampling during training runs the UNet eagerly: without --use_ema it is the trained module, compiled in place
+    for training (dropout on, gradients), and calling it in eval mode under no_grad would compile another graph, on
+    every process, that sampling does not need."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def evaluate_and_keep_best(run: Run) -> None:
     """FID of the EMA model against the training images, by `evaluation.fid_result`, the code `ddpm-hf evaluate`
     runs: every process samples its share and the Inception statistics are merged. The main process keeps the best
@@ -535,7 +609,8 @@ def evaluate_and_keep_best(run: Run) -> None:
         run.fid_evaluator = FIDEvaluator(run.training_images, device=accelerator.device, batch_size=batch_size, state=accelerator.state)
     sampler = make_sampler(run.noise_scheduler, config.sample_scheduler, config.sample_steps)
     reference = f"{config.dataset} ({config.split})"
-    result = fid_result(run.fid_evaluator, run.model_to_sample, sampler, config.eval_num_samples, config.sample_seed, batch_size, reference)
+    with eager_sampling():
+        result = fid_result(run.fid_evaluator, run.model_to_sample, sampler, config.eval_num_samples, config.sample_seed, batch_size, reference)
     accelerator.log({"fid": result["fid"]}, step=run.step)
     accelerator.print(f"step {run.step}: FID {result['fid']:.4f} ({config.eval_num_samples} samples, {sampler.describe()})")
     best_fid = run.folder.best.best_fid()
@@ -627,12 +702,23 @@ class ExponentialMovingAverage:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_output_dir(config: TrainingConfig, folder: RunFolder, resuming: bool) -> None:
-    """Refuse to mix two different runs in one folder unless asked to. Writes nothing."""
+def check_output_dir(config: TrainingConfig, folder: RunFolder, resume_path: str | None) -> None:
+    """Refuse to mix two different runs in one folder unless asked to, and to resume a checkpoint with other values of
+    the options a continued run may not change (resumable=False in config.py; the README's table). Writes nothing."""
     if os.path.exists(folder.path) and not os.path.isdir(folder.path):
         raise UserError(f"--output_dir {folder.path} is a file. Choose a folder.")
+    if resume_path is not None:
+        recorded = checkpoint_options(resume_path)
+        differences = non_resumable_changes(recorded, config) if recorded is not None else []
+        if differences:
+            shown = ", ".join(f"{name} ({before!r} -> {after!r})" for name, before, after in differences)
+            raise UserError(
+                f"--resume_from_checkpoint {resume_path} continues a run of other values of options that cannot change on resume: {shown}. "
+                "Resume with the values it was trained with (its training_config.json), or start a new run in another --output_dir."
+            )
+        return
     previous = folder.read_training_config()
-    if previous is None or resuming or config.overwrite:
+    if previous is None or config.overwrite:
         return
     differences = non_resumable_changes(previous, config)
     if differences:
@@ -641,6 +727,15 @@ def check_output_dir(config: TrainingConfig, folder: RunFolder, resuming: bool) 
             f"--output_dir {folder.path} holds a run of another configuration ({shown}). "
             "Pass --resume_from_checkpoint latest to continue it, --overwrite to replace it, or another --output_dir."
         )
+
+
+def checkpoint_options(path: str) -> dict[str, Any] | None:
+    """The options a checkpoint's run may not change: recorded in the checkpoint, or (a checkpoint of an older version)
+    the training_config.json of the run folder it is in; None if neither is there."""
+    from .run_folder import read_json
+
+    recorded = (read_json(os.path.join(path, CHECKPOINT_STATE)) or {}).get("fixed_options")
+    return recorded if recorded is not None else RunFolder(os.path.dirname(os.path.dirname(os.path.abspath(path)))).read_training_config()
 
 
 def create_output_dir(config: TrainingConfig, folder: RunFolder, resuming: bool) -> None:
@@ -668,8 +763,9 @@ def resolve_resume_path(config: TrainingConfig, folder: RunFolder) -> str | None
     return path
 
 
-def save_checkpoint(accelerator, folder: RunFolder, step: int, ema, lr_scheduler, limit: int | None) -> str:
-    """Write a checkpoint atomically: into a temporary folder, renamed when complete."""
+def save_checkpoint(accelerator, folder: RunFolder, step: int, ema, lr_scheduler, limit: int | None, options: dict | None = None) -> str:
+    """Write a checkpoint atomically: into a temporary folder, renamed when complete. `options` (config.fixed_options)
+    are recorded for the check of a resume."""
     import json
 
     from safetensors.torch import save_file
@@ -686,7 +782,7 @@ def save_checkpoint(accelerator, folder: RunFolder, step: int, ema, lr_scheduler
             if ema is not None:
                 save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, os.path.join(partial, EMA_WEIGHTS_FILE))
             with open(os.path.join(partial, CHECKPOINT_STATE), "w") as f:  # last: marks the checkpoint complete
-                json.dump({"step": step, "lr_scheduler": lr_scheduler.state_dict()}, f)
+                json.dump({"step": step, "lr_scheduler": lr_scheduler.state_dict(), "fixed_options": options}, f)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
     except OSError as e:
@@ -705,15 +801,38 @@ def save_checkpoint(accelerator, folder: RunFolder, step: int, ema, lr_scheduler
 def load_checkpoint(accelerator, path: str, ema, lr_scheduler) -> int:
     import json
 
+    from accelerate.utils.constants import SCALER_NAME
     from safetensors.torch import load_file
 
-    accelerator.load_state(path)
+    scaler = accelerator.scaler
+    if scaler is not None and not os.path.isfile(os.path.join(path, SCALER_NAME)):
+        # A checkpoint written without a GradScaler (an older version's "fp16" on a CPU ran in float32): Accelerate's
+        # load_state would look for its state. The loss scale starts afresh and settles within a few steps.
+        accelerator.print(f"note: {path} holds no fp16 loss-scaler state ({SCALER_NAME}); the loss scale starts afresh.")
+        accelerator.scaler = None
+    try:
+        accelerator.load_state(path)
+    finally:
+        accelerator.scaler = scaler
     with open(os.path.join(path, CHECKPOINT_STATE)) as f:
         state = json.load(f)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if ema is not None:
         ema.model.load_state_dict(load_file(os.path.join(path, EMA_WEIGHTS_FILE)))  # copied onto the model's device; "cpu:1" is no safetensors device
     return int(state["step"])
+
+
+@torch.no_grad()
+def match_parameter_layouts(optimizer) -> None:
+    """Give every optimizer state tensor of a parameter's shape (Adam's exp_avg, exp_avg_sq) that parameter's memory
+    layout. Loaded state keeps the layout it was saved with, which is not the parameter's when --channels_last
+    differs from the checkpoint's run (or 'auto' resumes on another device); CUDA's fused AdamW refuses such pairs."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
 def save_pipeline(unet, scheduler, output_dir: str, class_names: list[str] | None = None) -> None:
@@ -727,7 +846,7 @@ def save_pipeline(unet, scheduler, output_dir: str, class_names: list[str] | Non
     staging = os.path.join(output_dir, ".partial-pipeline")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
+        DDPMPipeline(unet=_twin(unet), scheduler=scheduler).save_pretrained(staging, safe_serialization=True)
         if num_classes(unet) is not None:
             make_conditional_pipeline_folder(staging, class_names)
         for name in PIPELINE_PARTS:
@@ -746,12 +865,23 @@ def save_pipeline(unet, scheduler, output_dir: str, class_names: list[str] | Non
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _load_unet(name_or_path: str):
-    """UNet weights of a saved pipeline (folder or Hub id), safetensors only."""
+def _twin(unet):
+    """A UNet that shares `unet`'s weights but not its config, for saving: diffusers' save_pretrained adds
+    _class_name and _diffusers_version to the config it saves, in place, and a compiled training graph guards on
+    that dict: saving the trained module itself (--use_ema false) would make every process's next step compile again."""
+    with torch.device("meta"):  # no memory, no initialisation: the weights come next
+        twin = type(unet).from_config(unet.config)
+    twin.load_state_dict(unet.state_dict(), assign=True)
+    return twin
+
+
+def _load_unet(name_or_path: str, **config_overrides):
+    """UNet weights of a saved pipeline (folder or Hub id), safetensors only; `config_overrides` (e.g. dropout)
+    replace values of its config.json before the modules are built."""
     from diffusers import UNet2DModel
 
     try:
-        return UNet2DModel.from_pretrained(name_or_path, subfolder="unet", use_safetensors=True)
+        return UNet2DModel.from_pretrained(name_or_path, subfolder="unet", use_safetensors=True, **config_overrides)
     except (OSError, ValueError) as e:
         raise UserError(
             f"--init_from {name_or_path}: no pipeline UNet with safetensors weights there ({str(e).splitlines()[0]}). Give a folder saved by this package or a Hub id."
@@ -797,30 +927,60 @@ def _check_replicas_identical(accelerator, model) -> None:
     accelerator.print(f"Weights are identical on all {accelerator.num_processes} processes.")
 
 
-def _compile_or_fall_back(model, micro_batch: int, resolution: int, channels_last: bool, accelerator) -> bool:
-    """torch.compile `model` in place and run one forward/backward, so that a failure (no C++ compiler or
-    Triton, an unsupported platform) shows now: warn and train eagerly instead."""
-    import warnings
+def _compile_or_fall_back(prepared, micro_batch: int, resolution: int, channels_last: bool, accelerator) -> bool:
+    """torch.compile the UNet in place and run one training forward/backward through `prepared` (the UNet as
+    accelerator.prepare returned it: under DDP, Dynamo then splits the graph at DDP's gradient buckets, as training
+    needs), so that a compiler that fails (no C++ compiler or Triton, an unsupported platform: Dynamo's and Inductor's
+    errors) shows now: warn and train eagerly instead. Other errors are no compiler's: running out of memory is the
+    one-line error that names the fix, and anything else propagates as it is. Every process calls this together."""
+    from torch._dynamo.exc import TorchDynamoException
 
+    model = accelerator.unwrap_model(prepared)
     device = accelerator.device
     example = torch.zeros((micro_batch, model.config.in_channels, resolution, resolution), device=device)
     if channels_last:
         example = example.contiguous(memory_format=torch.channels_last)
     zeros = torch.zeros(micro_batch, dtype=torch.long, device=device)
     labels = zeros if num_classes(model) is not None else None  # a class-conditional UNet needs its labels
-    model.compile()
+    try:
+        model.compile()
+    except Exception as error:  # torch.compile refuses this platform outright (e.g. a Python that Dynamo does not support)
+        _warn_compile_failed(error)
+        return False
     try:
         with accelerator.autocast():
-            output = model(example, zeros, **class_label_arguments(labels)).sample
+            output = prepared(example, zeros, **class_label_arguments(labels)).sample
         output.float().square().mean().backward()
         return True
     except Exception as error:
+        if _out_of_memory(error):
+            raise UserError(
+                f"out of memory in the first training step: a micro-batch of {micro_batch} images of {resolution}x{resolution} per process "
+                f"does not fit on {device}. Raise --gradient_accumulation_steps (the same global batch in smaller micro-batches) or lower --train_batch_size."
+            ) from None
+        if not isinstance(error, TorchDynamoException):
+            raise
         model._compiled_call_impl = None  # set by nn.Module.compile(): back to the eager forward
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        warnings.warn(f"torch.compile failed ({type(error).__name__}: {first_line}); training without it (--compile no skips the attempt).", RuntimeWarning)
+        _warn_compile_failed(error)
         return False
     finally:
         model.zero_grad(set_to_none=True)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is, or was caused by, torch's OutOfMemoryError (Dynamo wraps errors raised while compiling)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        seen.add(id(error))
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return False
+
+
+def _warn_compile_failed(error: BaseException) -> None:
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    warnings.warn(f"torch.compile failed ({type(error).__name__}: {first_line}); training without it (--compile no skips the attempt).", RuntimeWarning)
 
 
 class GracefulStop:

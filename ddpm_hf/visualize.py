@@ -25,13 +25,14 @@ from .arguments import device as device_type
 from .conditioning import balanced_labels, num_classes
 from .errors import UserError
 from .run_folder import LOSS_FIGURE, PROGRESS_FIGURE, RunFolder
-from .sampling import SAMPLER_CHOICES
+from .sampling import add_sampler_arguments
 
 FORWARD_TIMESTEPS = (0, 50, 100, 250, 500, 750, 999)
 COMPARED_SCHEDULES = ("linear", "squaredcos_cap_v2")  # shown side by side in the forward figure
 SCHEDULE_NAMES = {"linear": "linear", "squaredcos_cap_v2": "cosine", "scaled_linear": "scaled linear", "sigmoid": "sigmoid"}
 DPI = 100
 LOSS_FIGSIZE = (8.0, 4.5)  # inches: loss.png is 800 x 450 pixels
+REVERSE_STEPS = 50  # `visualize reverse` with another sampler than ddpm and no --steps
 MAX_PROGRESS_GRIDS = 8  # progress.png shows at most this many sample grids, evenly spread over training
 
 
@@ -417,13 +418,13 @@ def run_forward(args) -> None:
 
 def run_reverse(args) -> None:
     from .conditioning import check_guidance, class_ids
-    from .sampling import load_pipeline, make_sampler, model_class_names
+    from .sampling import load_pipeline, model_class_names, sampler_from_arguments
 
     seeds = parse_int_list(args.seeds, "--seeds")
     pipeline = load_pipeline(args.model, device=args.device, revision=args.revision)
     total = pipeline.scheduler.config.num_train_timesteps
-    steps = args.steps if args.steps is not None or args.scheduler in ("ddpm", "auto") else 50
-    sampler = make_sampler(pipeline.scheduler, args.scheduler, steps)
+    steps = args.steps if args.steps is not None or args.scheduler in ("ddpm", "auto") else REVERSE_STEPS
+    sampler = sampler_from_arguments(pipeline.scheduler, args, steps)
     guidance_scale = check_guidance(pipeline.unet, args.guidance_scale, args.class_labels)
     labels, names, classes = None, None, num_classes(pipeline.unet)
     if classes is not None:
@@ -474,8 +475,7 @@ def add_cli(subparsers) -> None:
         help="One pair of rows per seed, comma-separated; seed s gives the image `ddpm-hf sample --seed s --num_images 1` gives "
         "with the same --scheduler and --steps (and --class_labels, --guidance_scale).",
     )
-    reverse.add_argument("--scheduler", default="ddpm", choices=SAMPLER_CHOICES, help="ddpm (the paper's ancestral sampler), ddim, dpmsolver, or auto.")
-    reverse.add_argument("--steps", type=bounded(int, ge=1), default=None, help="Denoising steps (default: T for ddpm, 50 for ddim).")
+    add_sampler_arguments(reverse, steps_help=f"Denoising steps (default: T for ddpm, {REVERSE_STEPS} for the other samplers).")
     reverse.add_argument(
         "--timesteps",
         default=None,

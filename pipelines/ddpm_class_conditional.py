@@ -75,7 +75,8 @@ class DDPMClassConditionalPipeline(DiffusionPipeline):
             learned variance it outputs 2 x C channels (mean part, then variance).
         scheduler ([`SchedulerMixin`]):
             Any scheduler whose `step` returns `prev_sample`, e.g. [`DDPMScheduler`] (ancestral sampling),
-            [`DDIMScheduler`] or [`DPMSolverMultistepScheduler`]. To switch, build the new one from the current config:
+            [`DDIMScheduler`], [`DPMSolverMultistepScheduler`], [`UniPCMultistepScheduler`],
+            [`DEISMultistepScheduler`], or [`EulerDiscreteScheduler`] / [`HeunDiscreteScheduler`] with `use_karras_sigmas=True`. To switch, build the new one from the current config:
             `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.
         id2label (`dict[int | str, str]`, *optional*):
             The name of each class id, `{0: "airplane", 1: "automobile", ...}`: exactly the ids `0 .. K-1`, distinct
@@ -368,6 +369,9 @@ class DDPMClassConditionalPipeline(DiffusionPipeline):
 
         # 2. timesteps and per-step arguments
         self.scheduler.set_timesteps(num_inference_steps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            # the chain starts at the first timestep; looking it up would pick the second of two equal ones
+            self.scheduler.set_begin_index(0)
         step_kwargs = self._step_kwargs(generator, eta)
 
         # 3. reverse process

@@ -84,11 +84,13 @@ class DDPMTrajectoryPipeline(DiffusionPipeline):
             channels (mean part, then variance); schedulers that do not read the variance get the first C.
         scheduler ([`SchedulerMixin`]):
             Any scheduler whose `step` returns `prev_sample`, e.g. [`DDPMScheduler`] (ancestral sampling, the
-            default when loading a DDPM checkpoint), [`DDIMScheduler`] or [`DPMSolverMultistepScheduler`]. To
+            default when loading a DDPM checkpoint), [`DDIMScheduler`], [`DPMSolverMultistepScheduler`], [`UniPCMultistepScheduler`],
+            [`DEISMultistepScheduler`], or [`EulerDiscreteScheduler`] / [`HeunDiscreteScheduler`] with `use_karras_sigmas=True`. To
             switch, build the new one from the current config:
             `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`. This is how ddpm-hf's own commands
             choose (`ddpm_hf.sampling.make_sampler`): "ddpm" with all T steps, "ddim" (eta = 0) with fewer unless asked
-            otherwise, "dpmsolver" for DPM-Solver++(2M). Avoid `DDPMScheduler` with `timestep_spacing="trailing"` and
+            otherwise, "dpmsolver" for DPM-Solver++(2M), "unipc", "deis", and "euler" / "heun" on Karras sigmas; it
+            also refuses the combinations diffusers mishandles (ddpm-hf's README, Sampling). Avoid `DDPMScheduler` with `timestep_spacing="trailing"` and
             fewer than T steps: its last step is above t = 0, where it still adds noise (fixed_large), and the image
             stays noisy; use "leading" or "linspace", or DDIM.
     """
@@ -250,6 +252,9 @@ class DDPMTrajectoryPipeline(DiffusionPipeline):
 
         # 2. timesteps and per-step arguments
         self.scheduler.set_timesteps(num_inference_steps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            # the chain starts at the first timestep; looking it up would pick the second of two equal ones
+            self.scheduler.set_begin_index(0)
         step_kwargs = self._step_kwargs(generator, eta)
         trajectory_x_t: list[torch.Tensor] = []
         trajectory_pred_x0: list[torch.Tensor] = []

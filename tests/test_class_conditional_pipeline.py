@@ -478,3 +478,19 @@ def test_stock_diffusers_loads_a_saved_conditional_folder_without_a_warning(tmp_
         diffusers_logging.set_verbosity(verbosity)
     assert type(pipe).__name__ == "DDPMClassConditionalPipeline" and pipe.class_names == NAMES
     assert records.messages == []
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmsolver", "unipc", "deis", "euler", "heun"])
+def test_every_sampler_guides_a_learned_variance_model_as_the_engine_does(pipeline_class, learned_unet, name):
+    """The pipeline with make_sampler's scheduler, per-image generators and guidance makes `ddpm-hf sample`'s images
+    (generate_images) for every sampler: the guided mean part goes to every scheduler but DDPM's."""
+    from ddpm_hf.distributed import item_generators
+    from ddpm_hf.sampling import gather_images, make_sampler
+
+    trained = DDPMScheduler(num_train_timesteps=100, variance_type="learned_range", timestep_spacing="trailing")
+    sampler = make_sampler(trained, name, 4, **({} if name in ("euler", "heun") else {"timestep_spacing": "trailing"}))
+    labels = [2, 0, 1]
+    ours = gather_images(learned_unet, sampler, 3, seed=9, batch_size=3, class_labels=labels, guidance_scale=2.5)
+    pipe = _pipe(pipeline_class, learned_unet, type(sampler.scheduler).from_config(sampler.scheduler.config))
+    images = pipe(labels, guidance_scale=2.5, num_inference_steps=4, generator=item_generators(9, range(3)), output_type="pt").images
+    assert (ours.int() - (images.clamp(0, 1) * 255).round().to(torch.uint8).int()).abs().max() <= 1, name

@@ -237,7 +237,7 @@ def test_sample_cli_draws_the_classes_asked_in_rows(conditional_run, tmp_path, c
     ],
 )
 def test_sample_refuses_unknown_classes_in_one_line(conditional_run, tmp_path, capsys, arguments, message):
-    code, err = run_cli(["sample", "--model", str(conditional_run), "--num_images", "2", "--steps", "2", "--scheduler", "ddim",
+    code, err = run_cli(["sample", "--model", str(conditional_run), "--num_images", "2", "--steps", "4", "--scheduler", "ddim",
                          "--out", str(tmp_path / "x.png"), "--device", "cpu", *arguments], capsys)  # fmt: skip
     assert code != 0 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "x.png").exists()

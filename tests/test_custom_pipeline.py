@@ -267,3 +267,21 @@ def test_predict_x0_matches_scheduler(loaded, prediction_type):
         t = torch.tensor([300])
         x_t = sched.add_noise(x0, eps, t)
         torch.testing.assert_close(pipe.predict_x0(eps, t[0], x_t), x0, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmsolver", "unipc", "deis", "euler", "heun"])
+def test_the_pipeline_makes_the_engines_images_with_every_sampler(loaded, name):
+    """Given make_sampler's scheduler and one generator per image, the single-file pipeline makes the images of
+    `ddpm-hf sample` (ddpm_hf.sampling.generate_images) for every sampler, and its trajectory has one x0_hat per network
+    evaluation (Heun's 2K - 1)."""
+    from ddpm_hf.distributed import item_generators
+    from ddpm_hf.sampling import gather_images, make_sampler
+
+    sampler = make_sampler(loaded.scheduler, name, 4, **({} if name in ("euler", "heun") else {"timestep_spacing": "trailing"}))
+    ours = gather_images(loaded.unet, sampler, BATCH, seed=5, batch_size=BATCH)
+    pipe = type(loaded)(unet=loaded.unet, scheduler=type(sampler.scheduler).from_config(sampler.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=BATCH, generator=item_generators(5, range(BATCH)), num_inference_steps=4, output_type="pt", return_trajectory=True)
+    theirs = (out.images.clamp(0, 1) * 255).round().to(torch.uint8)
+    assert (ours.int() - theirs.int()).abs().max() <= 1, name
+    assert len(out.trajectory_pred_x0) == sampler.nfe

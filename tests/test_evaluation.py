@@ -354,7 +354,7 @@ def test_evaluate_fid_writes_eval_json_into_the_model_folder(tmp_path, capsys):
 
 def test_command_line_mistakes_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="SAMPLER:STEPS"):
-        evaluation_sweeps.parse_sweep("ddpm:1000,euler:10")
+        evaluation_sweeps.parse_sweep("ddpm:1000,nonsense:10")
     with pytest.raises(UserError, match="needs --steps"):
         resolve_sampler("ddim", None, 1000)
     with pytest.raises(UserError, match="between 1 and"):

@@ -151,7 +151,7 @@ def test_every_class_gets_the_same_number_of_samples(reference_images):
 def test_conditional_training_evaluates_fid_with_the_defaults(tmp_path, micro_unet_config, train_in_process):
     from conftest import quick_options
 
-    train_in_process(**quick_options(tmp_path / "run", micro_unet_config, class_conditional=True, eval_every=4, eval_num_samples=6, sample_steps=2))
+    train_in_process(**quick_options(tmp_path / "run", micro_unet_config, class_conditional=True, eval_every=4, eval_num_samples=6, sample_steps=3))
     best = json.loads((tmp_path / "run" / "best" / "eval.json").read_text())
     assert math.isfinite(best["fid"]) and best["num_samples"] == 6
     assert (best["guidance_scale"], best["class_balanced"], best["num_classes"]) == (1.0, True, 10)  # the built-in CIFAR-10 subset

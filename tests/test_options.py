@@ -149,3 +149,56 @@ def test_train_ddpm_refuses_a_bad_option_before_any_work(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == ["error: --learning_rate must be > 0, got -1.0."]
     assert "Traceback" not in result.stderr and not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "output_dir: 2024",
+        "dataset: [a, b]",
+        "logging_dir: 5",
+        "resume_from_checkpoint: 5",
+        "hub_model_id: [a]",
+        "hub_model_id: 5",
+        "split: 2020",
+        "dataset_config: 2020",
+    ],
+)
+def test_text_options_of_another_type_in_yaml_are_one_line_errors_exit_2(line, tmp_path, monkeypatch, capsys):
+    """Issue 24: YAML gives numbers and lists their own types; flags are always text."""
+    import runpy
+
+    name = line.split(":")[0]
+    path = tmp_path / "run.yaml"
+    path.write_text(line + "\n")
+    argv = ["--config", str(path)] + ([] if name == "output_dir" else ["--output_dir", str(tmp_path / "run")])
+    assert _user_error(argv).startswith(f"--{name} must be text, got ")
+    monkeypatch.chdir(tmp_path)  # output_dir 2024 would be a folder here
+    monkeypatch.setattr(sys, "argv", ["train_ddpm.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(os.path.join(ROOT, "train_ddpm.py"), run_name="__main__")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: --{name} must be text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # nothing written
+
+
+def _wrong_values(name: str) -> list:
+    """Values of a type option `name` does not take, as YAML writes them."""
+    kind = value_type(name)
+    if kind in (int, float):
+        return ["[1, 2]", "{a: 1}", "not-a-number"]
+    if kind is bool:
+        return ["[1, 2]", "5", "not-a-bool"]
+    if kind is str:
+        return ["[1, 2]", "{a: 1}", "5", "true"]
+    return ["[1, 2]", "{a: 1}", "5"]  # choices (true is yes where yes is a choice)
+
+
+@pytest.mark.parametrize("name", [f.name for f in FIELDS if f.name != "config"])  # a YAML file's own path replaces a config: key
+def test_every_option_checks_its_type_from_yaml(name, tmp_path):
+    """The general rule: whatever its type, an option given a value of another type in YAML is a one-line error naming it."""
+    path = tmp_path / "run.yaml"
+    for value in _wrong_values(name):
+        path.write_text(f"{name}: {value}\n")
+        message = _user_error(["--config", str(path), "--output_dir", str(tmp_path / "run")] if name != "output_dir" else ["--config", str(path)])
+        assert name in message and "\n" not in message, (value, message)

@@ -6,33 +6,47 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
 import torch
 from conftest import MICRO_UNET, REPO_ROOT, as_flags, offline_env
+from safetensors.torch import load_file
 
 from ddpm_hf.run_folder import RunFolder
 
 pytestmark = pytest.mark.slow
 
 
-def launch(processes: int, arguments: list[str], module: bool = True) -> list[str]:
-    """The command line: `python -m ddpm_hf ...` for one process, `torchrun --standalone --nproc_per_node N -m ddpm_hf ...` else."""
-    target = ["-m", "ddpm_hf"] if module else [os.path.join(REPO_ROOT, "train_ddpm.py")]
+def launch(processes: int, arguments: list[str], module: bool = True, script: str | None = None) -> list[str]:
+    """The command line: `python -m ddpm_hf ...` for one process, `torchrun --standalone --nproc_per_node N -m ddpm_hf ...` else;
+    with `script`, that script instead of the module or train_ddpm.py."""
+    target = [script] if script else ["-m", "ddpm_hf"] if module else [os.path.join(REPO_ROOT, "train_ddpm.py")]
     if processes == 1:
         return [sys.executable, *target, *arguments]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     return [torchrun, "--standalone", "--nproc_per_node", str(processes), *target, *arguments]
 
 
-def run(processes: int, arguments: list[str], module: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(launch(processes, arguments, module), capture_output=True, text=True, env=offline_env(), timeout=timeout)
+def run(processes: int, arguments: list[str], module: bool = True, timeout: int = 600, script: str | None = None, **env) -> subprocess.CompletedProcess:
+    result = subprocess.run(launch(processes, arguments, module, script), capture_output=True, text=True, env=offline_env(**env), timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+def train_script_with(folder, setup: str) -> str:
+    """A script that runs the Python `setup` in its process, then train_ddpm.py as the launcher would have: a way to
+    change something inside each of torchrun's processes (os.environ["RANK"] says which one it is)."""
+    train_ddpm = os.path.join(REPO_ROOT, "train_ddpm.py")
+    path = os.path.join(folder, "train_with_setup.py")
+    with open(path, "w") as f:
+        f.write(f"{textwrap.dedent(setup)}\nimport runpy, sys\nsys.argv[0] = {train_ddpm!r}\nrunpy.run_path({train_ddpm!r}, run_name='__main__')\n")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +175,100 @@ def worker_pid(launcher_pid: int, local_rank: int) -> int:
                 return int(entry)
         time.sleep(0.2)
     raise AssertionError(f"no worker with LOCAL_RANK={local_rank} under {launcher_pid}")
+
+
+# ---- issue 20: what several GPUs meet, on two gloo processes ---------------------------------------------
+
+NAN_ON_RANK_1S_SECOND_LOSS = """
+import os
+from ddpm_hf import losses
+
+if os.environ["RANK"] == "1":
+    original, calls = losses.DDPMLoss.__call__, [0]
+
+    def second_loss_is_nan(self, network, x_0, generator=None):
+        calls[0] += 1
+        loss = original(self, network, x_0, generator)
+        return loss * float("nan") if calls[0] == 2 else loss
+
+    losses.DDPMLoss.__call__ = second_loss_is_nan
+"""
+
+
+def test_a_nan_on_one_process_with_skip_nonfinite_loss_skips_that_step_on_every_process(workspace, tmp_path):
+    """Without agreement, the process with the NaN skipped its backward while the other waited in DDP's all-reduce."""
+    output_dir = tmp_path / "run"
+    arguments = training_arguments(
+        workspace, output_dir, skip_nonfinite_loss=True, max_train_steps=3, checkpoint_every=1, checkpoints_total_limit=3, eval_every=0, ddp_timeout=60
+    )
+    result = run(2, arguments, script=train_script_with(tmp_path, NAN_ON_RANK_1S_SECOND_LOSS), timeout=300)
+    assert "Weights are identical on all 2 processes." in result.stdout
+    weights = {k: load_file(str(output_dir / "checkpoints" / f"checkpoint-{k:07d}" / "model.safetensors")) for k in (1, 2, 3)}
+    assert all(torch.equal(weights[1][name], weights[2][name]) for name in weights[1])  # step 1 skipped by both
+    assert any(not torch.equal(weights[2][name], weights[3][name]) for name in weights[2])  # step 2 trained by both
+    assert all(torch.isfinite(w).all() for w in weights[3].values())
+
+
+def test_a_nan_on_one_process_stops_every_process_naming_its_step(workspace, tmp_path):
+    """The weights are NaN on both after the all-reduce of step 1, so process 0's loss is NaN from step 2: the step
+    named must be the first on any process (a min over processes, not a max), and no process may wait for a timeout."""
+    output_dir = tmp_path / "run"
+    arguments = training_arguments(workspace, output_dir, max_train_steps=6, logging_steps=3, checkpoint_every=0, eval_every=0, ddp_timeout=60)
+    start = time.time()
+    result = subprocess.run(
+        launch(2, arguments, script=train_script_with(tmp_path, NAN_ON_RANK_1S_SECOND_LOSS)), capture_output=True, text=True, env=offline_env(), timeout=300
+    )
+    assert result.returncode != 0 and time.time() - start < 60, result.stderr[-3000:]
+    # Both processes say so (two processes write into one stderr: a line may start after the other's progress bar).
+    assert re.findall(r"error: the loss became non-finite at step (\d+)\.", result.stderr) == ["1", "1"], result.stderr[-3000:]
+    assert "lost the others" not in result.stderr and not (output_dir / "model_index.json").exists()
+
+
+COMPILE_AND_COUNT = """
+import functools
+import sys
+import traceback
+
+import torch
+
+
+def backend(graph_module, example_inputs):
+    # Dynamo traces, guards and recompiles as with Inductor; the graphs then run eagerly, in seconds on a CPU.
+    warm_up = any(frame.name == "_compile_or_fall_back" for frame in traceback.extract_stack())
+    print(f"test: compiled a graph {'in the warm-up' if warm_up else 'AFTER the warm-up'}", file=sys.stderr, flush=True)
+    return graph_module.forward
+
+
+real_compile = torch.compile
+torch.compile = functools.wraps(real_compile)(lambda *args, **kwargs: real_compile(*args, **{**kwargs, "backend": backend}))
+"""
+
+
+def test_compiled_channels_last_bf16_training_on_two_processes_compiles_only_in_its_warm_up(workspace, tmp_path):
+    """Issue 20's "done when": two processes with compile, channels_last and bf16 forced on train, evaluate FID,
+    sample a grid, checkpoint and save the trained module itself (--use_ema false) between steps, resume, and sample:
+    every graph is compiled by the warm-up (split at DDP's buckets), none later, and the replicas stay identical."""
+    from PIL import Image
+
+    from ddpm_hf.cli import main
+
+    output_dir = tmp_path / "run"
+    script = train_script_with(tmp_path, COMPILE_AND_COUNT)
+    forced = dict(compile="yes", channels_last="yes", mixed_precision="bf16", use_ema="false", dropout=0.1, logging_steps=1)
+    between_steps = dict(max_train_steps=3, checkpoint_every=2, sample_every=2, save_every=2, eval_every=2, eval_num_samples=2)
+    first = run(2, training_arguments(workspace, output_dir, **forced, **between_steps), script=script)
+    resumed = run(
+        2, [*training_arguments(workspace, output_dir, **forced, max_train_steps=4, eval_every=0), "--resume_from_checkpoint", "latest"], script=script
+    )
+    for result in (first, resumed):
+        assert result.stderr.count("test: compiled a graph in the warm-up") >= 2 and "AFTER the warm-up" not in result.stderr, result.stderr[-4000:]
+        assert "Weights are identical on all 2 processes." in result.stdout
+    assert first.stdout.count("FID") == 2 and (output_dir / "best" / "eval.json").is_file()  # at step 2, and at the end
+    assert sorted(p.name for p in (output_dir / "samples").iterdir()) == ["step_0000002.png", "step_0000003.png"]
+    assert "checkpoint-0000003 at step 3" in resumed.stdout  # the last checkpoint, written at the end
+    assert json.loads((output_dir / "training_config.json").read_text())["mixed_precision"] == "bf16"
+    losses = [loss for _, loss in RunFolder(output_dir).loss_history()]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses  # it learned
+    out = tmp_path / "samples.png"
+    assert main(["sample", "--model", str(output_dir), "--num_images", "4", "--steps", "3", "--out", str(out), "--device", "cpu"]) == 0
+    assert Image.open(out).size == (32, 32)  # 2 x 2 images of 16 x 16

@@ -237,7 +237,7 @@ def test_unknown_sampler_and_non_pipeline_model_dir(tmp_path):
     from ddpm_hf.sampling import load_pipeline
 
     with pytest.raises(UserError, match="unknown sampler. Choose one of: auto, ddpm, ddim, dpmsolver"):
-        load_pipeline(str(tmp_path), "euler")
+        load_pipeline(str(tmp_path), "nonsense")
     with pytest.raises(UserError, match="not a saved pipeline"):
         load_pipeline(str(tmp_path), "ddpm")
 

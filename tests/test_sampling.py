@@ -16,7 +16,7 @@ from ddpm_hf.cli import main
 from ddpm_hf.config import config_from_dict
 from ddpm_hf.distributed import item_generators
 from ddpm_hf.errors import UserError
-from ddpm_hf.sampling import gather_images, generate_images, make_sampler, resolve_sampler
+from ddpm_hf.sampling import SAMPLERS, gather_images, generate_images, make_sampler, resolve_sampler
 
 
 def micro_pipeline(folder, **scheduler_options):
@@ -34,16 +34,32 @@ def test_auto_is_ddpm_with_all_steps_and_ddim_with_fewer():
     with pytest.raises(UserError, match="needs --steps"):
         resolve_sampler("dpmsolver", None, 1000)
     with pytest.raises(UserError, match="unknown sampler"):
-        resolve_sampler("euler", 10, 1000)
+        resolve_sampler("nonsense", 10, 1000)
 
 
 def test_the_factory_keeps_the_trained_schedule():
-    trained = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="linspace")
-    for name in ("ddpm", "ddim", "dpmsolver"):
+    """Every sampler gets the trained betas, T, prediction type and clipping, also where the trained scheduler took
+    them by default: from_config would otherwise give the new class its own defaults (Heun's betas are not DDPM's)."""
+    trained = DDPMScheduler(num_train_timesteps=100, beta_schedule="linear", prediction_type="v_prediction", timestep_spacing="trailing")
+    assert "beta_start" in trained.config["_use_default_values"]
+    for name in SAMPLERS:
         sampler = make_sampler(trained, name, 10)
-        assert sampler.name == name and sampler.nfe == 10
-        assert sampler.scheduler.config.prediction_type == "v_prediction" and sampler.scheduler.config.beta_schedule == "squaredcos_cap_v2"
-        torch.testing.assert_close(sampler.scheduler.alphas_cumprod, trained.alphas_cumprod)
+        assert sampler.name == name and sampler.steps == 10 and sampler.nfe == (19 if name == "heun" else 10)
+        assert sampler.scheduler.config.prediction_type == "v_prediction" and sampler.scheduler.config.beta_schedule == "linear"
+        torch.testing.assert_close(sampler.scheduler.alphas_cumprod, trained.alphas_cumprod, msg=name)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_nfe_is_the_number_of_network_calls(name):
+    """Sampler.nfe is what the network is asked per image: Heun twice per step but the last (2K - 1), the others K;
+    guidance doubles the batch of a call, not the count."""
+    calls = []
+    unet = UNet2DModel(**MICRO_UNET, sample_size=8, num_class_embeds=3)
+    unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    sampler = make_sampler(DDPMScheduler(num_train_timesteps=50), name, 5, **({} if name in ("euler", "heun") else {"timestep_spacing": "trailing"}))
+    gather_images(unet, sampler, 2, seed=0, batch_size=2, class_labels=[0, 1], guidance_scale=2.0)
+    assert calls == [4] * sampler.nfe and sampler.nfe == (9 if name == "heun" else 5)
+    assert ("9 network evaluations" in sampler.describe()) == (name == "heun")
 
 
 def test_ddpm_with_trailing_spacing_and_fewer_steps_is_refused_everywhere(tmp_path):
@@ -71,15 +87,68 @@ def test_ddpm_with_trailing_spacing_and_fewer_steps_is_refused_everywhere(tmp_pa
     assert exit_info.value.code == 2 and not (tmp_path / "s.png").exists()
 
 
-def test_sample_with_dpmsolver_and_each_sampler_gives_images(tmp_path, one_thread):
+def test_sample_runs_every_sampler(tmp_path, one_thread):
     model = micro_pipeline(tmp_path / "model")
     grids = {}
-    for name in ("ddpm", "ddim", "dpmsolver"):
+    for name in SAMPLERS:
         out = tmp_path / f"{name}.png"
-        main(["sample", "--model", model, "--scheduler", name, "--steps", "4", "--num_images", "4", "--out", str(out), "--device", "cpu", "--save_individual"])
+        spacing = [] if name in ("euler", "heun") else ["--timestep_spacing", "trailing"] if name != "ddpm" else ["--timestep_spacing", "linspace"]
+        main(
+            [
+                "sample",
+                "--model",
+                model,
+                "--scheduler",
+                name,
+                "--steps",
+                "5",
+                "--num_images",
+                "4",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--save_individual",
+                *spacing,
+            ]
+        )
         grids[name] = np.asarray(Image.open(out))
         assert grids[name].shape == (32, 32, 3) and len(list((tmp_path / name).glob("*.png"))) == 4
-    assert not np.array_equal(grids["ddim"], grids["dpmsolver"])  # really two samplers
+    assert len({grid.tobytes() for grid in grids.values()}) == len(SAMPLERS)  # really different samplers
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--scheduler", "dpmsolver", "--steps", "5", "--solver_order", "4"], "--solver_order 4: dpmsolver takes --solver_order 1 to 3"),
+        (["--scheduler", "heun", "--steps", "5", "--solver_order", "2"], "--solver_order 2: heun has no --solver_order"),
+        (["--scheduler", "ddim", "--steps", "5", "--karras_sigmas", "yes"], "--karras_sigmas: ddim has no Karras sigmas"),
+        (["--scheduler", "ddpm", "--karras_sigmas", "yes"], "--karras_sigmas: ddpm has no Karras sigmas"),
+        (["--scheduler", "euler", "--steps", "5", "--timestep_spacing", "leading"], "--timestep_spacing leading with Karras sigmas"),
+        (["--scheduler", "ddim", "--steps", "7", "--timestep_spacing", "linspace"], "t - T // K"),
+        (["--scheduler", "unipc", "--steps", "50", "--timestep_spacing", "leading"], "only 1 of them differ"),
+        (["--scheduler", "deis", "--steps", "2", "--timestep_spacing", "leading"], "starts at t = 32 of T = 50"),
+    ],
+)
+def test_sampler_options_that_make_no_sense_are_one_line_errors(tmp_path, capsys, arguments, message):
+    model = micro_pipeline(tmp_path / "model", beta_schedule="squaredcos_cap_v2")
+    out = tmp_path / "grid.png"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--model", model, "--out", str(out), "--device", "cpu", *arguments])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert not out.exists()
+
+
+def test_solver_order_and_karras_sigmas_reach_the_scheduler():
+    trained = DDPMScheduler(num_train_timesteps=1000)
+    third = make_sampler(trained, "unipc", 20, solver_order=3, karras_sigmas=True)
+    assert (
+        third.scheduler.config.solver_order == 3 and third.scheduler.config.use_karras_sigmas and third.describe() == "unipc 20 steps (order 3, Karras sigmas)"
+    )
+    plain = make_sampler(trained, "euler", 20, karras_sigmas=False, timestep_spacing="trailing")
+    assert not plain.scheduler.config.use_karras_sigmas and plain.scheduler.timesteps[0] == 999 and plain.describe() == "euler 20 steps"
+    assert make_sampler(trained, "heun", 10).scheduler.timesteps[0] == 999  # Karras sigmas from sigma(T - 1)
 
 
 def test_generate_images_is_the_stock_pipeline_with_one_generator_per_image(tmp_path, one_thread):
@@ -138,11 +207,23 @@ def test_sample_out_that_cannot_be_created_is_a_one_line_error_before_any_work(t
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_every_sampler_runs_a_learned_variance_model(prediction_type, one_thread):
-    """DDPM reads the 2C channels itself; DDIM and DPM-Solver get the mean part (diffusers' DPM-Solver would cut
+    """DDPM reads the 2C channels itself; every other sampler gets the mean part (diffusers' DPM-Solver would cut
     only epsilon outputs, and to 3 channels)."""
     torch.manual_seed(0)
     unet = UNet2DModel(**{**MICRO_UNET, "out_channels": 6}, sample_size=8)
     trained = DDPMScheduler(num_train_timesteps=50, variance_type="learned_range", prediction_type=prediction_type)
-    for name in ("ddpm", "ddim", "dpmsolver"):
+    for name in SAMPLERS:
         ((_, images),) = list(generate_images(unet, make_sampler(trained, name, 3), 2, seed=1, batch_size=2))
         assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8, name
+
+
+def test_load_pipeline_hands_only_samplers_the_stock_pipelines_can_run(tmp_path):
+    """DDPMPipeline never scales the model input (Euler, Heun) and passes `generator` to every step (UniPC and DEIS take
+    none): those samplers are a one-line error there, with the way to run them."""
+    from ddpm_hf.sampling import load_pipeline
+
+    model = micro_pipeline(tmp_path / "model")
+    assert type(load_pipeline(model, "dpmsolver", device="cpu", steps=5)).__name__ == "DDPMPipeline"
+    for name in ("unipc", "deis", "euler", "heun"):
+        with pytest.raises(UserError, match=f"cannot run {name}.*ddpm-hf sample --scheduler {name}"):
+            load_pipeline(model, name, device="cpu", steps=5)

@@ -264,7 +264,9 @@ def test_training_compile_failure_falls_back_with_a_warning(tmp_path, micro_unet
 
     def failing_compile(fn, *args, **kwargs):
         def compiled(*a, **k):
-            raise RuntimeError("InductorError: no C++ compiler found")
+            from torch._inductor.exc import InductorError
+
+            raise InductorError(RuntimeError("no C++ compiler found"), None)  # what Inductor raises without a compiler
 
         return compiled
 
