@@ -15,8 +15,8 @@
 * The variational bound in bits/dim (Ho et al. 2020, Table 1): the terms are in ddpm_hf/nll.py.
 
 What to compute is one `EvaluateOptions`, a field per option of `ddpm-hf evaluate` (evaluation_cli.py builds it from
-the command line, and prints and writes the results); `evaluate_fid`, `evaluate_runs` and `evaluate_nll` return the
-dicts eval.json holds (ddpm_hf/run_folder.py). During training, --eval_every calls `fid_result`, the same code;
+the command line, and prints and writes the results); `evaluate_fid`, `evaluate_runs`, `evaluate_frontier` and
+`evaluate_nll` return the dicts eval.json holds (ddpm_hf/run_folder.py). During training, --eval_every calls `fid_result`, the same code;
 samplers come from `ddpm_hf.sampling.make_sampler`.
 """
 
@@ -35,7 +35,7 @@ from .conditioning import balanced_labels, check_guidance, num_classes
 from .distributed import DEFAULT_TIMEOUT_S, process_device
 from .errors import UserError
 from .evaluation_per_class import check_per_class_samples, class_reference_statistics, open_labelled_reference
-from .evaluation_sweeps import FRONTIER, GUIDANCE_SWEEP, SAMPLER_SWEEP, SweepKind, steps_within
+from .evaluation_sweeps import FRONTIER, GUIDANCE_SWEEP, SAMPLER_SWEEP, SweepKind, best_at_budget, steps_within
 from .fid import (
     PROTOCOL,
     PROTOCOL_DESCRIPTION,
@@ -459,11 +459,24 @@ def evaluate_runs(options: EvaluateOptions, state=None) -> list[dict]:
     same reference statistics and seed; with `options.repeats` > 1 each is the mean of that many image sets
     (`merge_repeats`). Every option is checked before any work. With an Accelerate `state` of several processes each
     samples its share and the statistics are merged: the same results on every process."""
+    return _evaluate_runs(options, state)[0]
+
+
+def evaluate_frontier(options: EvaluateOptions, state=None) -> dict:
+    """The frontier of `options.frontier` (NFE budgets) as eval.json's `frontier` section: `budgets`, `best` (the
+    best sampler at each budget, `evaluation_sweeps.best_at_budget`), `runs` (`evaluate_runs`' results, each with its
+    `nfe_budget`) and `not_run` (the samplers that no step count within a budget lets run, with make_sampler's reason)."""
+    results, not_run = _evaluate_runs(options, state)
+    return {"budgets": options.frontier, "best": best_at_budget(results), "runs": results, "not_run": not_run}
+
+
+def _evaluate_runs(options: EvaluateOptions, state=None) -> tuple[list[dict], list[dict]]:
+    """`evaluate_runs`' results, and the frontier runs left out (`_runs_and_samplers`)."""
     started = time.time()
     progress = state is None or state.is_main_process
     device = process_device(options.device, state)
     unet, scheduler = load_model(options.model, str(device), options.revision, state)
-    runs, samplers = _runs_and_samplers(options, scheduler)
+    runs, samplers, not_run = _runs_and_samplers(options, scheduler)
     classes, names, labelled = num_classes(unet), None, None
     if classes is None and options.guidance_sweep is not None:
         raise UserError(
@@ -526,13 +539,15 @@ def evaluate_runs(options: EvaluateOptions, state=None) -> list[dict]:
         if options.frontier is not None:
             result["nfe_budget"] = run.nfe_budget or sampler.nfe  # ddpm with all T steps: T
         results.append(dict(result, model=options.model))
-    return results
+    return results, not_run
 
 
-def _runs_and_samplers(options: EvaluateOptions, scheduler) -> tuple[list[Run], list[Sampler]]:
-    """The runs of `options` with their samplers, all made (and so checked) before any work. A frontier run's steps
-    are the most whose NFE fits in its budget (`evaluation_sweeps.steps_within`); budgets above the model's T are
-    refused, and a run that would repeat another's sampler and steps (ddpm at a budget of T) is left out."""
+def _runs_and_samplers(options: EvaluateOptions, scheduler) -> tuple[list[Run], list[Sampler], list[dict]]:
+    """The runs of `options` with their samplers, all made (and so checked) before any work, and the frontier runs
+    left out. A frontier run's steps are the most whose NFE fits in its budget and that make_sampler accepts
+    (`evaluation_sweeps.steps_within`); where none does (e.g. a 'leading' chain of one or two steps), the run is left
+    out with make_sampler's reason, as is a run that would repeat another's sampler and steps (ddpm at a budget of T).
+    Budgets above the model's T are refused."""
     num_train_timesteps = scheduler.config.num_train_timesteps
     too_large = [budget for budget in options.frontier or () if budget > num_train_timesteps]
     if too_large:
@@ -540,12 +555,14 @@ def _runs_and_samplers(options: EvaluateOptions, scheduler) -> tuple[list[Run], 
             f"--frontier {','.join(map(str, options.frontier))}: the budget {too_large[0]} exceeds the model's T = {num_train_timesteps} "
             f"network evaluations; give budgets up to {num_train_timesteps}."
         )
-    runs, samplers, made = [], [], set()
+    runs, samplers, not_run, made = [], [], [], set()
     for run in options.runs():
         steps = run.steps
         if run.nfe_budget is not None:
-            steps = steps_within(scheduler, run.scheduler, run.nfe_budget, options.timestep_spacing)
-            if steps is None:  # not even one step fits the budget
+            try:
+                steps = steps_within(scheduler, run.scheduler, run.nfe_budget, options.timestep_spacing)
+            except UserError as refusal:
+                not_run.append({"sampler": run.scheduler, "nfe_budget": run.nfe_budget, "reason": str(refusal)})
                 continue
         sampler = make_sampler(scheduler, run.scheduler, steps, options.timestep_spacing)
         if options.frontier is not None and (sampler.name, sampler.steps) in made:
@@ -553,7 +570,7 @@ def _runs_and_samplers(options: EvaluateOptions, scheduler) -> tuple[list[Run], 
         made.add((sampler.name, sampler.steps))
         runs.append(replace(run, steps=sampler.steps))
         samplers.append(sampler)
-    return runs, samplers
+    return runs, samplers, not_run
 
 
 def evaluate_fid(options: EvaluateOptions, state=None) -> dict:

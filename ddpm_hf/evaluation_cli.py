@@ -17,14 +17,13 @@ from .arguments import bounded, local_path_or_hub_id, output_file, output_folder
 from .arguments import device as device_type
 from .distributed import leave_process_group
 from .errors import UserError
-from .evaluation import KID_FEATURES, EvaluateOptions, evaluate_fid, evaluate_nll, evaluate_runs
+from .evaluation import KID_FEATURES, EvaluateOptions, evaluate_fid, evaluate_frontier, evaluate_nll, evaluate_runs
 from .evaluation_per_class import samples_per_class
 from .evaluation_sweeps import (
     DEFAULT_FRONTIER_BUDGETS,
     FRONTIER,
     GUIDANCE_SWEEP,
     SweepKind,
-    best_at_budget,
     best_table,
     guidance_scales,
     nfe_budgets,
@@ -65,7 +64,11 @@ def run_evaluate(args) -> None:
     state = process_state(options.device, options.ddp_timeout)
     output_dir = options.output or default_output_dir(options.model)
     kind = options.sweep_kind()
-    if kind is not None:
+    if kind is FRONTIER:
+        section = evaluate_frontier(options, state)
+        if state.is_main_process:
+            report_sweep(section["runs"], kind, options, output_dir, section)
+    elif kind is not None:
         results = evaluate_runs(options, state)
         if state.is_main_process:
             report_sweep(results, kind, options, output_dir)
@@ -123,13 +126,12 @@ def speed_description(result: dict) -> str:
     return f"UNet {' + '.join(how)}, " if how else ""
 
 
-def report_sweep(results: list[dict], kind: SweepKind, options: EvaluateOptions, output_dir: str) -> None:
-    """<kind>.csv/.md/.png, eval.json section <kind>, and the table on the terminal."""
+def report_sweep(results: list[dict], kind: SweepKind, options: EvaluateOptions, output_dir: str, section: dict | None = None) -> None:
+    """<kind>.csv/.md/.png, eval.json section <kind> (`section`, default {"runs": results}), and the table on the
+    terminal."""
     first = results[0]
     paths = write_sweep(results, output_dir, kind.title.format(model_name=os.path.basename(os.path.normpath(options.model)), **first), kind)
-    section = {"runs": results}
-    if kind is FRONTIER:
-        section = {"budgets": options.frontier, "best": best_at_budget(results), **section}
+    section = section or {"runs": results}
     RunFolder(output_dir).write_eval(section, section=kind.name)
     if kind is GUIDANCE_SWEEP:
         per_class = samples_per_class(first["num_samples"], first["num_classes"])
@@ -137,6 +139,8 @@ def report_sweep(results: list[dict], kind: SweepKind, options: EvaluateOptions,
     if kind is FRONTIER:
         print(f"Best sampler at each NFE budget ({samples_description(first)}; every run in {paths['md']}):")
         print(best_table(section["best"]))
+        for skipped in section["not_run"]:
+            print(f"not run: {skipped['sampler']} within {skipped['nfe_budget']} NFE ({skipped['reason']})")
     else:
         print(sweep_table(sweep_rows(results, kind), kind))
     note_small_sample_bias(options.num_samples)

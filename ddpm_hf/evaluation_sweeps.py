@@ -125,23 +125,21 @@ def nfe_budgets(text: str) -> list[int]:
 nfe_budgets.bounds = _NFE_BUDGET.bounds
 
 
-def steps_within(scheduler, name: str, budget: int, timestep_spacing: str | None = None) -> int | None:
-    """The most steps K of sampler `name` whose network evaluations per image (`Sampler.nfe`) fit in `budget`, or None
-    when not even one step does. NFE grows with K for every sampler, so K is found by bisection over 1 .. min(budget, T)
-    (Heun's NFE is 2K - 1, the others' K: counted by the sampler itself, not assumed here)."""
+def steps_within(scheduler, name: str, budget: int, timestep_spacing: str | None = None) -> int:
+    """The most steps K of sampler `name` whose network evaluations per image (`Sampler.nfe`, as the sampler counts
+    them: 2K - 1 for Heun, K for the others) fit in `budget` and that `make_sampler` accepts. A step count it refuses
+    (e.g. a 'leading' chain that would start far from noise) is passed over; when no K is left, its refusal (a
+    UserError) is raised."""
     from .sampling import make_sampler
 
-    def nfe(steps: int) -> int:
-        return make_sampler(scheduler, name, steps, timestep_spacing).nfe
-
-    low, high = 0, min(budget, scheduler.config.num_train_timesteps)  # nfe(low) <= budget (or low = 0), answer in [low, high]
-    while low < high:
-        middle = (low + high + 1) // 2
-        if nfe(middle) <= budget:
-            low = middle
-        else:
-            high = middle - 1
-    return low or None
+    refusal = None
+    for steps in range(min(budget, scheduler.config.num_train_timesteps), 0, -1):
+        try:
+            if make_sampler(scheduler, name, steps, timestep_spacing).nfe <= budget:
+                return steps
+        except UserError as error:
+            refusal = refusal or error
+    raise refusal or UserError(f"--frontier: no step count of {name} fits {budget} network evaluations.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def test_frontier_on_one_and_two_processes(model, reference, tmp_path):
     for run in one["runs"]:  # the most steps within the budget, NFE counted by the sampler
         assert run["nfe"] == make_sampler(scheduler, run["scheduler"], run["steps"]).nfe <= run["nfe_budget"]
         assert run["steps"] == T or make_sampler(scheduler, run["scheduler"], run["steps"] + 1).nfe > run["nfe_budget"]
-    assert one["budgets"] == [2, 4] and one["best"] == best_at_budget(one["runs"])
+    assert one["budgets"] == [2, 4] and one["best"] == best_at_budget(one["runs"]) and one["not_run"] == []
     for row in one["best"]:
         within = [r["fid"] for r in one["runs"] if r["nfe_budget"] == row["nfe_budget"]]
         assert row["fid"] == min(within)
@@ -195,6 +195,22 @@ def test_frontier_on_one_and_two_processes(model, reference, tmp_path):
     assert table.startswith("Best sampler at each budget:\n\n| NFE budget | best sampler | steps | NFE | FID | next best |")
     with Image.open(tmp_path / "p1" / "frontier.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 300
+
+
+def test_a_budget_no_step_count_of_a_sampler_may_use_leaves_that_run_out_with_the_reason():
+    """On the paper's schedule (T = 1000, 'leading' spacing) make_sampler refuses chains of one or two steps that
+    would start far from noise: at a budget of 2 the frontier runs what it may (the multistep solvers and euler 2
+    steps, heun 1 step: 1 NFE) and lists ddpm and ddim as not run, with make_sampler's one-line reason; at 4 every
+    sampler runs."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    runs, samplers, not_run = evaluation._runs_and_samplers(evaluation.EvaluateOptions(model="m", frontier=[2, 4]), scheduler)
+    ran = {(run.scheduler, run.nfe_budget): (sampler.steps, sampler.nfe) for run, sampler in zip(runs, samplers)}
+    assert (
+        ran[("unipc", 2)] == ran[("euler", 2)] == (2, 2) and ran[("heun", 2)] == (1, 1) and ran[("heun", 4)] == (2, 3) and ran[("ddpm", None)] == (1000, 1000)
+    )
+    assert all((name, 4) in ran for name in SAMPLERS)
+    assert sorted(entry["sampler"] for entry in not_run) == ["ddim", "ddpm"]
+    assert all(entry["nfe_budget"] == 2 and "timestep_spacing 'leading' starts at t = " in entry["reason"] for entry in not_run)
 
 
 def test_frontier_and_repeats_mistakes_are_one_line_errors(model, reference, tmp_path, capsys):
