@@ -1,8 +1,8 @@
 """`ddpm-hf evaluate`, `ddpm-hf fid` and `ddpm-hf fid-stats`: the command line, and what it prints and writes.
 
 `evaluate`'s options become one `evaluation.EvaluateOptions` (`evaluate_options`); evaluation.py computes, on every
-process, and the main process writes OUTPUT/eval.json (run_folder.RunFolder), a sweep's table and plot
-(evaluation_sweeps.write_sweep) and prints a summary. `fid` and `fid-stats` work on image sets and statistics
+process, and the main process writes OUTPUT/eval.json (run_folder.RunFolder), a sweep's or the frontier's table and
+plot (evaluation_sweeps.write_sweep) and prints a summary. `fid` and `fid-stats` work on image sets and statistics
 files alone (fid.py).
 """
 
@@ -17,9 +17,21 @@ from .arguments import bounded, local_path_or_hub_id, output_file, output_folder
 from .arguments import device as device_type
 from .distributed import leave_process_group
 from .errors import UserError
-from .evaluation import KID_FEATURES, EvaluateOptions, evaluate_fid, evaluate_nll, evaluate_runs
+from .evaluation import KID_FEATURES, EvaluateOptions, evaluate_fid, evaluate_frontier, evaluate_nll, evaluate_runs
 from .evaluation_per_class import samples_per_class
-from .evaluation_sweeps import GUIDANCE_SWEEP, SweepKind, guidance_scales, parse_sweep, sweep_rows, sweep_table, write_sweep
+from .evaluation_sweeps import (
+    DEFAULT_FRONTIER_BUDGETS,
+    FRONTIER,
+    GUIDANCE_SWEEP,
+    SweepKind,
+    best_table,
+    guidance_scales,
+    nfe_budgets,
+    parse_sweep,
+    sweep_rows,
+    sweep_table,
+    write_sweep,
+)
 from .fid import FEATURE_DIM, PROTOCOL, REFERENCE_ALIASES, FIDStatistics, fid_from_statistics, kernel_inception_distance, resolve_reference, resolve_statistics
 from .run_folder import RunFolder
 from .sampling import SAMPLERS, TIMESTEP_SPACINGS
@@ -52,7 +64,11 @@ def run_evaluate(args) -> None:
     state = process_state(options.device, options.ddp_timeout)
     output_dir = options.output or default_output_dir(options.model)
     kind = options.sweep_kind()
-    if kind is not None:
+    if kind is FRONTIER:
+        section = evaluate_frontier(options, state)
+        if state.is_main_process:
+            report_sweep(section["runs"], kind, options, output_dir, section)
+    elif kind is not None:
         results = evaluate_runs(options, state)
         if state.is_main_process:
             report_sweep(results, kind, options, output_dir)
@@ -73,9 +89,9 @@ def report_fid(result: dict, output_dir: str) -> None:
     reference = result["reference_details"]
     kid = f", KID {result['kid']:.5f} +- {result['kid_std']:.5f}" if "kid" in result else ""
     print(
-        f"FID {result['fid']:.4f}{kid} ({result['num_samples']} samples{conditional_description(result)}, {result['scheduler']} {result['steps']} steps, "
+        f"FID {fid_description(result)}{kid} ({samples_description(result)}{conditional_description(result)}, {sampler_description(result)}, "
         f"vs {reference['dataset']} {reference['split']} [{reference['num_images']} images]; {result['num_processes']} process(es), "
-        f"{result['timing']['wall_seconds']:.0f} s)"
+        f"{speed_description(result)}{result['timing']['wall_seconds']:.0f} s)"
     )
     note_small_sample_bias(result["num_samples"])
     if "per_class_fid" in result:
@@ -83,15 +99,50 @@ def report_fid(result: dict, output_dir: str) -> None:
     print(f"wrote {path}")
 
 
-def report_sweep(results: list[dict], kind: SweepKind, options: EvaluateOptions, output_dir: str) -> None:
-    """<kind>.csv/.md/.png, eval.json section <kind>, and the table on the terminal."""
+def fid_description(result: dict) -> str:
+    """'12.3456', or with --repeats '12.3456 +- 0.2100 (min 12.1000)': the mean, standard deviation and minimum."""
+    if "repeats" not in result:
+        return f"{result['fid']:.4f}"
+    return f"{result['fid']:.4f} +- {result['fid_std']:.4f} (min {result['fid_min']:.4f})"
+
+
+def samples_description(result: dict) -> str:
+    """'1000 samples', or with --repeats '3 sets of 1000 samples, seeds 0, 1000, 2000'."""
+    if "repeats" not in result:
+        return f"{result['num_samples']} samples"
+    return f"{result['repeats']} sets of {result['num_samples']} samples, seeds {', '.join(str(s['seed']) for s in result['sets'])}"
+
+
+def sampler_description(result: dict) -> str:
+    """'ddim 50 steps', or with another number of network evaluations 'heun 10 steps, 19 NFE'."""
+    steps = f"{result['scheduler']} {result['steps']} steps"
+    return steps if result["nfe"] == result["steps"] else f"{steps}, {result['nfe']} NFE"
+
+
+def speed_description(result: dict) -> str:
+    """'UNet bf16 + compiled, ' when it ran so, '' for the fp32 eager default."""
+    how = [result["dtype"]] if result.get("dtype", "fp32") != "fp32" else []
+    how += ["compiled"] if result.get("compile") else []
+    return f"UNet {' + '.join(how)}, " if how else ""
+
+
+def report_sweep(results: list[dict], kind: SweepKind, options: EvaluateOptions, output_dir: str, section: dict | None = None) -> None:
+    """<kind>.csv/.md/.png, eval.json section <kind> (`section`, default {"runs": results}), and the table on the
+    terminal."""
     first = results[0]
     paths = write_sweep(results, output_dir, kind.title.format(model_name=os.path.basename(os.path.normpath(options.model)), **first), kind)
-    RunFolder(output_dir).write_eval({"runs": results}, section=kind.name)
+    section = section or {"runs": results}
+    RunFolder(output_dir).write_eval(section, section=kind.name)
     if kind is GUIDANCE_SWEEP:
         per_class = samples_per_class(first["num_samples"], first["num_classes"])
         print(f"FID vs guidance scale s = 1 + w ({first['num_samples']} samples: {first['num_classes']} classes x {per_class}):")
-    print(sweep_table(sweep_rows(results, kind), kind))
+    if kind is FRONTIER:
+        print(f"Best sampler at each NFE budget ({samples_description(first)}; every run in {paths['md']}):")
+        print(best_table(section["best"]))
+        for skipped in section["not_run"]:
+            print(f"not run: {skipped['sampler']} within {skipped['nfe_budget']} NFE ({skipped['reason']})")
+    else:
+        print(sweep_table(sweep_rows(results, kind), kind))
     note_small_sample_bias(options.num_samples)
     if kind is GUIDANCE_SWEEP and options.per_class_fid:
         for result in results:
@@ -243,9 +294,29 @@ def add_cli(subparsers) -> None:
     group.add_argument("--reference_split", help="Split of --reference when it is a dataset.")
     group.add_argument("--kid", action="store_true", help="Also compute KID (Binkowski et al. 2018) from 5,000 features per set.")
     group.add_argument(
+        "--repeats",
+        type=bounded(int, ge=1),
+        help="Independent image sets per FID (seeds seed, seed + num_samples, ...): reports each FID, their mean, standard deviation and minimum.",
+    )
+    group.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        help="bf16: run the UNet under bf16 autocast (GPUs); the sampler's arithmetic and the Inception network stay float32.",
+    )
+    group.add_argument("--compile", action="store_true", help="torch.compile the UNet first (pays off for thousands of images on a GPU; eager where it fails).")
+    group.add_argument(
         "--sweep",
         metavar="SAMPLER:STEPS,...",
         help='Several samplers on one model, e.g. "ddpm:1000,ddim:50,ddim:100,dpmsolver:20": table + plot.',
+    )
+    group.add_argument(
+        "--frontier",
+        type=nfe_budgets,
+        nargs="?",
+        const=list(DEFAULT_FRONTIER_BUDGETS),
+        metavar="NFE,...",
+        help=f"FID against network evaluations for every sampler ({', '.join(SAMPLERS)}) at each budget (default {','.join(map(str, DEFAULT_FRONTIER_BUDGETS))}; "
+        "ddpm also with all T steps): plot, table of the best sampler per budget.",
     )
     group = parser.add_argument_group("Class-conditional models (every class gets the same number of samples)")
     group.add_argument(

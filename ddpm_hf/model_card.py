@@ -89,6 +89,7 @@ class CardFacts:
     cli_class_labels: str = ""  # the same classes for `ddpm-hf sample --class_labels`
     # Evaluation (eval.json): Metric, Value, Samples, Sampler, Seed, Reference, Weights.
     evaluation_rows: list[tuple[str, ...]] = field(default_factory=list)
+    fid_repeats: int = 1  # the FID is the mean of this many independent image sets (`ddpm-hf evaluate --repeats`)
     class_balanced: bool = False
     per_class_fid: list[tuple[str, str]] = field(default_factory=list)
     space_id: str | None = None
@@ -226,6 +227,7 @@ def _card_facts(
         facts.samples = Samples(sample_step, Path(sample).relative_to(run.folder).as_posix(), rows)
     if fid is not None:
         facts.evaluation_rows += _fid_rows(fid)
+        facts.fid_repeats = _repeats(fid)
         facts.class_balanced = bool(fid.get("class_balanced"))
         per_class = fid.get("per_class_fid")
         if isinstance(per_class, dict):
@@ -433,10 +435,27 @@ def _reference_text(fid: dict[str, Any]) -> str:
     return _cell(given if said == given else f"{given} ({said})")
 
 
+def _repeats(fid: dict[str, Any]) -> int:
+    """How many independent image sets a FID of eval.json is the mean of (`ddpm-hf evaluate --repeats`): 1 if one."""
+    repeats = fid.get("repeats")
+    return repeats if isinstance(repeats, int) and repeats > 1 and _finite(fid.get("fid_std")) and _finite(fid.get("fid_min")) else 1
+
+
+def _samples_text(fid: dict[str, Any]) -> str:
+    """'10,000', or for the mean of several image sets '3 sets of 10,000'."""
+    repeats = _repeats(fid)
+    return _count(fid.get("num_samples")) if repeats == 1 else f"{repeats} sets of {_count(fid.get('num_samples'))}"
+
+
 def _fid_rows(fid: dict[str, Any]) -> list[tuple[str, ...]]:
     measured_at = f"step {fid['step']:,}" if isinstance(fid.get("step"), int) else "these weights"
-    shared = (_count(fid.get("num_samples")), fid_setup(fid), _count(fid.get("seed")), _reference_text(fid), measured_at)
-    rows = [("FID", f"{float(fid['fid']):.2f}", *shared)]
+    seeds = [s.get("seed") for s in fid.get("sets", [])] if _repeats(fid) > 1 else []
+    seed = ", ".join(_count(s) for s in seeds) if seeds else _count(fid.get("seed"))
+    shared = (_samples_text(fid), fid_setup(fid), seed, _reference_text(fid), measured_at)
+    value = f"{float(fid['fid']):.2f}"
+    if _repeats(fid) > 1:  # mean ± standard deviation over the sets, and the minimum (EDM's way)
+        value += f" ± {fid['fid_std']:.2f} (min {fid['fid_min']:.2f})"
+    rows = [("FID", value, *shared)]
     if _finite(fid.get("kid")):
         spread = f" ± {fid['kid_std']:.5f}" if _finite(fid.get("kid_std")) else ""
         rows.append(("KID", f"{fid['kid']:.5f}{spread}", *shared))
@@ -502,6 +521,9 @@ def _eval_results(run: _Run) -> list[EvalResult]:
         keys = ("num_samples", "scheduler", "steps", "nfe", "timestep_spacing", "seed", "guidance_scale", "step")
         arguments = {key: fid[key] for key in keys if fid.get(key) is not None}
         setup = f"{_count(fid.get('num_samples'))} samples, {fid_setup(fid)}"
+        if _repeats(fid) > 1:
+            arguments.update(repeats=fid["repeats"], fid_std=fid["fid_std"], fid_min=fid["fid_min"])
+            setup = f"mean of {_samples_text(fid)} samples, {fid_setup(fid)}"
         measured.append((dataset, split, "fid", f"FID ({setup})", float(fid["fid"]), arguments))
         if _finite(fid.get("kid")):
             spread = {"kid_std": fid["kid_std"]} if _finite(fid.get("kid_std")) else {}

@@ -6,7 +6,7 @@ Training writes a run folder; sampling, evaluation, pictures and the Hub read it
     model_index.json, unet/, scheduler/   the EMA pipeline: DDPMPipeline.from_pretrained(OUTPUT_DIR)
     ddpm_class_conditional.py             class-conditional runs: the pipeline model_index.json names (see conditioning.py)
     training_config.json                  the resolved configuration (never the token)
-    eval.json                             the latest FID at the top level, "nll" and "sweep" sections
+    eval.json                             the latest FID at the top level; "nll", "sweep", "frontier" and "guidance_sweep" sections
     loss_history.jsonl                    one {"step", "loss"} line per logging interval
     loss.png, progress.png                pictures of the loss and of the sample grids over training
     samples/step_XXXXXXX.png              fixed-seed sample grids from the EMA model
@@ -47,7 +47,7 @@ _SAMPLE_GRID_NAME = re.compile(r"step_(\d+)\.png")
 # eval.json: the latest FID run at the top level, the latest bound and sweep in their own sections.
 # Every FID result carries these keys, whoever computed it (`ddpm-hf evaluate` or --eval_every): the model
 # card reads them.
-EVAL_SECTIONS = ("nll", "sweep", "guidance_sweep")
+EVAL_SECTIONS = ("nll", "sweep", "frontier", "guidance_sweep")
 FID_RESULT_KEYS = ("fid", "num_samples", "scheduler", "steps", "nfe", "seed", "reference")
 
 
@@ -89,7 +89,7 @@ class RunFolder:
 
     def write_eval(self, result: dict[str, Any], section: str | None = None) -> str:
         """Write one part of eval.json and keep the others: `section` None is a FID result (top level),
-        "nll" or "sweep" their sections."""
+        "nll", "sweep", "frontier" or "guidance_sweep" their sections."""
         if section is None:
             missing = [k for k in FID_RESULT_KEYS if k not in result]
             if missing:

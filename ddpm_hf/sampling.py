@@ -3,7 +3,7 @@
 * `make_sampler(scheduler, name, steps, spacing, solver_order, karras_sigmas)` turns the trained noise schedule into
   a diffusers scheduler for sampling, one of SAMPLER_KINDS: ddpm (Ho et al. 2020, Alg. 2), ddim (Song et al. 2021,
   eta = 0), dpmsolver (DPM-Solver++(2M), Lu et al. 2022), unipc (Zhao et al. 2023), deis (Zhang & Chen 2023), and
-  euler / heun on Karras et al. (2022)'s sigmas; "auto" is ddpm with all T steps and ddim with fewer. It refuses
+  euler / heun on Karras et al. (2022)'s sigmas; "auto" is ddpm with all T steps and unipc with fewer (`AUTO_RULE`). It refuses
   the combinations where diffusers' schedulers misbehave (tests/test_samplers_exact.py shows each). The training
   grids, in-training FID, `ddpm-hf sample`, `ddpm-hf evaluate` and `ddpm-hf visualize reverse` all choose through it.
 * `ReverseProcess(unet, sampler, seed, indices)` is the reverse chain they all run, one batch: iterated, it yields a
@@ -123,12 +123,21 @@ class Sampler:
         return f"{self.name} {self.steps} steps" + (f" ({', '.join(details)})" if details else "")
 
 
+# "auto" with a step budget K (docs/evaluation.md, "The frontier", says where the numbers come from): with all T steps,
+# ddpm, the paper's sampler, whose FID there (3.17 on CIFAR-10, Ho et al. 2020) beats the probability-flow ODE's limit
+# (DDIM 4.04 at 1000 steps, Song et al. 2021, Table 1); with fewer, unipc, the lowest published FID at 5-20 NFE on
+# CIFAR-10 (3.87 at 10 NFE, Zhao et al. 2023; DEIS about 4.2, DPM-Solver about 4.7, DDIM 13.36) and equal to the other
+# ODE solvers as K grows, while strided ddpm falls far behind below T (9.99 at 100 steps, DDIM Table 1).
+AUTO_RULE = "ddpm with all T steps, unipc with fewer"
+
+
 def resolve_sampler(name: str, steps: int | None, num_train_timesteps: int, option: str = "--scheduler") -> tuple[str, int]:
-    """(sampler, K) for a requested name ('auto' or one of SAMPLERS) and step count (None: T for ddpm)."""
+    """(sampler, K) for a requested name ('auto' or one of SAMPLERS) and step count (None: T for ddpm); 'auto' picks by
+    AUTO_RULE."""
     if name not in SAMPLER_CHOICES:
         raise UserError(f"{option} {name}: unknown sampler. Choose one of: {', '.join(SAMPLER_CHOICES)}.")
     if name == "auto":
-        name = "ddpm" if steps is None or steps >= num_train_timesteps else "ddim"
+        name = "ddpm" if steps is None or steps >= num_train_timesteps else "unipc"
     if steps is None:
         if name != "ddpm":
             raise UserError(f"{option} {name} needs --steps K ({STEPS_HINT}).")
@@ -211,7 +220,7 @@ def make_sampler(
     karras_sigmas: bool | None = None,
 ) -> Sampler:
     """A sampler that shares the trained noise schedule (betas, T, prediction type, variance) of `scheduler`:
-    one of SAMPLER_KINDS, or "auto" (ddpm when K is T or not given, ddim when fewer).
+    one of SAMPLER_KINDS, or "auto" (AUTO_RULE: ddpm when K is T or not given, unipc when fewer).
 
     `timestep_spacing` (default: the model's) picks K of the T timesteps; with Karras sigmas (Karras et al. 2022,
     Eq. 5, rho = 7), sigma runs from sigma(T - 1) to sigma(0) and no spacing may be given. `solver_order` (multistep
@@ -662,7 +671,7 @@ def add_sampler_arguments(parser, steps_help: str) -> None:
     """The options of `make_sampler`, for every command that samples: --scheduler, --steps, --timestep_spacing,
     --solver_order and --karras_sigmas (read back by `sampler_from_arguments`)."""
     names = ", ".join(f"{name} ({kind.title})" for name, kind in SAMPLER_KINDS.items())
-    parser.add_argument("--scheduler", default="ddpm", choices=SAMPLER_CHOICES, help=f"The sampler: {names}; or auto (ddpm with T steps, else ddim).")
+    parser.add_argument("--scheduler", default="ddpm", choices=SAMPLER_CHOICES, help=f"The sampler: {names}; or auto ({AUTO_RULE}).")
     parser.add_argument("--steps", type=bounded(int, ge=1), default=None, help=steps_help)
     parser.add_argument("--timestep_spacing", default=None, choices=TIMESTEP_SPACINGS, help="Which K of the T timesteps (default: the model's).")
     parser.add_argument(

@@ -79,6 +79,21 @@ def hub_server(monkeypatch, tmp_path):
         server.stop()
 
 
+# ---- evaluation helpers -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fid_stand_in(tmp_path, monkeypatch):
+    """The FID Inception network replaced by tests/inception_stand_in.py (for tests of what surrounds it), and a
+    statistics cache (DDPM_HF_CACHE) of the test's own."""
+    from inception_stand_in import stand_in_inception
+
+    from ddpm_hf import fid
+
+    monkeypatch.setattr(fid, "load_inception", stand_in_inception)
+    monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path / "cache"))
+
+
 # ---- training helpers ---------------------------------------------------------------------------
 
 REPO_ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))

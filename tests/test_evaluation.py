@@ -279,7 +279,7 @@ def test_fid_evaluator_samples_in_eval_mode_and_is_reproducible():
     assert math.isfinite(first) and first > 0
     assert first == pytest.approx(second, rel=1e-6)
     assert modes and not any(modes) and unet.training  # sampled in eval mode, training mode restored
-    assert len(modes) == 2 * 3  # DDIM with 3 steps (3 < T), twice
+    assert len(modes) == 2 * 3  # auto: unipc with 3 steps (3 < T), twice
 
 
 @pytest.mark.usefixtures("inception_stand_in")

@@ -22,7 +22,6 @@ import pytest
 import torch
 from conftest import offline_env
 from diffusers import DDPMScheduler, UNet2DModel
-from inception_stand_in import stand_in_inception
 from PIL import Image
 
 from ddpm_hf import evaluation, fid
@@ -35,13 +34,7 @@ NAMES = ["cat", "dog", "cow"]
 K, SIZE = len(NAMES), 8
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def stand_in_and_private_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(fid, "load_inception", stand_in_inception)
-    monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "fid_stand_in")
 
 
 def tiny_unet(classes: int | None = K, seed: int = 0) -> UNet2DModel:

@@ -220,3 +220,22 @@ def test_the_parameter_count_comes_from_the_safetensors_headers(tmp_path):
     unet.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
     assert count_parameters(unet) == count_parameters(tmp_path / "one") == count_parameters(str(tmp_path / "sharded")) == expected
+
+
+def test_a_fid_over_several_image_sets_shows_its_spread_and_heun_its_network_evaluations(tmp_path):
+    """`ddpm-hf evaluate --repeats 3`: the FID row gives mean ± std (min), the sets and their seeds, and so do the
+    metadata; a sampler that evaluates the network more often than it steps (Heun) shows both counts."""
+    run = make_run(tmp_path / "run")
+    sets = [{"seed": 0, "fid": 23.0}, {"seed": 1000, "fid": 24.0}, {"seed": 2000, "fid": 23.5}]
+    result = dict(FID_RESULT, fid=23.5, fid_std=0.5, fid_min=23.0, repeats=3, sets=sets, scheduler="heun", steps=10, nfe=19)
+    RunFolder(run).write_eval({key: value for key, value in result.items() if key not in ("kid", "kid_std")})
+    card = build_model_card(run, "alice/tiny")
+    row = "| FID | 23.50 ± 0.50 (min 23.00) | 3 sets of 1,000 | heun 10 steps (19 network evaluations) | 0, 1,000, 2,000 |"
+    assert row in card.text and "mean ± standard deviation over 3 independent sets" in card.text
+    (fid,) = card.data.eval_results
+    assert fid.metric_value == 23.5 and fid.metric_name == "FID (mean of 3 sets of 1,000 samples, heun 10 steps (19 network evaluations))"
+    assert (fid.metric_args["repeats"], fid.metric_args["fid_std"], fid.metric_args["fid_min"], fid.metric_args["nfe"]) == (3, 0.5, 23.0, 19)
+
+    RunFolder(run).write_eval({key: value for key, value in FID_RESULT.items() if key not in ("kid", "kid_std")})  # one set
+    text = build_model_card(run, "alice/tiny").text
+    assert "| FID | 23.46 | 1,000 | ddim 50 steps | 0 |" in text and "independent sets" not in text

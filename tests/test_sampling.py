@@ -26,10 +26,14 @@ def micro_pipeline(folder, **scheduler_options):
     return str(folder)
 
 
-def test_auto_is_ddpm_with_all_steps_and_ddim_with_fewer():
+def test_auto_is_ddpm_with_all_steps_and_unipc_with_fewer():
+    """sampling.AUTO_RULE, from the published CIFAR-10 frontier (docs/evaluation.md, "The frontier")."""
     assert resolve_sampler("auto", None, 1000) == ("ddpm", 1000)
     assert resolve_sampler("auto", 1000, 1000) == ("ddpm", 1000)
-    assert resolve_sampler("auto", 50, 1000) == ("ddim", 50)
+    assert resolve_sampler("auto", 999, 1000) == ("unipc", 999)
+    assert resolve_sampler("auto", 50, 1000) == ("unipc", 50)
+    auto = make_sampler(DDPMScheduler(num_train_timesteps=1000), "auto", 10)
+    assert (auto.name, auto.steps, auto.nfe, type(auto.scheduler).__name__) == ("unipc", 10, 10, "UniPCMultistepScheduler")
     assert resolve_sampler("dpmsolver", 20, 1000) == ("dpmsolver", 20)
     with pytest.raises(UserError, match="needs --steps"):
         resolve_sampler("dpmsolver", None, 1000)
