@@ -25,6 +25,7 @@ import yaml
 
 from .arguments import Bounds, writable_location_problem
 from .errors import UserError
+from .models import LEARNED_VARIANCES, output_channels
 from .sampling import SAMPLER_CHOICES
 
 # A dataset name starting with this prefix is a file shipped inside the package (see ddpm_hf/assets/).
@@ -36,15 +37,6 @@ BUILTIN_DATASET_PREFIX = "builtin:"
 PATH_KINDS = ("file", "output", "dataset", "pipeline", "checkpoint")
 
 SEED_MAX = 2**32 - 1  # numpy's (hence accelerate's set_seed) limit
-
-# The reverse-process variances whose network outputs 2 x C channels: the mean parameterisation, then the variance
-# (Nichol & Dhariwal 2021, Sec. 3.1), the layout diffusers' DDPMScheduler splits.
-LEARNED_VARIANCES = ("learned_range", "learned")
-
-
-def output_channels(in_channels: int, variance_type: str) -> int:
-    """The UNet's out_channels for a variance type: C for fixed variances, 2 C (mean part, then v) for learned ones."""
-    return 2 * in_channels if variance_type in LEARNED_VARIANCES else in_channels
 
 
 def resolved_loss(config: TrainingConfig) -> str:

@@ -29,7 +29,7 @@ from .errors import UserError
 from .space_app import app as page
 
 INSTALL_HINT = 'pip install "ddpm-hf[demo]"'
-DEFAULT_SAMPLER, DEFAULT_STEPS = "auto", 50  # make_sampler's auto: ddim with 50 steps (ddpm for a model with T <= 50)
+DEFAULT_SAMPLER, DEFAULT_STEPS = "auto", 50  # make_sampler's auto (sampling.AUTO_RULE): unipc with 50 steps, ddpm for a model with T <= 50
 
 
 class DemoModel:
@@ -46,7 +46,7 @@ class DemoModel:
         self.class_names = model_class_names(model, revision) if self.num_classes is not None else None
 
     def page_settings(self) -> page.PageSettings:
-        from .sampling import SAMPLER_CHOICES
+        from .sampling import AUTO_RULE, SAMPLER_CHOICES
 
         classes = None
         if self.num_classes is not None:
@@ -63,7 +63,7 @@ class DemoModel:
             classes=classes,
             facts=self.facts(),
             device=str(self.unet.device),
-            sampler_help="auto: ddpm with all T steps, ddim with fewer",
+            sampler_help=f"auto: {AUTO_RULE}",
         )
 
     def facts(self) -> str:

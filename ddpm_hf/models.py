@@ -17,8 +17,17 @@ import torch
 if TYPE_CHECKING:  # diffusers is imported where a model is built: the model card counts parameters without it
     from diffusers import DDPMScheduler, UNet2DModel
 
-from .config import LEARNED_VARIANCES, output_channels
 from .errors import UserError
+
+# The reverse-process variances whose network outputs 2 x C channels: the mean parameterisation, then the variance
+# (Nichol & Dhariwal 2021, Sec. 3.1), the layout diffusers' DDPMScheduler splits.
+LEARNED_VARIANCES = ("learned_range", "learned")
+
+
+def output_channels(in_channels: int, variance_type: str) -> int:
+    """The UNet's out_channels for a variance type: C for fixed variances, 2 C (mean part, then v) for learned ones."""
+    return 2 * in_channels if variance_type in LEARNED_VARIANCES else in_channels
+
 
 # Ho et al. (2020), Appendix B: four resolutions 32..4, two residual blocks each, self-attention at
 # 16x16, 128 base channels with multipliers (1, 2, 2, 2), GroupNorm, dropout 0.1 on CIFAR-10. In diffusers

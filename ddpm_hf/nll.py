@@ -34,9 +34,9 @@ import torch
 
 from .conditioning import class_label_arguments, num_classes
 from .errors import UserError
+from .models import LEARNED_VARIANCES
 
 FIXED_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
-LEARNED_VARIANCES = ("learned_range", "learned")
 
 
 # ---------------------------------------------------------------------------------------------

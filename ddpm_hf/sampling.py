@@ -36,6 +36,7 @@ from .conditioning import (
 )
 from .distributed import DEFAULT_TIMEOUT_S, leave_process_group
 from .errors import UserError
+from .models import LEARNED_VARIANCES
 from .run_folder import RunFolder
 
 
@@ -79,7 +80,6 @@ SAMPLER_KINDS = {
 SAMPLERS = tuple(SAMPLER_KINDS)
 SAMPLER_CHOICES = ("auto", *SAMPLERS)
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-LEARNED_VARIANCES = ("learned", "learned_range")
 STOCK_PIPELINE_SAMPLERS = ("ddpm", "ddim", "dpmsolver")  # what `load_pipeline` can hand to diffusers' DDPMPipeline / DDIMPipeline
 STEPS_HINT = "e.g. 50 for ddim, 20 for dpmsolver, unipc or deis, 10 for heun"
 

@@ -294,8 +294,9 @@ def build_loss(config: TrainingConfig, noise_scheduler, unet, device):
     vlb:    VLBLoss, L_vlb with importance-sampled t (their Eq. 17); its history of L_t is per process and not checkpointed.
     The last two are wrapped in `SummedLossTerms`, so that the log shows L_simple and L_vlb as well as the loss.
     """
-    from .config import output_channels, resolved_loss
+    from .config import resolved_loss
     from .losses import DDPMLoss, HybridLoss, VLBLoss
+    from .models import output_channels
 
     in_channels, out_channels = unet.config.in_channels, unet.config.out_channels
     expected = output_channels(in_channels, config.variance_type)
