@@ -10,6 +10,7 @@ The core, in the order data flows (read these first):
     run_folder.py   what a run leaves on disk (OUTPUT_DIR) and the one reader/writer of each file there
     files.py        the cache folder (decoded datasets, FID statistics, the Inception network) and atomic writes
     sampling.py     the one sampler factory and sampling loop; `ddpm-hf sample`
+                    (compilation.py: torch.compile's failures, for sampling and training alike)
     conditioning.py class-conditional models: labels, classifier-free guidance, the pipeline they are saved as
     distributed.py  heavy work split over Accelerate's processes: chunks by index, per-item seeds, merging
 

@@ -25,6 +25,7 @@ import torch
 
 from .arguments import bounded, is_hub_id, local_path_or_hub_id, output_file
 from .arguments import device as device_type
+from .compilation import out_of_memory_in, warn_compile_failed
 from .conditioning import (
     check_guidance,
     class_ids,
@@ -460,6 +461,9 @@ def generate_images(
         unet.train(was_training)
 
 
+SAMPLING_GOES_ON = "sampling goes on without compiling, which is slower."
+
+
 def compile_for_sampling(unet, backend="inductor", mode: str | None = None):
     """`torch.compile(unet, backend=backend, mode=mode)` for sampling, falling back to `unet` itself (eager) with a
     warning if compiling fails: no Triton or C++ compiler, an unsupported platform, a Dynamo or backend error.
@@ -471,27 +475,9 @@ def compile_for_sampling(unet, backend="inductor", mode: str | None = None):
     try:
         compiled = torch.compile(unet, backend=backend, mode=mode)
     except RuntimeError as error:  # e.g. a Python version Dynamo does not support yet
-        _warn_compile_failed(error)
+        warn_compile_failed(error, SAMPLING_GOES_ON)
         return unet
     return CompiledOrEager(unet, compiled)
-
-
-def _warn_compile_failed(error: BaseException) -> None:
-    import warnings
-
-    reason = " ".join(str(error).split())[:300]
-    warnings.warn(f"torch.compile failed ({type(error).__name__}: {reason}); sampling goes on without compiling, which is slower.", stacklevel=3)
-
-
-def _out_of_memory_in(error: BaseException) -> BaseException | None:
-    """The out-of-memory error that caused `error` (Dynamo wraps a backend's errors), or None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, torch.OutOfMemoryError):
-            return error
-        seen.add(id(error))
-        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
-    return None
 
 
 class CompiledOrEager(torch.nn.Module):
@@ -512,10 +498,10 @@ class CompiledOrEager(torch.nn.Module):
             try:
                 return self.compiled(*args, **kwargs)
             except (BackendCompilerFailed, InternalTorchDynamoError, InvalidBackend, Unsupported) as error:
-                out_of_memory = _out_of_memory_in(error)
+                out_of_memory = out_of_memory_in(error)
                 if out_of_memory is not None:
                     raise out_of_memory from None
-                _warn_compile_failed(error)
+                warn_compile_failed(error, SAMPLING_GOES_ON)
                 self.compiled = None
         return self.unet(*args, **kwargs)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .compilation import out_of_memory_in, warn_compile_failed
 from .conditioning import ClassConditioned, class_label_arguments, drop_labels, num_classes
 from .config import TrainingConfig, fixed_options, non_resumable_changes
 from .distributed import all_reduce_extreme, leave_process_group
@@ -946,7 +947,7 @@ def _compile_or_fall_back(prepared, micro_batch: int, resolution: int, channels_
     try:
         model.compile()
     except Exception as error:  # torch.compile refuses this platform outright (e.g. a Python that Dynamo does not support)
-        _warn_compile_failed(error)
+        warn_compile_failed(error, "training without it (--compile no skips the attempt).")
         return False
     try:
         with accelerator.autocast():
@@ -954,7 +955,7 @@ def _compile_or_fall_back(prepared, micro_batch: int, resolution: int, channels_
         output.float().square().mean().backward()
         return True
     except Exception as error:
-        if _out_of_memory(error):
+        if out_of_memory_in(error) is not None:
             raise UserError(
                 f"out of memory in the first training step: a micro-batch of {micro_batch} images of {resolution}x{resolution} per process "
                 f"does not fit on {device}. Raise --gradient_accumulation_steps (the same global batch in smaller micro-batches) or lower --train_batch_size."
@@ -962,26 +963,10 @@ def _compile_or_fall_back(prepared, micro_batch: int, resolution: int, channels_
         if not isinstance(error, TorchDynamoException):
             raise
         model._compiled_call_impl = None  # set by nn.Module.compile(): back to the eager forward
-        _warn_compile_failed(error)
+        warn_compile_failed(error, "training without it (--compile no skips the attempt).")
         return False
     finally:
         model.zero_grad(set_to_none=True)
-
-
-def _out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is, or was caused by, torch's OutOfMemoryError (Dynamo wraps errors raised while compiling)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, torch.OutOfMemoryError):
-            return True
-        seen.add(id(error))
-        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
-    return False
-
-
-def _warn_compile_failed(error: BaseException) -> None:
-    first_line = (str(error).strip().splitlines() or [""])[0][:200]
-    warnings.warn(f"torch.compile failed ({type(error).__name__}: {first_line}); training without it (--compile no skips the attempt).", RuntimeWarning)
 
 
 class GracefulStop:

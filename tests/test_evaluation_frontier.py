@@ -108,7 +108,7 @@ def test_compile_goes_through_compile_for_sampling_and_eval_json_records_what_ra
     monkeypatch.setattr(evaluation, "compile_for_sampling", functools.partial(compile_with, "eager"))
     ran_compiled = evaluate(model, reference, tmp_path / "compiled", *options, "--compile")
     monkeypatch.setattr(evaluation, "compile_for_sampling", functools.partial(compile_with, failing_backend))
-    with pytest.warns(UserWarning, match="torch.compile failed"):
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
         fell_back = evaluate(model, reference, tmp_path / "fell-back", *options, "--compile")
     assert len(compiled) == 2 and isinstance(compiled[0], sampling.CompiledOrEager)
     assert (eager["compile"], ran_compiled["compile"], fell_back["compile"]) == (False, True, False)

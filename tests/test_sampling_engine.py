@@ -177,7 +177,7 @@ def test_compile_for_sampling_falls_back_to_eager_when_compiling_fails():
     network, sampler = StandIn(None), make_sampler(DDPMScheduler(num_train_timesteps=50), "ddim", 2)
     compiled = compile_for_sampling(network, backend=failing_backend(RuntimeError(NO_TRITON)))
     assert compiled.config is network.config and list(compiled.parameters()) == list(network.parameters())
-    with pytest.warns(UserWarning, match="torch.compile failed .*working triton.*without compiling") as caught:
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*working triton.*without compiling") as caught:
         images = gather_images(compiled, sampler, 2, seed=1, batch_size=2)
     assert len(caught) == 1
     assert torch.equal(images, gather_images(network, sampler, 2, seed=1, batch_size=2))
@@ -213,6 +213,6 @@ def test_sample_compile_falls_back_when_compiling_fails(tmp_path, monkeypatch):
     arguments = ["sample", "--model", str(tmp_path / "model"), "--scheduler", "ddim", "--steps", "2", "--num_images", "2", "--device", "cpu"]
     main([*arguments, "--out", str(tmp_path / "eager.png")])
     monkeypatch.setattr(torch, "compile", unsupported)
-    with pytest.warns(UserWarning, match="torch.compile failed .*not supported"):
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*not supported"):
         main([*arguments, "--compile", "--out", str(tmp_path / "compiled.png")])
     assert Image.open(tmp_path / "compiled.png").tobytes() == Image.open(tmp_path / "eager.png").tobytes()
