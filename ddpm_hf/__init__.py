@@ -18,7 +18,7 @@ The tools around a trained pipeline (`ddpm-hf COMMAND`, registered in cli.py):
     evaluation.py   what `ddpm-hf evaluate` computes, spread over processes: EvaluateOptions (a field per
                     option), FIDEvaluator and fid_result (also training's --eval_every), the bound's run; beside it
         evaluation_cli.py        `evaluate`, `fid`, `fid-stats`: the command line, what they print and write
-        evaluation_sweeps.py     FID against the sampler or the guidance scale: what a sweep varies, table, plot
+        evaluation_sweeps.py     FID against the sampler, NFE (the frontier) or guidance scale: table, plot
         evaluation_per_class.py  per-class FID: labelled reference images and the statistics of each class
         fid.py                   Inception features, statistics, FID and KID, reference sets (aliases resolved)
         inception_weights.py     where the Inception network file comes from

@@ -342,7 +342,7 @@ def test_evaluate_fid_writes_eval_json_into_the_model_folder(tmp_path, capsys):
         "--kid",
     )
     result = json.loads((model / "eval.json").read_text())
-    # The keys the model card reads (ddpm_hf/hub.py), at the top level.
+    # The keys the model card reads (ddpm_hf/model_card.py), at the top level.
     assert result["fid"] > 0 and result["fid"] != 99.0 and math.isfinite(result["kid"])
     assert (result["num_samples"], result["scheduler"], result["steps"], result["nfe"]) == (4, "dpmsolver", 3, 3)
     assert result["reference"] == str(reference) and result["reference_details"]["num_images"] == 6
