@@ -43,8 +43,8 @@ samples from the mean alone and is given only the first C channels.
 
 import inspect
 import numbers
-from collections.abc import Sequence
-from typing import Union
+from collections.abc import Callable, Sequence
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -278,6 +278,33 @@ class DDPMClassConditionalPipeline(DiffusionPipeline):
             return model_output
         return model_output if reads_variance else model_output[:, :channels]
 
+    def predict_x0(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+        """Predicted clean image from the (guided) model output at `timestep` for the noisy `sample`, as the network
+        saw it.
+
+        Uses the scheduler's `alphas_cumprod` (written abar below) and `config.prediction_type`:
+        `epsilon`: x0 = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t) (Ho et al. 2020, Eq. 15); `v_prediction`:
+        x0 = sqrt(abar_t) * x_t - sqrt(1 - abar_t) * v; `sample`: x0 = model output. No clipping is applied.
+        A learned-variance model's 2 x C channels are [mean part, variance]: only the first C are used.
+        """
+        self._check_output_channels(model_output, sample.shape[1])
+        model_output = model_output[:, : sample.shape[1]]
+        prediction_type = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        if prediction_type == "sample":
+            return model_output
+        alphas_cumprod = getattr(self.scheduler, "alphas_cumprod", None)
+        if alphas_cumprod is None:
+            raise ValueError(f"Cannot compute the predicted x_0 for {self.scheduler.__class__.__name__}: it has no `alphas_cumprod`.")
+        abar = alphas_cumprod[int(round(float(timestep)))].to(device=sample.device, dtype=torch.float32)
+        x_t, out = sample.float(), model_output.float()
+        if prediction_type == "epsilon":
+            x0 = (x_t - (1 - abar).sqrt() * out) / abar.sqrt()
+        elif prediction_type == "v_prediction":
+            x0 = abar.sqrt() * x_t - (1 - abar).sqrt() * out
+        else:
+            raise ValueError(f"Unsupported prediction_type {prediction_type!r} (epsilon, v_prediction or sample).")
+        return x0.to(sample.dtype)
+
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
@@ -292,6 +319,7 @@ class DDPMClassConditionalPipeline(DiffusionPipeline):
         return_dict: bool = True,
         num_images_per_label: int = 1,
         latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable[["DDPMClassConditionalPipeline", int, Any, dict], dict | None] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images of the given classes by running the reverse process from Gaussian noise.
 
@@ -329,6 +357,17 @@ class DDPMClassConditionalPipeline(DiffusionPipeline):
                 Initial noise x_T of shape `(batch, unet.config.in_channels, height, width)`, used instead of drawing it
                 from `generator` (it is multiplied by `scheduler.init_noise_sigma`, which is 1 for DDPM, DDIM and
                 DPM-Solver++). A wrong shape raises `ValueError`.
+            callback_on_step_end (`Callable`, *optional*):
+                Called after every scheduler step as
+                `callback_on_step_end(pipeline, step_index, timestep, {"x_t": x_t, "pred_x0": pred_x0})` (as in
+                `pipelines/ddpm_trajectory.py`), where `x_t` is the sample after the step (the input of the next step;
+                after the last step, the final sample) and `pred_x0` is the prediction of the clean image at this step,
+                from the guided model output: the scheduler's own where its `step` returns one (DDPM, DDIM, Euler,
+                Heun), else [`predict_x0`]'s. Both are on the pipeline's device; `pred_x0` is in the model's value range
+                (about [-1, 1]), and so is `x_t` for every scheduler but those on Karras sigmas (Euler, Heun), which
+                keep it scaled by `sqrt(1 + sigma^2)`: `pipeline.scheduler.scale_model_input(x_t, timestep)` undoes
+                that. The callback may return a dict; if it holds `"x_t"`, that tensor replaces the sample for the
+                remaining steps. Returning `None` is fine.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`.
@@ -375,10 +414,18 @@ class DDPMClassConditionalPipeline(DiffusionPipeline):
         step_kwargs = self._step_kwargs(generator, eta)
 
         # 3. reverse process
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(sample, t)
             model_output = self.guided_model_output(model_input, t, class_ids, guidance_scale)
-            sample = self.scheduler.step(self._scheduler_input(model_output, sample), t, sample, **step_kwargs).prev_sample
+            step_output = self.scheduler.step(self._scheduler_input(model_output, sample), t, sample, **step_kwargs)
+            sample = step_output.prev_sample
+            if callback_on_step_end is not None:
+                pred_x0 = getattr(step_output, "pred_original_sample", None)
+                if pred_x0 is None:
+                    pred_x0 = self.predict_x0(model_output, t, model_input)
+                returned = callback_on_step_end(self, i, t, {"x_t": sample, "pred_x0": pred_x0})
+                if isinstance(returned, dict) and returned.get("x_t") is not None:
+                    sample = returned["x_t"]
 
         # 4. [-1, 1] -> [0, 1] and conversion
         image = (sample / 2 + 0.5).clamp(0, 1)

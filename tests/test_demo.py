@@ -142,6 +142,7 @@ def test_out_of_range_input_is_a_message_and_the_server_keeps_serving(demo):
         (("ddim", 5, 0, 17, "cat", 1.0), "Number of images 17: give between 1 and 16."),
         (("ddim", 5, -1, 2, "cat", 1.0), "Seed -1: give a seed of 0 or more."),
         (("ddim", 5, 0, 2, "cat", 99), "Guidance scale 99: give a value between 0 and 20"),
+        (("dpmsolver", 20, 0, 2, "cat", 1.0), "Steps 20: dpmsolver takes 1 to 19 steps with this model"),  # as on the Space
     ]:
         with pytest.raises(AppError, match=message):
             client.predict(*arguments, api_name="/generate")
@@ -176,12 +177,15 @@ def test_one_generation_at_a_time_and_the_others_wait_in_line(demo):
 def test_an_unconditional_model_streams_its_reverse_process_and_ends_with_the_images_of_ddpm_hf_sample(tmp_path, one_thread):
     """The engine side of the page, without a server: frames while it samples, then what `ddpm-hf sample` makes."""
     from ddpm_hf.demo import DemoModel
+    from ddpm_hf.space import sampler_settings
     from ddpm_hf.space_app import app
 
     folder = save_model(tmp_path / "uncond", class_names=None)
     model = DemoModel(str(folder))
     settings = model.page_settings()
     assert settings.classes is None and list(settings.samplers) == ["auto", *SAMPLERS] and settings.default_steps == T
+    on_the_space = {name: (chosen["min_steps"], chosen["max_steps"]) for name, chosen in sampler_settings(folder)["samplers"].items()}
+    assert settings.step_ranges == {"auto": (1, T), **on_the_space} and on_the_space["dpmsolver"] == (1, T - 1)  # as space.json has them
     calls = []
     model.unet.register_forward_hook(lambda *_: calls.append(1))
     updates = []

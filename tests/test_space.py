@@ -27,8 +27,8 @@ from ddpm_hf.conditioning import CONDITIONAL_PIPELINE_NAME
 from ddpm_hf.errors import UserError
 from ddpm_hf.hub import HubPusher
 from ddpm_hf.repo_contents import CUSTOM_PIPELINE_FILENAME, default_custom_pipeline_file
-from ddpm_hf.sampling import SAMPLERS, resolve_sampler
-from ddpm_hf.space import APP_FILE, SPACE_FILES, space_files
+from ddpm_hf.sampling import SAMPLER_CHOICES, SAMPLERS, make_sampler, resolve_sampler
+from ddpm_hf.space import APP_FILE, SPACE_FILES, space_files, step_range
 from ddpm_hf.space_app import app
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
@@ -74,12 +74,51 @@ def test_the_space_has_the_hubs_configuration_and_the_app_as_it_is(tmp_path):
     settings = json.loads(files["space.json"])
     assert (settings["model"], settings["revision"], settings["pipeline"]) == ("alice/cond-ddpm", "main", CONDITIONAL_PIPELINE_NAME)
     assert list(settings["samplers"]) == list(SAMPLERS)  # every sampler make_sampler offers (none refuses this model)
+    ranges = {name: (chosen["min_steps"], chosen["max_steps"]) for name, chosen in settings["samplers"].items()}
+    multistep = {"dpmsolver", "unipc", "deis"}  # they repeat a timestep at K = T ('leading')
+    assert ranges == {name: (1, T - 1 if name in multistep else T) for name in SAMPLERS}
     assert (settings["default_sampler"], settings["default_steps"]) == resolve_sampler("auto", min(50, T), T)
+
+
+@pytest.mark.parametrize("beta_end", [0.02, 0.7], ids=["linear", "steep"])  # steep: short 'leading' ddpm / ddim chains start too low
+def test_a_samplers_step_range_is_the_fewest_and_most_steps_make_sampler_takes(beta_end):
+    from diffusers import DDPMScheduler
+
+    T = 50
+    trained = DDPMScheduler(num_train_timesteps=T, beta_end=beta_end)
+    refused_ends = 0
+    for name in SAMPLER_CHOICES:
+        accepted = []
+        for steps in range(1, T + 1):
+            try:
+                make_sampler(trained, name, steps)
+                accepted.append(steps)
+            except UserError:
+                pass
+        fewest, most = step_range(trained, name)
+        # min_steps - 1 and max_steps + 1 (where in 1..T) are refused, every K in between is taken
+        assert accepted == list(range(fewest, most + 1)), name
+        refused_ends += (fewest > 1) + (most < T)
+    assert refused_ends >= 3  # the ranges are not all 1..T: the scan found where make_sampler refuses
+
+
+def test_a_step_count_outside_the_samplers_range_is_refused_with_the_range():
+    settings = app.PageSettings("m", "m", None, ["ddim", "unipc"], "unipc", 1000, step_ranges={"ddim": (3, 1000), "unipc": (2, 999)})
+    for sampler, steps, message in [("ddim", 2, "Steps 2: ddim takes 3 to 1000 steps"), ("unipc", 1000, "Steps 1000: unipc takes 2 to 999 steps")]:
+        with pytest.raises(app.InputError, match=message) as refused:
+            app.check_request(settings, sampler, steps, 0, 1)
+        assert "\n" not in str(refused.value)
+    assert [app.check_request(settings, "ddim", steps, 0, 1).steps for steps in (3, 1000)] == [3, 1000]
+    assert app.check_request(settings, "unipc", 2, 0, 1).steps == 2
+    assert settings.steps_info() == "2 to 999 (T = 1000) with unipc: it depends on the sampler"
+    alike = app.PageSettings("m", "m", None, ["ddim"], "ddim", 20)  # no ranges (an older space.json): 1 to T
+    assert alike.steps_info() == "1 to 20 (T = 20)" and app.check_request(alike, "ddim", 20, 0, 1).steps == 20
 
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "class-conditional"])
 def test_every_sampler_of_the_space_makes_the_images_of_ddpm_hf_sample(conditional, tmp_path, one_thread):
-    """The Space samples with the model repo's own pipeline file and the schedulers in space.json: the same images."""
+    """The Space samples with the model repo's own pipeline file and the schedulers in space.json: the same images,
+    after frames of the reverse process (x_t and the predicted x_0) every few steps while it samples."""
     model = save_model(tmp_path / "model", class_names=CLASSES if conditional else None)
     if not conditional:  # the push uploads the trajectory pipeline beside the model; here it is the folder's
         (model / CUSTOM_PIPELINE_FILENAME).write_bytes(default_custom_pipeline_file().read_bytes())
@@ -88,12 +127,28 @@ def test_every_sampler_of_the_space_makes_the_images_of_ddpm_hf_sample(condition
     class_name, guidance = ("ship", 2.0) if conditional else (None, 1.0)
     for name in settings["samplers"]:
         request = app.Request(name, steps=6, seed=5, num_images=3, class_name=class_name, guidance_scale=guidance)
-        result = list(space_model.generate(request))[-1]
+        *frames, result = space_model.generate(request)
+        num_steps = 11 if name == "heun" else 6  # network evaluations: heun's 2K - 1
+        assert frames and all(isinstance(frame, app.Frame) and frame.num_steps == num_steps for frame in frames), name
+        assert [frame.step for frame in frames] == list(range(1, num_steps + 1)), name  # 25 or fewer: every one
+        assert frames[0].x_t.shape == (16 * 8, 3 * 16 * 8, 3) and frames[-1].pred_x0.shape == frames[-1].x_t.shape
+        # after the last step x_t is the result (in the network's scale for every sampler, euler and heun included)
+        np.testing.assert_array_equal(frames[-1].x_t, app.upscale(np.asarray(app.grid(result.images).convert("RGB")), app.PREVIEW_SIDE), err_msg=name)
+        assert not np.array_equal(frames[0].x_t, frames[-1].x_t) and not np.array_equal(frames[0].pred_x0, frames[-1].pred_x0), name
         options = dict(scheduler=name, steps=6, seed=5, num_images=3)
         if conditional:
             options.update(class_labels=class_name, guidance_scale=guidance)
         expected = sample_grid(model, tmp_path / f"{name}.png", **options)
         np.testing.assert_array_equal(grid_of_result(result, conditional), expected, err_msg=name)
+
+    # A visitor who leaves (Gradio closes the generator) stops the chain at its next step.
+    calls = []
+    slow = space_model.pipeline.unet.register_forward_hook(lambda *_: calls.append(1) or time.sleep(0.05))  # returns None: the output stays
+    updates = space_model.generate(app.Request("ddpm", steps=T, seed=0, num_images=1, class_name=class_name, guidance_scale=guidance))
+    assert next(updates).step == 1
+    updates.close()
+    slow.remove()
+    assert len(calls) <= 3, calls  # of T = 20
 
 
 def grid_of_result(result, conditional: bool) -> np.ndarray:
@@ -129,13 +184,24 @@ def test_a_pushed_space_runs_without_ddpm_hf_and_answers_with_the_images_of_ddpm
     try:
         url = wait_until_serving(process, port)
         from gradio_client import Client
+        from gradio_client.exceptions import AppError
 
-        result = Client(url, verbose=False).predict("ddim", 5, 2, 3, "dog", 1.5, api_name="/generate")
+        client = Client(url, verbose=False)
+        with pytest.raises(AppError, match=r"Steps 20: dpmsolver takes 1 to 19 steps with this model"):  # K = T repeats a timestep
+            client.predict("dpmsolver", T, 2, 3, "dog", 1.5, api_name="/generate")
+        job = client.submit("ddim", 5, 2, 3, "dog", 1.5, api_name="/generate")  # the server goes on
+        result, updates = job.result(), job.outputs()
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0]
     expected = sample_grid(model, tmp_path / "cli.png", scheduler="ddim", steps=5, seed=2, num_images=3, class_labels="dog", guidance_scale=1.5)
     np.testing.assert_array_equal(grid_of(result[4]["value"]), expected)
+    # The reverse process came first, step by step: x_t and x_0 pictures and the step numbers, then the samples.
+    frames = updates[:-1]
+    assert [frame[2].split('"steps-done">')[1].split(",")[0] for frame in frames] == [f"Step {k} / 5" for k in range(1, 6)], output
+    untouched = {"__type__": "update"}  # gr.skip(): the samples are not shown before the end
+    assert all(frame[0] and frame[1] and frame[3] == untouched for frame in frames) and len(updates[-1][3]) == 3
+    np.testing.assert_array_equal(grid_of(frames[-1][0])[::8, ::8], expected)  # x_t after the last step: the samples, enlarged 8 times
     assert "ddim 5 steps, seed 2" in result[5] and "ddpm-hf sample --model alice/cond-ddpm" in result[5], output
 
 

@@ -6,11 +6,12 @@ This one file is two things:
 * the app of the Hugging Face Space that `ddpm-hf push OUTPUT_DIR --space USER/NAME` uploads for a model. There it
   runs without ddpm-hf: like the custom pipelines uploaded with the model, it needs only diffusers, torch and gradio
   (numpy and huggingface_hub come with them). It reads `space.json`, written by the push (the model repo and its
-  revision, the pipeline to load it with, the samplers ddpm-hf offers, each a diffusers scheduler class and config),
-  loads the model from the Hub with the custom pipeline in the model repo, and samples with it. The pipeline runs the
-  chain to its end, so the Space's page follows its progress bar instead of showing x_t and x_0 live;
-* the page of `ddpm-hf demo` (ddpm_hf/demo.py), which samples through ddpm-hf's own engine instead and shows every
-  few steps' x_t and predicted x_0 while it runs: `build_page`.
+  revision, the pipeline to load it with, the samplers ddpm-hf offers, each a diffusers scheduler class and config
+  and the step counts it takes), loads the model from the Hub with the custom pipeline in the model repo, and
+  samples with it: `HubModel`. The pipeline runs in a thread of its own and its `callback_on_step_end` hands every
+  few steps' x_t and predicted x_0 to the page while it samples;
+* the page of `ddpm-hf demo` (ddpm_hf/demo.py), which samples through ddpm-hf's own engine instead and shows the
+  same live reverse process: `build_page`.
 
 Either way image i of seed s starts from its own generator, seeded with `item_seed(s, i)` as `ddpm-hf sample` seeds
 it (ddpm_hf/distributed.py), so the page shows the images `ddpm-hf sample` makes with the same model, sampler,
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -97,7 +100,16 @@ class PageSettings:
     facts: str = ""  # Markdown beside the images: what the model is
     device: str = "cpu"
     sampler_help: str | None = None
-    live: bool = True  # whether `generate` yields frames: the page then shows x_t and x_0 while it samples
+    step_ranges: dict[str, tuple[int, int]] | None = None  # sampler -> the fewest and most steps it takes (default: 1 to T)
+
+    def step_range(self, sampler: str) -> tuple[int, int]:
+        return tuple((self.step_ranges or {}).get(sampler, (1, self.num_train_timesteps)))
+
+    def steps_info(self) -> str:
+        """The Steps field's help: the default sampler's range, and whether the others differ."""
+        fewest, most = self.step_range(self.default_sampler)
+        alike = all(self.step_range(name) == (fewest, most) for name in self.samplers)
+        return f"{fewest} to {most} (T = {self.num_train_timesteps})" + ("" if alike else f" with {self.default_sampler}: it depends on the sampler")
 
 
 class InputError(ValueError):
@@ -115,6 +127,9 @@ def check_request(settings: PageSettings, sampler, steps, seed, num_images, clas
         raise InputError(f"Sampler {sampler!r}: choose one of {', '.join(settings.samplers)}.")
     if not 1 <= steps <= settings.num_train_timesteps:
         raise InputError(f"Steps {steps}: give between 1 and the model's T = {settings.num_train_timesteps}.")
+    fewest, most = settings.step_range(sampler)
+    if not fewest <= steps <= most:
+        raise InputError(f"Steps {steps}: {sampler} takes {fewest} to {most} steps with this model; choose a step count in that range, or another sampler.")
     if seed < 0:
         raise InputError(f"Seed {seed}: give a seed of 0 or more.")
     if not 1 <= num_images <= MAX_IMAGES:
@@ -280,15 +295,13 @@ def build_page(settings: PageSettings, generate: Callable[[Request], Iterator[Fr
     """The Gradio Blocks (queued, not launched): the controls, the live reverse process and a progress bar of its
     steps, the samples, the grid to download, the time it took, and `settings.facts` beside them.
 
-    `generate(request)` yields a `Frame` now and then while it samples (with `settings.live`), then the `Result`. Any
-    tqdm progress bar it runs (a diffusers pipeline's) is shown too. An `InputError`, or one of `input_errors` raised
-    by `generate`, is shown on the page as its message."""
+    `generate(request)` yields a `Frame` now and then while it samples, then the `Result`. An `InputError`, or one of
+    `input_errors` raised by `generate`, is shown on the page as its message."""
     import gradio as gr
 
     output_folder = tempfile.mkdtemp(prefix="ddpm-demo-")
 
-    # A gr.Progress default argument is how Gradio hands a function its progress tracker.
-    def run(sampler, steps, seed, num_images, class_name=None, guidance_scale=None, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+    def run(sampler, steps, seed, num_images, class_name=None, guidance_scale=None):
         try:
             request = check_request(settings, sampler, steps, seed, num_images, class_name, guidance_scale)
             for update in generate(request):
@@ -315,17 +328,17 @@ def build_page(settings: PageSettings, generate: Callable[[Request], Iterator[Fr
 
     # Gradio keeps what it sent in a cache of its own: files older than an hour go, every hour.
     with gr.Blocks(title=settings.title, delete_cache=(KEEP_FILES_S, KEEP_FILES_S)) as page:
-        watch = " and watch its reverse process: x_t, the noisy images the network sees, and the x_0 it predicts from them, step by step"
-        gr.Markdown(f"# {settings.title}\nSample from a DDPM{watch if settings.live else ''}.")
+        watch = "watch its reverse process: x_t, the noisy images the network sees, and the x_0 it predicts from them, step by step"
+        gr.Markdown(f"# {settings.title}\nSample from a DDPM and {watch}.")
         with gr.Row():
             with gr.Column(scale=2):
                 with gr.Row():
                     sampler = gr.Dropdown(
                         list(settings.samplers), value=settings.default_sampler, label="Sampler", info=settings.sampler_help, elem_id="sampler"
                     )
-                    steps = gr.Number(
-                        settings.default_steps, precision=0, label="Steps", info=f"1 to T = {settings.num_train_timesteps}", elem_id="steps-input"
-                    )
+                    fewest, most = settings.step_range(settings.default_sampler)  # a default the default sampler takes
+                    default_steps = min(max(settings.default_steps, fewest), most)
+                    steps = gr.Number(default_steps, precision=0, label="Steps", info=settings.steps_info(), elem_id="steps-input")
                     seed = gr.Number(0, precision=0, label="Seed", info="image i depends only on (seed, i)", elem_id="seed")
                     num_images = gr.Number(4, precision=0, label="Number of images", info=f"1 to {MAX_IMAGES}", elem_id="num-images")
                 inputs = [sampler, steps, seed, num_images]
@@ -335,8 +348,8 @@ def build_page(settings: PageSettings, generate: Callable[[Request], Iterator[Fr
                         guidance_help = f"s = 1 + w: 1 is plain conditional sampling, 0 unconditional; at most {MAX_GUIDANCE_SCALE:g}"
                         inputs.append(gr.Number(1.0, label="Guidance scale", info=guidance_help, elem_id="guidance"))
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
-                progress = gr.HTML(progress_html(0, 0), visible=settings.live, elem_id="progress")
-                with gr.Row(visible=settings.live):
+                progress = gr.HTML(progress_html(0, 0), elem_id="progress")
+                with gr.Row():
                     x_t = gr.Image(label="x_t: what the network sees", format="png", interactive=False, elem_id="live-x-t")
                     pred_x0 = gr.Image(label="predicted x_0", format="png", interactive=False, elem_id="live-x0")
                 gallery = gr.Gallery(label="Samples", format="png", columns=4, object_fit="none", height="auto", elem_id="samples")
@@ -354,6 +367,10 @@ def build_page(settings: PageSettings, generate: Callable[[Request], Iterator[Fr
 # ---- the Space: the model from the Hub, sampled by the pipeline in its repo -----------------------------
 
 
+class Stopped(Exception):
+    """Raised in the pipeline's step callback to end a chain that no one waits for any more."""
+
+
 class HubModel:
     """The model of `settings` (space.json) from the Hub, loaded once with the custom pipeline in its repo."""
 
@@ -367,6 +384,7 @@ class HubModel:
         self.pipeline = DiffusionPipeline.from_pretrained(
             self.model, revision=self.revision, custom_pipeline=settings["pipeline"], trust_remote_code=True, use_safetensors=True
         ).to(self.device)
+        self.pipeline.set_progress_bar_config(disable=True)  # the page shows the steps
         self.class_names = getattr(self.pipeline, "class_names", None)
         self.num_classes = getattr(self.pipeline, "num_classes", None)
 
@@ -388,18 +406,21 @@ class HubModel:
         if self.num_classes is not None:
             classes = list(self.class_names) if self.class_names else [str(i) for i in range(self.num_classes)]
         samplers = list(self.settings["samplers"])
+        T = scheduler.config.num_train_timesteps
+        # A space.json of an older push has no step counts: 1 to T, and the pipeline samples whatever it is given.
+        ranges = {name: (chosen.get("min_steps", 1), chosen.get("max_steps", T)) for name, chosen in self.settings["samplers"].items()}
         return PageSettings(
             title=self.model,
             model=self.model,
             revision=self.revision if self.revision not in (None, "main") else None,
             samplers=samplers,
             default_sampler=self.settings.get("default_sampler", samplers[0]),
-            num_train_timesteps=scheduler.config.num_train_timesteps,
+            num_train_timesteps=T,
             default_steps=self.settings.get("default_steps", 50),
             classes=classes,
             facts=facts_markdown(self.model, f"{constants.ENDPOINT}/{self.model}", model_shape(unet, scheduler, self.num_classes), card, evaluation),
             device=self.device,
-            live=False,  # the pipeline runs the chain to the end; the page follows its progress bar
+            step_ranges=ranges,
         )
 
     def scheduler(self, name: str):
@@ -410,16 +431,51 @@ class HubModel:
         return getattr(diffusers, chosen["class"]).from_config(chosen["config"])
 
     def generate(self, request: Request) -> Iterator[Frame | Result]:
+        """Sample `request` with the pipeline, in a thread of its own: its `callback_on_step_end` puts a `Frame` on a
+        queue every few steps, which this generator yields as they come, then the `Result`. If the visitor leaves
+        (the generator is closed), the chain stops at its next step."""
         started = time.perf_counter()
         pipeline = self.pipeline
         pipeline.scheduler = self.scheduler(request.sampler)
-        options = dict(num_inference_steps=request.steps, generator=item_generators(request.seed, request.num_images), output_type="pt")
-        if self.num_classes is not None:
-            images = pipeline(class_labels=[self.class_id(request.class_name)] * request.num_images, guidance_scale=request.guidance_scale, **options).images
-        else:
-            images = pipeline(batch_size=request.num_images, **options).images
-        uint8 = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # the pipeline's output is x_0 / 2 + 0.5, clipped
-        yield Result(uint8, time.perf_counter() - started, f"{request.sampler} {request.steps} steps")
+        updates: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def on_step(pipe, index: int, t, tensors: dict) -> None:
+            if stop.is_set():
+                raise Stopped
+            done, total = index + 1, len(pipe.scheduler.timesteps)
+            if done % live_every(total) == 0 or done == total:
+                # x_t as the network sees it: Karras-sigma schedulers (euler, heun) keep it scaled by sqrt(1 + sigma^2)
+                x_t = pipe.scheduler.scale_model_input(tensors["x_t"], t)
+                updates.put(Frame(done, total, float(t), live_picture(x_t), live_picture(tensors["pred_x0"])))
+
+        def sample() -> None:
+            try:
+                options = dict(num_inference_steps=request.steps, generator=item_generators(request.seed, request.num_images), output_type="pt")
+                options["callback_on_step_end"] = on_step
+                if self.num_classes is not None:
+                    labels = [self.class_id(request.class_name)] * request.num_images
+                    images = pipeline(class_labels=labels, guidance_scale=request.guidance_scale, **options).images
+                else:
+                    images = pipeline(batch_size=request.num_images, **options).images
+                uint8 = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # the pipeline's output is x_0 / 2 + 0.5, clipped
+                updates.put(Result(uint8, time.perf_counter() - started, f"{request.sampler} {request.steps} steps"))
+            except BaseException as error:  # handed to the page's thread, which raises it
+                updates.put(error)
+
+        worker = threading.Thread(target=sample, name="sampling", daemon=True)
+        worker.start()
+        try:
+            while True:
+                update = updates.get()
+                if isinstance(update, BaseException):
+                    raise update
+                yield update
+                if isinstance(update, Result):
+                    return
+        finally:
+            stop.set()
+            worker.join()
 
     def class_id(self, class_name: str) -> int:
         return self.class_names.index(class_name) if self.class_names else int(class_name)
