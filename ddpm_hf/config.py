@@ -205,7 +205,7 @@ class TrainingConfig:
     sample_every: int = option("Write a sample grid every N steps (and at the end); 0 turns sampling off.", default=10_000, ge=0, resumable=True)
     sample_steps: int = option("Denoising steps for the sample grid and --eval_every's FID.", default=100, ge=1, resumable=True)
     sample_scheduler: Literal[SAMPLER_CHOICES] = option(
-        "Sampler of the grids and of --eval_every's FID (ddpm_hf.sampling.make_sampler): 'auto' is UniPC when --sample_steps < T, else DDPM. Briefly trained models look better with ddpm.",
+        "Sampler of the grids and of --eval_every's FID (ddpm_hf.sampling.make_sampler): 'auto' is UniPC on 'trailing' timesteps when --sample_steps < T, else DDPM. Briefly trained models look better with ddpm.",
         default="auto",
     )
     num_sample_images: int = option("Images in the sample grid.", default=64, ge=1, resumable=True)

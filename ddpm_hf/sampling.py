@@ -129,7 +129,10 @@ class Sampler:
 # (DDIM 4.04 at 1000 steps, Song et al. 2021, Table 1); with fewer, unipc, the lowest published FID at 5-20 NFE on
 # CIFAR-10 (3.87 at 10 NFE, Zhao et al. 2023; DEIS about 4.2, DPM-Solver about 4.7, DDIM 13.36) and equal to the other
 # ODE solvers as K grows, while strided ddpm falls far behind below T (9.99 at 100 steps, DDIM Table 1).
-AUTO_RULE = "ddpm with all T steps, unipc with fewer"
+# With fewer steps "auto" also takes 'trailing' timesteps (unless a spacing is given): they start at t = T - 1 for any K
+# (Lin et al. 2024, Table 2), where the multistep solvers' 'leading' stride, T // (K + 1), starts lower (t = 900 for
+# K = 100 of 1000), which check_timesteps_of refuses on the cosine schedule.
+AUTO_RULE = "ddpm with all T steps, unipc on 'trailing' timesteps with fewer"
 
 
 def resolve_sampler(name: str, steps: int | None, num_train_timesteps: int, option: str = "--scheduler") -> tuple[str, int]:
@@ -221,7 +224,7 @@ def make_sampler(
     karras_sigmas: bool | None = None,
 ) -> Sampler:
     """A sampler that shares the trained noise schedule (betas, T, prediction type, variance) of `scheduler`:
-    one of SAMPLER_KINDS, or "auto" (AUTO_RULE: ddpm when K is T or not given, unipc when fewer).
+    one of SAMPLER_KINDS, or "auto" (AUTO_RULE: ddpm when K is T or not given, unipc on 'trailing' timesteps when fewer).
 
     `timestep_spacing` (default: the model's) picks K of the T timesteps; with Karras sigmas (Karras et al. 2022,
     Eq. 5, rho = 7), sigma runs from sigma(T - 1) to sigma(0) and no spacing may be given. `solver_order` (multistep
@@ -230,6 +233,8 @@ def make_sampler(
     import diffusers
 
     num_train_timesteps = scheduler.config.num_train_timesteps
+    if name == "auto" and timestep_spacing is None and (steps or num_train_timesteps) < num_train_timesteps:
+        timestep_spacing = "trailing"  # AUTO_RULE
     name, steps = resolve_sampler(name, steps, num_train_timesteps)
     kind = SAMPLER_KINDS[name]
     if solver_order is not None and solver_order not in kind.solver_orders:

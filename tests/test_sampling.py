@@ -41,6 +41,19 @@ def test_auto_is_ddpm_with_all_steps_and_unipc_with_fewer():
         resolve_sampler("nonsense", 10, 1000)
 
 
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+def test_auto_with_fewer_steps_starts_at_the_last_timestep_on_any_schedule(beta_schedule):
+    """'auto' below T takes 'trailing' timesteps, which start at t = T - 1 for any K: the model's 'leading' ones start
+    lower for the multistep solvers (T // (K + 1) apart), which make_sampler refuses on the cosine schedule. A cosine
+    run's default grids (--sample_scheduler auto) and `ddpm-hf sample --scheduler auto` must sample, from noise."""
+    trained = DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, timestep_spacing="leading")
+    for steps in (5, 10, 20, 50, 100, 999):
+        auto = make_sampler(trained, "auto", steps)
+        assert (auto.name, auto.timestep_spacing, int(auto.scheduler.timesteps[0])) == ("unipc", "trailing", 999)
+    assert make_sampler(trained, "auto", 10, timestep_spacing="linspace").timestep_spacing == "linspace"  # a given spacing wins
+    assert make_sampler(trained, "auto", None).timestep_spacing == "leading"  # ddpm with all T steps: the model's own
+
+
 def test_the_factory_keeps_the_trained_schedule():
     """Every sampler gets the trained betas, T, prediction type and clipping, also where the trained scheduler took
     them by default: from_config would otherwise give the new class its own defaults (Heun's betas are not DDPM's)."""
