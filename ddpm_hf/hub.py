@@ -203,6 +203,19 @@ class _Upload:
             self.folder = None
 
 
+DEFAULT_PUSH_RETRIES = 5  # 2 + 4 + 8 + 16 + 32 s: a minute of a flaky network or a Hub hiccup
+
+
+def push_retries() -> int:
+    """How often a failed final push is retried: `DDPM_HF_PUSH_RETRIES` (a whole number >= 0), else 5."""
+    value = os.environ.get("DDPM_HF_PUSH_RETRIES", "").strip()
+    if not value:
+        return DEFAULT_PUSH_RETRIES
+    if not value.isdigit():
+        raise UserError(f"DDPM_HF_PUSH_RETRIES={value!r}: give a whole number of retries >= 0, or unset it for {DEFAULT_PUSH_RETRIES}.")
+    return int(value)
+
+
 class HubPusher:
     """Pushes the pipeline in `output_dir` to the Hub repo `repo_id`, with the same token for every call.
 
@@ -216,8 +229,8 @@ class HubPusher:
         hardware: free text for the model card, e.g. `describe_hardware(accelerator.num_processes)`.
         license: the `license` of the card's metadata.
         endpoint: the Hub URL; None: `HF_ENDPOINT` or https://huggingface.co.
-        max_retries, backoff: the final push retries transient errors `max_retries` times, waiting
-            `backoff`, 2 * `backoff`, 4 * `backoff`... seconds.
+        max_retries, backoff: the final push retries transient errors `max_retries` times (None:
+            `DDPM_HF_PUSH_RETRIES`, else 5), waiting `backoff`, 2 * `backoff`, 4 * `backoff`... seconds.
         custom_pipeline_file: the custom pipeline uploaded as `ddpm_trajectory.py`; None: the package's. A
             class-conditional run's `ddpm_class_conditional.py` always comes from the package (`conditional_pipeline_file`).
         command: "training" (train_ddpm.py --push_to_hub) or "push" (`ddpm-hf push`): what error messages advise.
@@ -237,7 +250,7 @@ class HubPusher:
         hardware: str | None = None,
         license: str = DEFAULT_LICENSE,
         endpoint: str | None = None,
-        max_retries: int = 5,
+        max_retries: int | None = None,
         backoff: float = 2.0,
         custom_pipeline_file: str | os.PathLike | None = None,
         command: str = "training",
@@ -255,7 +268,7 @@ class HubPusher:
         self.commit_message = commit_message
         self.hardware = hardware
         self.license = license
-        self.max_retries = max_retries
+        self.max_retries = push_retries() if max_retries is None else max_retries
         self.backoff = backoff
         self.command = command
         self.repo_flag = repo_flag or ("--repo_id" if command == "push" else "--hub_model_id")

@@ -661,3 +661,16 @@ def test_custom_pipeline_loads_from_the_repo_and_returns_the_trajectory(hub_serv
     }
     # The code came from the repo, at the revision of the weights.
     assert any(r.path.endswith(f"/{CUSTOM_PIPELINE_FILENAME}") and "/resolve/" in r.path for r in hub_server.requests)
+
+
+def test_push_retries_come_from_the_environment_and_a_bad_value_is_a_one_line_error(monkeypatch):
+    from ddpm_hf.hub import DEFAULT_PUSH_RETRIES, push_retries
+
+    monkeypatch.delenv("DDPM_HF_PUSH_RETRIES", raising=False)
+    assert push_retries() == DEFAULT_PUSH_RETRIES
+    monkeypatch.setenv("DDPM_HF_PUSH_RETRIES", "0")
+    assert push_retries() == 0
+    for bad in ("-1", "two", "1.5"):
+        monkeypatch.setenv("DDPM_HF_PUSH_RETRIES", bad)
+        with pytest.raises(UserError, match="DDPM_HF_PUSH_RETRIES=.*whole number"):
+            push_retries()

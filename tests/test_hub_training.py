@@ -16,8 +16,8 @@ from conftest import MICRO_UNET, REPO_ROOT
 from safetensors.torch import load_file
 
 
-def _train(hub_server, output_dir, unet_json, *extra, timeout=600):
-    env = dict(hub_server.env, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+def _train(hub_server, output_dir, unet_json, *extra, timeout=600, env=None):
+    env = dict(hub_server.env, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT, **(env or {}))
     command = [
         sys.executable,
         os.path.join(REPO_ROOT, "train_ddpm.py"),
@@ -125,8 +125,9 @@ def test_failed_final_push_exits_nonzero_keeps_output_and_says_how_to_retry(hub_
     repo_id = f"{hub_server.user}/final"
     hub_server.fail_next(100, status=500, path_prefix=f"/api/models/{repo_id}/commit")
     env_extra = ["--push_to_hub", "--hub_model_id", repo_id, "--hub_token", hub_server.token]
-    result = _train(hub_server, tmp_path / "run", unet_json, *env_extra)
+    result = _train(hub_server, tmp_path / "run", unet_json, *env_extra, env={"DDPM_HF_PUSH_RETRIES": "2"})  # 2 + 4 s of backoff, not 62
     assert result.returncode == 2
+    assert "retry 2/2" in result.stderr and "retry 3/" not in result.stderr
     assert "ddpm-hf push" in result.stderr and repo_id in result.stderr
     assert (tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
