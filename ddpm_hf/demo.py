@@ -8,7 +8,7 @@
 * The page is that of the model's Hub Space, ddpm_hf/space_app/app.py (`build_page`): the controls, the live reverse
   process with a progress bar of the steps, the samples upscaled with nearest-neighbour (32 x 32 pixels become big
   enough to see), the grid as a PNG to download, the time it took, and the facts beside them. Out-of-range input
-  (steps outside the range each sampler takes, space.step_range, as on the Space) is a message on the page; the
+  (a step count the sampler does not take, sampling.accepted_steps, as on the Space) is a message on the page; the
   server goes on.
 * `ddpm-hf demo`: loads the model (a folder that is not a pipeline is the one-line error, before any server starts)
   and serves the page on 127.0.0.1, one generation at a time: Gradio's queue shows the others their place in line.
@@ -47,12 +47,11 @@ class DemoModel:
         self.class_names = model_class_names(model, revision) if self.num_classes is not None else None
 
     def page_settings(self) -> page.PageSettings:
-        from .sampling import AUTO_RULE, SAMPLER_CHOICES
-        from .space import step_range
+        from .sampling import AUTO_RULE, SAMPLER_CHOICES, accepted_steps
 
         # The step counts make_sampler takes, as the Space has them in space.json: the page refuses the others.
-        ranges = {name: step_range(self.scheduler, name) for name in SAMPLER_CHOICES}
-        ranges = {name: steps for name, steps in ranges.items() if steps is not None}
+        accepted = {name: accepted_steps(self.scheduler, name) for name in SAMPLER_CHOICES}
+        accepted = {name: steps for name, steps in accepted.items() if steps}
         classes = None
         if self.num_classes is not None:
             classes = list(self.class_names) if self.class_names else [str(i) for i in range(self.num_classes)]
@@ -61,7 +60,7 @@ class DemoModel:
             title=Path(self.model).resolve().name if local else self.model,
             model=self.model,
             revision=self.revision,
-            samplers=list(ranges),
+            samplers=list(accepted),
             default_sampler=DEFAULT_SAMPLER,
             num_train_timesteps=self.scheduler.config.num_train_timesteps,
             default_steps=min(DEFAULT_STEPS, self.scheduler.config.num_train_timesteps),
@@ -69,7 +68,7 @@ class DemoModel:
             facts=self.facts(),
             device=str(self.unet.device),
             sampler_help=f"auto: {AUTO_RULE}",
-            step_ranges=ranges,
+            accepted_steps=accepted,
         )
 
     def facts(self) -> str:

@@ -5,7 +5,8 @@
   eta = 0), dpmsolver (DPM-Solver++(2M), Lu et al. 2022), unipc (Zhao et al. 2023), deis (Zhang & Chen 2023), and
   euler / heun on Karras et al. (2022)'s sigmas; "auto" is ddpm with all T steps and unipc with fewer (`AUTO_RULE`). It refuses
   the combinations where diffusers' schedulers misbehave (tests/test_samplers_exact.py shows each). The training
-  grids, in-training FID, `ddpm-hf sample`, `ddpm-hf evaluate` and `ddpm-hf visualize reverse` all choose through it.
+  grids, in-training FID, `ddpm-hf sample`, `ddpm-hf evaluate` and `ddpm-hf visualize reverse` all choose through it;
+  `accepted_steps(scheduler, name)` lists the step counts K it takes, as intervals (what the Space and the demo offer).
 * `ReverseProcess(unet, sampler, seed, indices)` is the reverse chain they all run, one batch: iterated, it yields a
   `ReverseStep` (x_t and the predicted x_0) per network evaluation. `generate_images(unet, sampler, ...)` runs it
   over this process's share of the images (uint8, batch by batch), handing each step to `on_step` if asked.
@@ -89,9 +90,9 @@ STEPS_HINT = "e.g. 50 for ddim, 20 for dpmsolver, unipc or deis, 10 for heun"
 class Sampler:
     """A diffusers scheduler set up for sampling, and what it was chosen as."""
 
-    scheduler: object  # a diffusers scheduler (SAMPLER_KINDS[name].scheduler_class), timesteps already set
+    scheduler: object  # a diffusers scheduler (SAMPLER_KINDS[name].scheduler_class), its timesteps set for `steps`
     name: str  # one of SAMPLERS (never "auto")
-    steps: int  # K, the number of denoising steps asked for: the sampler's own steps (Heun evaluates twice per step)
+    steps: int  # K, the number of denoising steps asked for: the sampler's own steps (Heun evaluates twice per step); 0 before set_steps
     timestep_spacing: str
     solver_order: int | None = None  # multistep solvers' order (dpmsolver, unipc, deis)
     karras_sigmas: bool = False
@@ -116,6 +117,24 @@ class Sampler:
         """Whether the scheduler takes a learned-variance UNet's 2C channels (only DDPM samples with the variance);
         every other sampler is given the mean part, the first C."""
         return self.name == "ddpm" and self.scheduler.config.get("variance_type") in LEARNED_VARIANCES
+
+    @property
+    def takes_every_step_count(self) -> bool:
+        """Whether `set_steps` refuses no K of 1..T whatever the schedule: Karras sigmas that diffusers keeps as
+        fractional timesteps (euler, heun; the multistep solvers round theirs) strictly decrease, so the K of them
+        differ, and neither 'leading' spacing nor `check_sampler_spacing` concerns them."""
+        return self.karras_sigmas and self.name in FRACTIONAL_KARRAS_TIMESTEPS
+
+    def set_steps(self, steps: int) -> None:
+        """Set the diffusers scheduler's timesteps for K = `steps` (1 to T), or raise the UserError of a K where it
+        misbehaves: the cheap `check_sampler_spacing` first, then `check_timesteps_of` on the timesteps diffusers
+        gives. `make_sampler` and `accepted_steps` both check a step count here. (A refused K leaves the timesteps
+        set and `steps` as it was: set another.)"""
+        T = self.scheduler.config.num_train_timesteps
+        check_sampler_spacing(self.name, steps, T, self.timestep_spacing, self.scheduler.config.get("variance_type", "fixed_small"))
+        self.scheduler.set_timesteps(steps)
+        check_timesteps_of(self.scheduler, self.name, steps, self.timestep_spacing, self.karras_sigmas)
+        self.steps = steps
 
     def describe(self) -> str:
         details = [f"order {self.solver_order}"] if self.solver_order not in (None, self.kind.default_solver_order) else []
@@ -175,6 +194,7 @@ def check_sampler_spacing(name: str, steps: int, num_train_timesteps: int, times
         )
 
 
+FRACTIONAL_KARRAS_TIMESTEPS = ("euler", "heun")  # the samplers whose Karras sigmas diffusers does not round to integer timesteps
 LEADING_SIGNAL_LIMIT = 0.1  # how much more of the data's signal, sqrt(abar_t), than at T - 1 a chain's first step may leave
 
 
@@ -190,7 +210,7 @@ def check_timesteps_of(scheduler, name: str, steps: int, spacing: str, karras: b
       starts at 599), and with few steps the cosine schedule still holds much of the image there (Lin et al. 2024,
       "Common Diffusion Noise Schedules and Sample Steps Are Flawed", Table 2). The chain takes pure noise for a
       sample that is not."""
-    timesteps = [float(t) for t in scheduler.timesteps]
+    timesteps = [float(t) for t in scheduler.timesteps.tolist()]  # tolist: iterating the tensor costs ~1 µs a timestep
     distinct = len(set(timesteps))
     if distinct < steps:
         cause = "rounds its Karras sigmas to integer timesteps" if karras else f"divides the {spacing} spacing into integer timesteps"
@@ -229,13 +249,28 @@ def make_sampler(
     `timestep_spacing` (default: the model's) picks K of the T timesteps; with Karras sigmas (Karras et al. 2022,
     Eq. 5, rho = 7), sigma runs from sigma(T - 1) to sigma(0) and no spacing may be given. `solver_order` (multistep
     solvers, 1 to 3) and `karras_sigmas` (the solvers that have them) default to SAMPLER_KINDS'; a value that makes
-    no sense for the sampler is a UserError, as are the combinations `check_sampler_spacing` refuses."""
+    no sense for the sampler is a UserError, as are the step counts `Sampler.set_steps` refuses (`accepted_steps`
+    lists the others)."""
+    T = scheduler.config.num_train_timesteps
+    timestep_spacing = auto_spacing(name, steps, T, timestep_spacing)
+    name, steps = resolve_sampler(name, steps, T)
+    sampler = sampler_without_steps(scheduler, name, timestep_spacing, solver_order, karras_sigmas)
+    sampler.set_steps(steps)
+    return sampler
+
+
+def auto_spacing(name: str, steps: int | None, num_train_timesteps: int, timestep_spacing: str | None) -> str | None:
+    """The spacing of a request: AUTO_RULE's 'trailing' when "auto" runs fewer than T steps and none is given."""
+    if name == "auto" and timestep_spacing is None and (steps or num_train_timesteps) < num_train_timesteps:
+        return "trailing"
+    return timestep_spacing
+
+
+def sampler_without_steps(scheduler, name: str, timestep_spacing: str | None, solver_order: int | None, karras_sigmas: bool | None) -> Sampler:
+    """`make_sampler`'s sampler `name` (one of SAMPLERS) before its step count is set (steps 0): the options that do
+    not depend on K checked, the diffusers scheduler built."""
     import diffusers
 
-    num_train_timesteps = scheduler.config.num_train_timesteps
-    if name == "auto" and timestep_spacing is None and (steps or num_train_timesteps) < num_train_timesteps:
-        timestep_spacing = "trailing"  # AUTO_RULE
-    name, steps = resolve_sampler(name, steps, num_train_timesteps)
     kind = SAMPLER_KINDS[name]
     if solver_order is not None and solver_order not in kind.solver_orders:
         takes = f"takes --solver_order {min(kind.solver_orders)} to {max(kind.solver_orders)}" if kind.solver_orders else "has no --solver_order"
@@ -251,7 +286,6 @@ def make_sampler(
     spacing = "linspace" if karras else timestep_spacing or scheduler.config.get("timestep_spacing", "leading")
     if spacing not in TIMESTEP_SPACINGS:
         raise UserError(f"--timestep_spacing {spacing}: choose one of {', '.join(TIMESTEP_SPACINGS)}.")
-    check_sampler_spacing(name, steps, num_train_timesteps, spacing, scheduler.config.get("variance_type", "fixed_small"))
     order = kind.default_solver_order if solver_order is None else solver_order
     options = dict(kind.options, timestep_spacing=spacing)
     if kind.karras_sigmas is not None:
@@ -262,9 +296,52 @@ def make_sampler(
     # trained scheduler took by default (beta_start, ...) become the new class's defaults (Heun's differ from DDPM's).
     trained = {key: value for key, value in scheduler.config.items() if key != "_use_default_values"}
     sampler = getattr(diffusers, kind.scheduler_class).from_config(trained, **options)
-    sampler.set_timesteps(steps)
-    check_timesteps_of(sampler, name, steps, spacing, karras)
-    return Sampler(scheduler=sampler, name=name, steps=steps, timestep_spacing=spacing, solver_order=order, karras_sigmas=bool(karras))
+    return Sampler(scheduler=sampler, name=name, steps=0, timestep_spacing=spacing, solver_order=order, karras_sigmas=bool(karras))
+
+
+def accepted_steps(
+    scheduler, name: str = "auto", timestep_spacing: str | None = None, solver_order: int | None = None, karras_sigmas: bool | None = None
+) -> list[tuple[int, int]]:
+    """The step counts K that `make_sampler(scheduler, name, K, timestep_spacing, solver_order, karras_sigmas)`
+    accepts, as inclusive intervals [(first, last), ...] in increasing order; empty when it refuses every K (options
+    the sampler does not take, say). The set need not be one interval: a 'leading' K that does not divide T can
+    start far below T - 1 (K = 501 .. 664 of T = 1000 on the linear schedule), and a 'trailing' ddim takes only the K
+    that divide T.
+
+    Each sampler's diffusers scheduler is built once (`from_config` costs milliseconds) and every K of 1..T goes
+    through `Sampler.set_steps`, the check make_sampler runs, but where it takes every K (`takes_every_step_count`):
+    diffusers maps Karras sigmas to timesteps one sigma at a time, ~35 us each, 16-20 s for all K of T = 1000."""
+    T = scheduler.config.num_train_timesteps
+    built: dict[tuple[str, str | None], Sampler | None] = {}  # "auto" chooses two samplers; None: one refused whatever K
+
+    def takes(chosen: str, steps: int) -> bool:
+        spacing = auto_spacing(name, steps, T, timestep_spacing)
+        if (chosen, spacing) not in built:
+            try:
+                built[chosen, spacing] = sampler_without_steps(scheduler, chosen, spacing, solver_order, karras_sigmas)
+            except UserError:
+                built[chosen, spacing] = None
+        sampler = built[chosen, spacing]
+        if sampler is None or sampler.takes_every_step_count:
+            return sampler is not None
+        try:
+            sampler.set_steps(steps)
+        except UserError:
+            return False
+        return True
+
+    return intervals_of([steps for steps in range(1, T + 1) if takes(resolve_sampler(name, steps, T)[0], steps)])
+
+
+def intervals_of(numbers: Sequence[int]) -> list[tuple[int, int]]:
+    """Increasing whole numbers as inclusive intervals of consecutive ones: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    intervals = []
+    for number in numbers:
+        if intervals and number == intervals[-1][1] + 1:
+            intervals[-1] = (intervals[-1][0], number)
+        else:
+            intervals.append((number, number))
+    return intervals
 
 
 @dataclass

@@ -6,7 +6,8 @@ A Gradio Space of four files, which hub.HubPusher pushes with the model (the sam
     space.json        what app.py reads: the model repo and revision, the custom pipeline in the model repo that
                       loads it, and the samplers `sampling.make_sampler` offers, each a diffusers scheduler class
                       and config, so that the Space makes the images of `ddpm-hf sample`, and the step counts it
-                      takes (`step_range`: the Space refuses others, as make_sampler does)
+                      takes as inclusive intervals ("steps": [[3, 500], [665, 1000]], from sampling.accepted_steps:
+                      the Space refuses the others, as make_sampler does)
     requirements.txt  diffusers and torch with ddpm-hf's own lower bounds (gradio comes with the Space's SDK)
     README.md         the Spaces configuration as front matter (sdk gradio, sdk_version, app_file, models: [the
                       model repo], title, emoji, colours, short_description, license), which also makes the Hub
@@ -79,46 +80,25 @@ def space_files(output_dir: str | os.PathLike, model_repo_id: str, revision: str
 
 def sampler_settings(output_dir: str | os.PathLike) -> dict:
     """The samplers of `make_sampler` for this model (those it can make), as diffusers scheduler classes and configs
-    with the step counts they take (`step_range`), and the default: what "auto" chooses for 50 steps."""
+    with the step counts they take (`sampling.accepted_steps`, inclusive intervals), and the default: what "auto"
+    chooses for 50 steps."""
     from diffusers import DDPMScheduler
 
-    from .sampling import SAMPLERS, make_sampler, resolve_sampler
+    from .sampling import SAMPLERS, accepted_steps, make_sampler, resolve_sampler
 
     trained = DDPMScheduler.from_pretrained(output_dir, subfolder="scheduler")
     T = trained.config.num_train_timesteps
     samplers = {}
     for name in SAMPLERS:
-        steps = step_range(trained, name)
-        if steps is None:  # a sampler refused at every K is one this model cannot use: the Space does not offer it
+        steps = accepted_steps(trained, name)
+        if not steps:  # a sampler refused at every K is one this model cannot use: the Space does not offer it
             continue
         # The scheduler's config does not depend on the steps: take it at one make_sampler accepts.
-        scheduler = make_sampler(trained, name, steps[0]).scheduler
+        scheduler = make_sampler(trained, name, steps[0][0]).scheduler
         config = json.loads(scheduler.to_json_string())
-        samplers[name] = {"class": type(scheduler).__name__, "config": config, "min_steps": steps[0], "max_steps": steps[1]}
+        samplers[name] = {"class": type(scheduler).__name__, "config": config, "steps": [list(interval) for interval in steps]}
     default_sampler, default_steps = resolve_sampler("auto", min(50, T), T)
     return {"samplers": samplers, "default_sampler": default_sampler, "default_steps": default_steps}
-
-
-def step_range(trained_scheduler, name: str) -> tuple[int, int] | None:
-    """(min_steps, max_steps): the fewest steps K `make_sampler(trained_scheduler, name, K)` accepts, scanning up
-    from 1, and the most, scanning down from T; None when it refuses every K. Short 'leading' chains start too low
-    and multistep solvers' K close to T repeats timesteps (sampling.check_timesteps_of). Some K in between may be
-    refused too (a 'leading' K that does not divide T can start far below T - 1): `make_sampler` still says so."""
-    from .errors import UserError
-    from .sampling import make_sampler
-
-    def accepts(steps: int) -> bool:
-        try:
-            make_sampler(trained_scheduler, name, steps)
-        except UserError:
-            return False
-        return True
-
-    T = trained_scheduler.config.num_train_timesteps
-    fewest = next((steps for steps in range(1, T + 1) if accepts(steps)), None)
-    if fewest is None:
-        return None
-    return fewest, next(steps for steps in range(T, fewest - 1, -1) if accepts(steps))
 
 
 def gradio_version() -> str:

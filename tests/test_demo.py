@@ -184,8 +184,8 @@ def test_an_unconditional_model_streams_its_reverse_process_and_ends_with_the_im
     model = DemoModel(str(folder))
     settings = model.page_settings()
     assert settings.classes is None and list(settings.samplers) == ["auto", *SAMPLERS] and settings.default_steps == T
-    on_the_space = {name: (chosen["min_steps"], chosen["max_steps"]) for name, chosen in sampler_settings(folder)["samplers"].items()}
-    assert settings.step_ranges == {"auto": (1, T), **on_the_space} and on_the_space["dpmsolver"] == (1, T - 1)  # as space.json has them
+    on_the_space = {name: [tuple(interval) for interval in chosen["steps"]] for name, chosen in sampler_settings(folder)["samplers"].items()}
+    assert settings.accepted_steps == {"auto": [(1, T)], **on_the_space} and on_the_space["dpmsolver"] == [(1, T - 1)]  # as space.json has them
     calls = []
     model.unet.register_forward_hook(lambda *_: calls.append(1))
     updates = []

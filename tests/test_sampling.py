@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 
@@ -16,7 +17,16 @@ from ddpm_hf.cli import main
 from ddpm_hf.config import config_from_dict
 from ddpm_hf.distributed import item_generators
 from ddpm_hf.errors import UserError
-from ddpm_hf.sampling import SAMPLERS, gather_images, generate_images, make_sampler, resolve_sampler
+from ddpm_hf.sampling import (
+    FRACTIONAL_KARRAS_TIMESTEPS,
+    SAMPLER_CHOICES,
+    SAMPLERS,
+    accepted_steps,
+    gather_images,
+    generate_images,
+    make_sampler,
+    resolve_sampler,
+)
 
 
 def micro_pipeline(folder, **scheduler_options):
@@ -155,6 +165,56 @@ def test_sampler_options_that_make_no_sense_are_one_line_errors(tmp_path, capsys
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0], errors
     assert not out.exists()
+
+
+def step_counts_to_compare(T: int, karras: bool) -> list[int]:
+    """The K at which a test asks make_sampler itself, which builds a diffusers scheduler each time (~2 ms; heun's
+    sets T Karras sigmas one at a time, ~45 ms): all of them for a small T, else the ends, around 'leading''s hole
+    at T = 1000 (501..664 on the linear schedule) and random ones (fixed seed); fewer for Karras euler and heun."""
+    if T <= 50:
+        return list(range(1, T + 1))
+    if karras:
+        return sorted({*range(1, 6), T - 1, T, *random.Random(0).sample(range(1, T + 1), 8)})
+    return sorted({*range(1, 31), *range(T - 5, T + 1), *range(495, 506), *range(659, 670), *random.Random(0).sample(range(1, T + 1), 30)})
+
+
+@pytest.mark.parametrize(
+    "schedule, names",
+    [
+        (dict(num_train_timesteps=1000), SAMPLER_CHOICES),
+        (dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"), SAMPLER_CHOICES),
+        (dict(num_train_timesteps=50, beta_end=0.7), SAMPLER_CHOICES),  # steep: short 'leading' ddpm / ddim chains start too low
+        # ddim: only the K that divide T (the Karras samplers have a spacing of their own)
+        (dict(num_train_timesteps=1000, timestep_spacing="trailing"), ("ddpm", "ddim", "dpmsolver")),
+    ],
+    ids=["linear", "cosine", "steep", "trailing"],
+)
+def test_accepted_steps_are_the_step_counts_make_sampler_takes(schedule, names):
+    """accepted_steps scans every K with one scheduler per sampler; make_sampler, asked at many of them, agrees."""
+    trained = DDPMScheduler(**schedule)
+    T = trained.config.num_train_timesteps
+    for name in names:
+        accepted = {steps for first, last in accepted_steps(trained, name) for steps in range(first, last + 1)}
+        for steps in step_counts_to_compare(T, karras=name in FRACTIONAL_KARRAS_TIMESTEPS):
+            try:
+                make_sampler(trained, name, steps)
+                taken = True
+            except UserError:
+                taken = False
+            assert taken == (steps in accepted), (name, steps)
+    ddim = accepted_steps(trained, "ddim")
+    if schedule == dict(num_train_timesteps=1000):  # not one interval: K = 600 strides by 1 and starts at t = 599
+        assert len(ddim) == 2 and ddim[0][1] < 600 < ddim[1][0] and ddim[1][1] == T
+    if "beta_schedule" in schedule:  # cosine: many holes, from the first steps to near T
+        assert len(ddim) > 10 and ddim[-1][1] == T
+    if schedule.get("timestep_spacing") == "trailing":
+        assert {steps for first, last in ddim for steps in range(first, last + 1)} == {steps for steps in range(1, T + 1) if T % steps == 0}
+
+
+def test_accepted_steps_of_a_sampler_refused_whatever_the_steps_are_none():
+    trained = DDPMScheduler(num_train_timesteps=100)
+    assert accepted_steps(trained, "ddim", solver_order=2) == [] and accepted_steps(trained, "unipc", solver_order=3) == [(1, 99)]
+    assert accepted_steps(trained, "auto", solver_order=3) == [(1, 99)]  # ddpm, chosen at K = T, has no solver order
 
 
 def test_solver_order_and_karras_sigmas_reach_the_scheduler():

@@ -27,8 +27,8 @@ from ddpm_hf.conditioning import CONDITIONAL_PIPELINE_NAME
 from ddpm_hf.errors import UserError
 from ddpm_hf.hub import HubPusher
 from ddpm_hf.repo_contents import CUSTOM_PIPELINE_FILENAME, default_custom_pipeline_file
-from ddpm_hf.sampling import SAMPLER_CHOICES, SAMPLERS, make_sampler, resolve_sampler
-from ddpm_hf.space import APP_FILE, SPACE_FILES, space_files, step_range
+from ddpm_hf.sampling import SAMPLERS, accepted_steps, make_sampler, resolve_sampler
+from ddpm_hf.space import APP_FILE, SPACE_FILES, space_files
 from ddpm_hf.space_app import app
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
@@ -74,45 +74,46 @@ def test_the_space_has_the_hubs_configuration_and_the_app_as_it_is(tmp_path):
     settings = json.loads(files["space.json"])
     assert (settings["model"], settings["revision"], settings["pipeline"]) == ("alice/cond-ddpm", "main", CONDITIONAL_PIPELINE_NAME)
     assert list(settings["samplers"]) == list(SAMPLERS)  # every sampler make_sampler offers (none refuses this model)
-    ranges = {name: (chosen["min_steps"], chosen["max_steps"]) for name, chosen in settings["samplers"].items()}
+    steps = {name: chosen["steps"] for name, chosen in settings["samplers"].items()}
     multistep = {"dpmsolver", "unipc", "deis"}  # they repeat a timestep at K = T ('leading')
-    assert ranges == {name: (1, T - 1 if name in multistep else T) for name in SAMPLERS}
+    assert steps == {name: [[1, T - 1 if name in multistep else T]] for name in SAMPLERS}
     assert (settings["default_sampler"], settings["default_steps"]) == resolve_sampler("auto", min(50, T), T)
 
 
-@pytest.mark.parametrize("beta_end", [0.02, 0.7], ids=["linear", "steep"])  # steep: short 'leading' ddpm / ddim chains start too low
-def test_a_samplers_step_range_is_the_fewest_and_most_steps_make_sampler_takes(beta_end):
+def test_a_step_count_the_sampler_does_not_take_is_refused_naming_the_counts_it_takes():
+    """The Space and the demo refuse what `ddpm-hf sample` refuses, also inside the fewest and most steps: on the
+    default schedule (T = 1000, linear, 'leading') ddim K = 600 strides by 1 and starts at t = 599."""
     from diffusers import DDPMScheduler
 
-    T = 50
-    trained = DDPMScheduler(num_train_timesteps=T, beta_end=beta_end)
-    refused_ends = 0
-    for name in SAMPLER_CHOICES:
-        accepted = []
-        for steps in range(1, T + 1):
-            try:
-                make_sampler(trained, name, steps)
-                accepted.append(steps)
-            except UserError:
-                pass
-        fewest, most = step_range(trained, name)
-        # min_steps - 1 and max_steps + 1 (where in 1..T) are refused, every K in between is taken
-        assert accepted == list(range(fewest, most + 1)), name
-        refused_ends += (fewest > 1) + (most < T)
-    assert refused_ends >= 3  # the ranges are not all 1..T: the scan found where make_sampler refuses
-
-
-def test_a_step_count_outside_the_samplers_range_is_refused_with_the_range():
-    settings = app.PageSettings("m", "m", None, ["ddim", "unipc"], "unipc", 1000, step_ranges={"ddim": (3, 1000), "unipc": (2, 999)})
-    for sampler, steps, message in [("ddim", 2, "Steps 2: ddim takes 3 to 1000 steps"), ("unipc", 1000, "Steps 1000: unipc takes 2 to 999 steps")]:
-        with pytest.raises(app.InputError, match=message) as refused:
+    trained = DDPMScheduler(num_train_timesteps=1000)
+    with pytest.raises(UserError, match="starts at t = 599"):
+        make_sampler(trained, "ddim", 600)
+    accepted = {name: accepted_steps(trained, name) for name in ("ddim", "unipc")}
+    settings = app.PageSettings("m", "m", None, ["ddim", "unipc"], "unipc", 1000, accepted_steps=accepted)
+    for sampler, steps, taken in [("ddim", 600, "3 to 500, 665 to 1000"), ("ddim", 2, "3 to 500, 665 to 1000"), ("unipc", 1000, "2 to 499, 664 to 999")]:
+        message = f"Steps {steps}: {sampler} takes {taken} steps with this model; choose one of those step counts, or another sampler."
+        with pytest.raises(app.InputError) as refused:
             app.check_request(settings, sampler, steps, 0, 1)
-        assert "\n" not in str(refused.value)
-    assert [app.check_request(settings, "ddim", steps, 0, 1).steps for steps in (3, 1000)] == [3, 1000]
-    assert app.check_request(settings, "unipc", 2, 0, 1).steps == 2
-    assert settings.steps_info() == "2 to 999 (T = 1000) with unipc: it depends on the sampler"
-    alike = app.PageSettings("m", "m", None, ["ddim"], "ddim", 20)  # no ranges (an older space.json): 1 to T
+        assert str(refused.value) == message
+    assert [app.check_request(settings, "ddim", steps, 0, 1).steps for steps in (3, 500, 665, 1000)] == [3, 500, 665, 1000]
+    assert settings.steps_info() == "2 to 499, 664 to 999 (T = 1000) with unipc: it depends on the sampler"
+    assert [settings.nearest_steps("unipc", steps) for steps in (1, 50, 600, 1000)] == [2, 50, 664, 999]  # the Steps field's default
+
+    cosine = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")  # holes all along
+    many = app.PageSettings("m", "m", None, ["ddim"], "ddim", 1000, accepted_steps={"ddim": accepted_steps(cosine, "ddim")})
+    refused_count = next(steps for steps in range(1, 1001) if not many.takes("ddim", steps) and many.takes("ddim", steps + 1))
+    with pytest.raises(app.InputError, match=r"ddim takes 18 to 58, 60 to 62, 64 to 66, \.\.\., 936 to 1000 steps") as refused:
+        app.check_request(many, "ddim", 59, 0, 1)
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 200
+    with pytest.raises(UserError):
+        make_sampler(cosine, "ddim", refused_count)
+    alike = app.PageSettings("m", "m", None, ["ddim"], "ddim", 20)  # no step counts: 1 to T
     assert alike.steps_info() == "1 to 20 (T = 20)" and app.check_request(alike, "ddim", 20, 0, 1).steps == 20
+
+
+def test_the_space_reads_the_step_counts_of_older_space_json_files():
+    samplers = {"ddim": {"steps": [[3, 500], [665, 1000]]}, "unipc": {"min_steps": 2, "max_steps": 999}, "ddpm": {}}
+    assert app.accepted_steps_in(samplers, 1000) == {"ddim": [(3, 500), (665, 1000)], "unipc": [(2, 999)], "ddpm": [(1, 1000)]}
 
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "class-conditional"])

@@ -7,9 +7,9 @@ This one file is two things:
   runs without ddpm-hf: like the custom pipelines uploaded with the model, it needs only diffusers, torch and gradio
   (numpy and huggingface_hub come with them). It reads `space.json`, written by the push (the model repo and its
   revision, the pipeline to load it with, the samplers ddpm-hf offers, each a diffusers scheduler class and config
-  and the step counts it takes), loads the model from the Hub with the custom pipeline in the model repo, and
-  samples with it: `HubModel`. The pipeline runs in a thread of its own and its `callback_on_step_end` hands every
-  few steps' x_t and predicted x_0 to the page while it samples;
+  and the step counts it takes, as inclusive intervals), loads the model from the Hub with the custom pipeline in
+  the model repo, and samples with it: `HubModel`. The pipeline runs in a thread of its own and its
+  `callback_on_step_end` hands every few steps' x_t and predicted x_0 to the page while it samples;
 * the page of `ddpm-hf demo` (ddpm_hf/demo.py), which samples through ddpm-hf's own engine instead and shows the
   same live reverse process: `build_page`.
 
@@ -100,16 +100,37 @@ class PageSettings:
     facts: str = ""  # Markdown beside the images: what the model is
     device: str = "cpu"
     sampler_help: str | None = None
-    step_ranges: dict[str, tuple[int, int]] | None = None  # sampler -> the fewest and most steps it takes (default: 1 to T)
+    # sampler -> the step counts it takes, inclusive intervals [[first, last], ...] in increasing order (default: 1 to T)
+    accepted_steps: dict[str, Sequence[Sequence[int]]] | None = None
 
-    def step_range(self, sampler: str) -> tuple[int, int]:
-        return tuple((self.step_ranges or {}).get(sampler, (1, self.num_train_timesteps)))
+    def steps_taken(self, sampler: str) -> list[tuple[int, int]]:
+        """The step counts `sampler` takes, as inclusive intervals."""
+        return [(first, last) for first, last in (self.accepted_steps or {}).get(sampler, [(1, self.num_train_timesteps)])]
+
+    def takes(self, sampler: str, steps: int) -> bool:
+        return any(first <= steps <= last for first, last in self.steps_taken(sampler))
+
+    def nearest_steps(self, sampler: str, steps: int) -> int:
+        """The step count `sampler` takes that is closest to `steps` (the smaller one of two as close)."""
+        return min((min(max(steps, first), last) for first, last in self.steps_taken(sampler)), key=lambda taken: (abs(taken - steps), taken))
 
     def steps_info(self) -> str:
-        """The Steps field's help: the default sampler's range, and whether the others differ."""
-        fewest, most = self.step_range(self.default_sampler)
-        alike = all(self.step_range(name) == (fewest, most) for name in self.samplers)
-        return f"{fewest} to {most} (T = {self.num_train_timesteps})" + ("" if alike else f" with {self.default_sampler}: it depends on the sampler")
+        """The Steps field's help: the step counts the default sampler takes, and whether the others' differ."""
+        taken = self.steps_taken(self.default_sampler)
+        alike = all(self.steps_taken(name) == taken for name in self.samplers)
+        return f"{describe_steps(taken)} (T = {self.num_train_timesteps})" + ("" if alike else f" with {self.default_sampler}: it depends on the sampler")
+
+
+SHOWN_INTERVALS = 4  # a message names this many intervals of step counts at most: the first few, "...", the last
+
+
+def describe_steps(intervals: Sequence[tuple[int, int]]) -> str:
+    """Inclusive intervals of step counts in a few words: "3 to 500, 665 to 1000"; "1 to 12, 14, 16 to 20, ..., 936 to 1000"
+    when there are more than SHOWN_INTERVALS."""
+    words = [f"{first} to {last}" if last > first else str(first) for first, last in intervals]
+    if len(words) > SHOWN_INTERVALS:
+        words = [*words[: SHOWN_INTERVALS - 1], "...", words[-1]]
+    return ", ".join(words)
 
 
 class InputError(ValueError):
@@ -127,9 +148,9 @@ def check_request(settings: PageSettings, sampler, steps, seed, num_images, clas
         raise InputError(f"Sampler {sampler!r}: choose one of {', '.join(settings.samplers)}.")
     if not 1 <= steps <= settings.num_train_timesteps:
         raise InputError(f"Steps {steps}: give between 1 and the model's T = {settings.num_train_timesteps}.")
-    fewest, most = settings.step_range(sampler)
-    if not fewest <= steps <= most:
-        raise InputError(f"Steps {steps}: {sampler} takes {fewest} to {most} steps with this model; choose a step count in that range, or another sampler.")
+    if not settings.takes(sampler, steps):
+        taken = describe_steps(settings.steps_taken(sampler))
+        raise InputError(f"Steps {steps}: {sampler} takes {taken} steps with this model; choose one of those step counts, or another sampler.")
     if seed < 0:
         raise InputError(f"Seed {seed}: give a seed of 0 or more.")
     if not 1 <= num_images <= MAX_IMAGES:
@@ -336,8 +357,7 @@ def build_page(settings: PageSettings, generate: Callable[[Request], Iterator[Fr
                     sampler = gr.Dropdown(
                         list(settings.samplers), value=settings.default_sampler, label="Sampler", info=settings.sampler_help, elem_id="sampler"
                     )
-                    fewest, most = settings.step_range(settings.default_sampler)  # a default the default sampler takes
-                    default_steps = min(max(settings.default_steps, fewest), most)
+                    default_steps = settings.nearest_steps(settings.default_sampler, settings.default_steps)  # one it takes
                     steps = gr.Number(default_steps, precision=0, label="Steps", info=settings.steps_info(), elem_id="steps-input")
                     seed = gr.Number(0, precision=0, label="Seed", info="image i depends only on (seed, i)", elem_id="seed")
                     num_images = gr.Number(4, precision=0, label="Number of images", info=f"1 to {MAX_IMAGES}", elem_id="num-images")
@@ -365,6 +385,17 @@ def build_page(settings: PageSettings, generate: Callable[[Request], Iterator[Fr
 
 
 # ---- the Space: the model from the Hub, sampled by the pipeline in its repo -----------------------------
+
+
+def accepted_steps_in(samplers: dict, num_train_timesteps: int) -> dict[str, list[tuple[int, int]]]:
+    """Sampler -> the step counts it takes, from space.json's samplers: their "steps" intervals; an older push's
+    have the fewest and most steps ("min_steps", "max_steps"), or none: 1 to T, and the pipeline samples whatever
+    it is given."""
+    older = {"min_steps": 1, "max_steps": num_train_timesteps}
+    return {
+        name: [tuple(interval) for interval in chosen.get("steps", [[chosen.get(key, default) for key, default in older.items()]])]
+        for name, chosen in samplers.items()
+    }
 
 
 class Stopped(Exception):
@@ -407,8 +438,6 @@ class HubModel:
             classes = list(self.class_names) if self.class_names else [str(i) for i in range(self.num_classes)]
         samplers = list(self.settings["samplers"])
         T = scheduler.config.num_train_timesteps
-        # A space.json of an older push has no step counts: 1 to T, and the pipeline samples whatever it is given.
-        ranges = {name: (chosen.get("min_steps", 1), chosen.get("max_steps", T)) for name, chosen in self.settings["samplers"].items()}
         return PageSettings(
             title=self.model,
             model=self.model,
@@ -420,7 +449,7 @@ class HubModel:
             classes=classes,
             facts=facts_markdown(self.model, f"{constants.ENDPOINT}/{self.model}", model_shape(unet, scheduler, self.num_classes), card, evaluation),
             device=self.device,
-            step_ranges=ranges,
+            accepted_steps=accepted_steps_in(self.settings["samplers"], T),
         )
 
     def scheduler(self, name: str):
