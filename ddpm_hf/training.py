@@ -646,7 +646,21 @@ def finish(run: Run, stopped_by: str | None) -> None:
         run.hub.push_final(run.step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    release_replicas(run)
     leave_process_group()
+
+
+def release_replicas(run: Run) -> None:
+    """Free the DDP wrapper while the process group is still registered. Freed later (when `run` goes, after
+    leave_process_group), its Reducer drops the gloo group's last reference and the group's destructor joins gloo's
+    worker threads while holding the GIL, which a worker needs to free the tensors of the last collective it ran: the
+    process hangs at exit (seen under load). Dropped by torch.distributed itself, the group is destroyed without it."""
+    import gc
+
+    if run.accelerator.num_processes > 1:
+        run.unet = run.accelerator.unwrap_model(run.unet)
+        run.accelerator.free_memory()  # Accelerate's own references to what it prepared
+        gc.collect()  # and any reference cycle that still holds the wrapper
 
 
 def agreed_stop(run: Run, stop: GracefulStop) -> str | None:

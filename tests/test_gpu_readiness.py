@@ -353,3 +353,49 @@ def test_accelerate_config_launches_what_its_comments_say(tmp_path):
     flags = re.search(r"--config_file accelerate_config.yaml (--multi_gpu --num_processes) N train_ddpm.py", shipped).group(1).split()
     assert launched(shipped, *flags, "8") == (True, 8)
     assert launched(re.sub(r"^num_processes: .*$", "num_processes: 8", shipped, flags=re.MULTILINE))[0] is False  # as the comment warns
+
+
+# ---- the end of a multi-process run: DDP's wrapper goes before the process group ---------------------------
+
+
+def test_the_ddp_wrapper_is_freed_while_the_process_group_is_still_registered(tmp_path):
+    """A two-process run hung at exit under load: its DDP Reducer, freed after destroy_process_group, dropped the gloo
+    group's last reference, whose destructor joined gloo's worker threads while holding the GIL that a worker needed
+    to free its last collective's tensors. training.release_replicas frees the wrapper (Accelerate's references too)
+    while torch.distributed still holds the group, so that the group is destroyed by torch.distributed, which lets
+    the GIL go. A one-process gloo group stands in for the many-process one: the references are what matter."""
+    import gc
+    import types
+    import weakref
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ddpm_hf.training import release_replicas
+
+    class PreparedBy:  # the part of an Accelerator that release_replicas uses, holding what it prepared as Accelerate does
+        num_processes = 2
+
+        def __init__(self, model):
+            self._models = [model]
+
+        def unwrap_model(self, model):
+            return model.module
+
+        def free_memory(self):
+            self._models = []
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(2, 2))
+        ddp(torch.ones(1, 2)).sum().backward()
+        run = types.SimpleNamespace(accelerator=PreparedBy(ddp), unet=ddp)
+        wrapper = weakref.ref(ddp)
+        del ddp
+        gc.collect()
+        assert wrapper() is not None  # held by the run and by "Accelerate"
+        release_replicas(run)
+        assert wrapper() is None, "the DDP wrapper outlives release_replicas"
+        assert dist.is_initialized() and isinstance(run.unet, torch.nn.Linear)
+    finally:
+        dist.destroy_process_group()
