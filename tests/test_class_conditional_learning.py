@@ -72,7 +72,7 @@ def test_samples_of_each_class_show_that_class(tmp_path, micro_unet_config, trai
     assert pipeline.class_names == list(CLASSES)
     per_class = 6
     images = pipeline(
-        class_labels=list(CLASSES), num_images_per_label=per_class, num_inference_steps=1000, output_type="np", generator=torch.Generator().manual_seed(0)
+        class_labels=list(CLASSES), num_images_per_label=per_class, num_inference_steps=250, output_type="np", generator=torch.Generator().manual_seed(0)
     ).images
     found = _nearest_class(images, prototypes).reshape(len(CLASSES), per_class)
     hits = (found == np.arange(len(CLASSES))[:, None]).sum(1)
