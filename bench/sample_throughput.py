@@ -170,7 +170,8 @@ def main(argv=None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     unet, scheduler = build(args.model, args.resolution, device)
     sampler = make_sampler(scheduler, "ddpm", args.steps)
-    warmup_sampler = make_sampler(scheduler, "ddpm", min(WARMUP_STEPS, args.steps))
+    # 'linspace' starts a 2-step chain at t = T - 1; make_sampler refuses a 'leading' one, which would start at T / 2
+    warmup_sampler = make_sampler(scheduler, "ddpm", min(WARMUP_STEPS, args.steps), timestep_spacing="linspace")
     unets, setup_seconds = {}, {}
 
     def prepared(variant: str):
