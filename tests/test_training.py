@@ -174,6 +174,7 @@ def test_two_processes_keep_identical_weights_and_write_one_output(tmp_path, mic
     output_dir = tmp_path / "ddp"
     command = [
         torchrun,
+        "--standalone",  # a free port, not 29500: another test may run torchrun at the same time (pytest-xdist)
         "--nproc_per_node",
         "2",
         os.path.join(REPO_ROOT, "train_ddpm.py"),
