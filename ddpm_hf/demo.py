@@ -52,9 +52,6 @@ class DemoModel:
         # The step counts make_sampler takes, as the Space has them in space.json: the page refuses the others.
         accepted = {name: accepted_steps(self.scheduler, name) for name in SAMPLER_CHOICES}
         accepted = {name: steps for name, steps in accepted.items() if steps}
-        classes = None
-        if self.num_classes is not None:
-            classes = list(self.class_names) if self.class_names else [str(i) for i in range(self.num_classes)]
         local = os.path.isdir(self.model)
         return page.PageSettings(
             title=Path(self.model).resolve().name if local else self.model,
@@ -64,7 +61,7 @@ class DemoModel:
             default_sampler=DEFAULT_SAMPLER,
             num_train_timesteps=self.scheduler.config.num_train_timesteps,
             default_steps=min(DEFAULT_STEPS, self.scheduler.config.num_train_timesteps),
-            classes=classes,
+            classes=page.class_choices(self.num_classes, self.class_names),
             facts=self.facts(),
             device=str(self.unet.device),
             sampler_help=f"auto: {AUTO_RULE}",
@@ -85,7 +82,7 @@ class DemoModel:
             name = Path(self.model).resolve().name
             card = build_model_card(self.model, name).data.to_dict()
             return page.facts_markdown(name, None, shape, card, RunFolder(self.model).read_eval())
-        card_path, eval_path = _hub_file(self.model, "README.md", self.revision), _hub_file(self.model, "eval.json", self.revision)
+        card_path, eval_path = page.hub_file(self.model, "README.md", self.revision), page.hub_file(self.model, "eval.json", self.revision)
         card = ModelCard.load(card_path).data.to_dict() if card_path else {}
         evaluation = (read_json(eval_path) or {}) if eval_path else {}
         return page.facts_markdown(self.model, f"{constants.ENDPOINT}/{self.model}", shape, card, evaluation)
@@ -107,17 +104,6 @@ class DemoModel:
             if done % every == 0 or done == state.num_steps:
                 yield page.Frame(done, state.num_steps, state.t, page.live_picture(state.x_t), page.live_picture(state.pred_x0))
         yield page.Result(process.images(), time.perf_counter() - started, sampler.describe())
-
-
-def _hub_file(repo_id: str, filename: str, revision: str | None) -> str | None:
-    """A file of the model repo, downloaded (cached), or None when the repo has none."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return hf_hub_download(repo_id, filename, revision=revision)
-    except EntryNotFoundError:
-        return None
 
 
 def build_app(model: DemoModel):

@@ -283,6 +283,24 @@ def facts_markdown(title: str, url: str | None, shape: dict[str, str], card: dic
     return "\n".join(lines)
 
 
+def class_choices(num_classes: int | None, class_names: Sequence[str] | None) -> list[str] | None:
+    """The class dropdown's entries: the model's class names, else its ids; None for an unconditional model."""
+    if num_classes is None:
+        return None
+    return list(class_names) if class_names else [str(i) for i in range(num_classes)]
+
+
+def hub_file(repo_id: str, filename: str, revision: str | None) -> str | None:
+    """A file of the model repo, downloaded (cached), or None when the repo has none."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision)
+    except EntryNotFoundError:
+        return None
+
+
 def model_shape(unet, scheduler, num_classes: int | None) -> dict[str, str]:
     size, channels = unet.config.sample_size, unet.config.in_channels
     shape = {
@@ -420,22 +438,12 @@ class HubModel:
         self.num_classes = getattr(self.pipeline, "num_classes", None)
 
     def page_settings(self) -> PageSettings:
-        from huggingface_hub import ModelCard, constants, hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub import ModelCard, constants
 
-        def repo_file(name: str) -> str | None:
-            try:
-                return hf_hub_download(self.model, name, revision=self.revision)
-            except EntryNotFoundError:
-                return None
-
-        card, evaluation = repo_file("README.md"), repo_file("eval.json")
+        card, evaluation = hub_file(self.model, "README.md", self.revision), hub_file(self.model, "eval.json", self.revision)
         card = ModelCard.load(card).data.to_dict() if card else {}
         evaluation = json.loads(Path(evaluation).read_text()) if evaluation else {}
         unet, scheduler = self.pipeline.unet, self.pipeline.scheduler
-        classes = None
-        if self.num_classes is not None:
-            classes = list(self.class_names) if self.class_names else [str(i) for i in range(self.num_classes)]
         samplers = list(self.settings["samplers"])
         T = scheduler.config.num_train_timesteps
         return PageSettings(
@@ -446,7 +454,7 @@ class HubModel:
             default_sampler=self.settings.get("default_sampler", samplers[0]),
             num_train_timesteps=T,
             default_steps=self.settings.get("default_steps", 50),
-            classes=classes,
+            classes=class_choices(self.num_classes, self.class_names),
             facts=facts_markdown(self.model, f"{constants.ENDPOINT}/{self.model}", model_shape(unet, scheduler, self.num_classes), card, evaluation),
             device=self.device,
             accepted_steps=accepted_steps_in(self.settings["samplers"], T),
