@@ -26,7 +26,7 @@ from .conditioning import ClassConditioned, class_label_arguments, drop_labels, 
 from .config import TrainingConfig, fixed_options, non_resumable_changes
 from .distributed import all_reduce_extreme, leave_process_group
 from .errors import UserError
-from .run_folder import CHECKPOINT_STATE, RunFolder
+from .run_folder import CHECKPOINT_STATE, PIPELINE_PARTS, RunFolder, read_json
 
 EMA_WEIGHTS_FILE = "ema_unet.safetensors"
 FID_BATCH_SIZE = 100  # images per process and chunk in --eval_every's FID
@@ -748,8 +748,6 @@ def check_output_dir(config: TrainingConfig, folder: RunFolder, resume_path: str
 def checkpoint_options(path: str) -> dict[str, Any] | None:
     """The options a checkpoint's run may not change: recorded in the checkpoint, or (a checkpoint of an older version)
     the training_config.json of the run folder it is in; None if neither is there."""
-    from .run_folder import read_json
-
     recorded = (read_json(os.path.join(path, CHECKPOINT_STATE)) or {}).get("fixed_options")
     return recorded if recorded is not None else RunFolder(os.path.dirname(os.path.dirname(os.path.abspath(path)))).read_training_config()
 
@@ -857,7 +855,6 @@ def save_pipeline(unet, scheduler, output_dir: str, class_names: list[str] | Non
     from diffusers import DDPMPipeline
 
     from .conditioning import make_conditional_pipeline_folder, num_classes
-    from .run_folder import PIPELINE_PARTS
 
     staging = os.path.join(output_dir, ".partial-pipeline")
     shutil.rmtree(staging, ignore_errors=True)
