@@ -940,6 +940,9 @@ def _check_replicas_identical(accelerator, model) -> None:
     accelerator.print(f"Weights are identical on all {accelerator.num_processes} processes.")
 
 
+TRAINING_GOES_ON = "training without it (--compile no skips the attempt)."
+
+
 def _compile_or_fall_back(prepared, micro_batch: int, resolution: int, channels_last: bool, accelerator) -> bool:
     """torch.compile the UNet in place and run one training forward/backward through `prepared` (the UNet as
     accelerator.prepare returned it: under DDP, Dynamo then splits the graph at DDP's gradient buckets, as training
@@ -958,7 +961,7 @@ def _compile_or_fall_back(prepared, micro_batch: int, resolution: int, channels_
     try:
         model.compile()
     except Exception as error:  # torch.compile refuses this platform outright (e.g. a Python that Dynamo does not support)
-        warn_compile_failed(error, "training without it (--compile no skips the attempt).")
+        warn_compile_failed(error, TRAINING_GOES_ON)
         return False
     try:
         with accelerator.autocast():
@@ -974,7 +977,7 @@ def _compile_or_fall_back(prepared, micro_batch: int, resolution: int, channels_
         if not isinstance(error, TorchDynamoException):
             raise
         model._compiled_call_impl = None  # set by nn.Module.compile(): back to the eager forward
-        warn_compile_failed(error, "training without it (--compile no skips the attempt).")
+        warn_compile_failed(error, TRAINING_GOES_ON)
         return False
     finally:
         model.zero_grad(set_to_none=True)
